@@ -1,0 +1,54 @@
+// Split-K matmul for skinny products (LLM decode: M small, K and N large),
+// under the lockstep contract (CONTRACT.md §3). Compiled by NVRTC with
+// --fmad=false; every rounding is explicit.
+//
+// The contract sums K in fixed chunks of 256, so chunks may run on different
+// blocks without changing a bit, as long as the chunk sums are added in
+// increasing chunk order afterwards:
+//   lockstep_chunk_sums_f32: partial[c][i][j] = fma chain over chunk c, from +0.0
+//   lockstep_sum_chunks_f32: C[i][j] = (((+0 + partial[0]) + partial[1]) + ...)
+
+#define CHUNK 256
+
+extern "C" __global__ void __launch_bounds__(256)
+lockstep_chunk_sums_f32(const float* __restrict__ A, const float* __restrict__ B,
+                        float* __restrict__ partial, int M, int K, int N)
+{
+    // grid: (ceil(N/256), chunks, M); one thread per output column.
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int c = blockIdx.y;
+    const int i = blockIdx.z;
+    __shared__ float a_s[CHUNK];
+    const int k0 = c * CHUNK;
+    const int kn = min(CHUNK, K - k0);
+    for (int t = threadIdx.x; t < kn; t += blockDim.x) a_s[t] = A[(size_t)i * K + k0 + t];
+    __syncthreads();
+    if (j >= N) return;
+    const float* b = B + (size_t)k0 * N + j;
+    float acc = 0.0f;
+    int k = 0;
+    for (; k + 4 <= kn; k += 4) {
+        const float b0 = b[(size_t)(k + 0) * N];
+        const float b1 = b[(size_t)(k + 1) * N];
+        const float b2 = b[(size_t)(k + 2) * N];
+        const float b3 = b[(size_t)(k + 3) * N];
+        acc = __fmaf_rn(a_s[k + 0], b0, acc);
+        acc = __fmaf_rn(a_s[k + 1], b1, acc);
+        acc = __fmaf_rn(a_s[k + 2], b2, acc);
+        acc = __fmaf_rn(a_s[k + 3], b3, acc);
+    }
+    for (; k < kn; ++k) acc = __fmaf_rn(a_s[k], b[(size_t)k * N], acc);
+    partial[((size_t)c * M + i) * N + j] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+lockstep_sum_chunks_f32(const float* __restrict__ partial, float* __restrict__ C,
+                        int M, int N, int chunks)
+{
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t mn = (size_t)M * N;
+    if (idx >= mn) return;
+    float total = 0.0f;
+    for (int c = 0; c < chunks; ++c) total = __fadd_rn(total, partial[(size_t)c * mn + idx]);
+    C[idx] = (total != total) ? __int_as_float(0x7FC00000) : total;
+}

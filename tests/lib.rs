@@ -1,0 +1,155 @@
+//! Shared helpers of lockstep's end-to-end tests: every backend variant
+//! present on this machine, and input generators that cover the awkward
+//! corners of f32 (subnormals, ±0, ±inf, NaN, mixed magnitudes).
+//!
+//! Tests are written once as functions taking a [`Target`]; the
+//! [`backend_tests!`] macro stamps each one out per target, and a target
+//! whose device is absent prints why and passes as skipped.
+
+use lockstep_kernels::cpu::{CpuBackend, Isa};
+use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions, WgpuPath};
+use lockstep_kernels::{Backend, ErrorKind};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// One way of computing the contract that a test should cover.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// The CPU with a forced ISA and thread count.
+    Cpu(Isa, usize),
+    /// WGSL on the first adapter, with the path the conformance probe picks.
+    WgpuProbed,
+    /// WGSL on the first adapter, with the exact soft-float path forced.
+    WgpuExact,
+    /// CUDA device 0.
+    Cuda,
+}
+
+/// Opens the target, or returns `None` (after saying why) when this machine
+/// lacks it. Any other failure is a test failure.
+pub fn open(target: Target) -> Option<Box<dyn Backend>> {
+    let r: lockstep_kernels::Result<Box<dyn Backend>> = match target {
+        Target::Cpu(isa, threads) => {
+            CpuBackend::with_isa(threads, isa).map(|b| Box::new(b) as Box<dyn Backend>)
+        }
+        Target::WgpuProbed => WgpuBackend::new(WgpuOptions::default()).map(|b| Box::new(b) as _),
+        Target::WgpuExact => WgpuBackend::new(WgpuOptions {
+            force_path: Some(WgpuPath::Exact),
+        })
+        .map(|b| Box::new(b) as _),
+        Target::Cuda => lockstep_kernels::cuda::CudaBackend::new(0).map(|b| Box::new(b) as _),
+    };
+    match r {
+        Ok(b) => Some(b),
+        Err(e) if e.kind == ErrorKind::Unavailable => {
+            eprintln!("SKIPPED {target:?}: {e}");
+            None
+        }
+        Err(e) => panic!("{target:?} failed to open: {e}"),
+    }
+}
+
+/// Stamps out `mod $target { #[test] fn $test() }` for each test body and
+/// each target, so `cargo test wgpu_exact` or `cargo test cpu_avx2` selects
+/// one backend.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($body:ident),* $(,)?) => {
+        $crate::backend_tests!(@target cpu_avx512, $crate::Target::Cpu(lockstep_kernels::cpu::Isa::Avx512, 2); $($body),*);
+        $crate::backend_tests!(@target cpu_avx2, $crate::Target::Cpu(lockstep_kernels::cpu::Isa::Avx2, 2); $($body),*);
+        $crate::backend_tests!(@target cpu_neon, $crate::Target::Cpu(lockstep_kernels::cpu::Isa::Neon, 2); $($body),*);
+        $crate::backend_tests!(@target cpu_portable, $crate::Target::Cpu(lockstep_kernels::cpu::Isa::Portable, 3); $($body),*);
+        $crate::backend_tests!(@target wgpu_probed, $crate::Target::WgpuProbed; $($body),*);
+        $crate::backend_tests!(@target wgpu_exact, $crate::Target::WgpuExact; $($body),*);
+        $crate::backend_tests!(@target cuda, $crate::Target::Cuda; $($body),*);
+    };
+    (@target $modname:ident, $target:expr; $($body:ident),*) => {
+        mod $modname {
+            $(
+                #[test]
+                fn $body() {
+                    if let Some(backend) = $crate::open($target) {
+                        super::$body(&*backend, $target);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// What a generated value should look like.
+#[derive(Clone, Copy, Debug)]
+pub enum Values {
+    /// Uniform in [-1, 1).
+    Plain,
+    /// Random sign and exponent over the whole range, subnormals included.
+    MixedMagnitudes,
+    /// Mostly plain, sprinkled with ±0, ±inf, NaN, subnormals and extremes.
+    Specials,
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+pub fn random_values(rng: &mut ChaCha8Rng, len: usize, kind: Values) -> Vec<f32> {
+    (0..len)
+        .map(|_| match kind {
+            Values::Plain => rng.random_range(-1.0f32..1.0),
+            Values::MixedMagnitudes => {
+                // Exponents clustered so products neither always overflow nor
+                // always vanish: biased exponent in [60, 190], sometimes 0.
+                let sign = (rng.random::<u32>() & 1) << 31;
+                let exp = if rng.random_ratio(1, 16) {
+                    0
+                } else {
+                    rng.random_range(60u32..190)
+                };
+                let mant = rng.random::<u32>() & 0x7F_FFFF;
+                f32::from_bits(sign | (exp << 23) | mant)
+            }
+            Values::Specials => {
+                if rng.random_ratio(1, 8) {
+                    const SPECIALS: [u32; 12] = [
+                        0x0000_0000, // +0
+                        0x8000_0000, // -0
+                        0x7F80_0000, // +inf
+                        0xFF80_0000, // -inf
+                        0x7FC0_0000, // NaN
+                        0x7FA0_0001, // signalling NaN with payload
+                        0x0000_0001, // smallest subnormal
+                        0x807F_FFFF, // largest negative subnormal
+                        0x0080_0000, // smallest normal
+                        0x7F7F_FFFF, // largest finite
+                        0x3F80_0000, // 1
+                        0xBF80_0001, // -1 - ulp
+                    ];
+                    f32::from_bits(SPECIALS[rng.random_range(0..SPECIALS.len())])
+                } else {
+                    rng.random_range(-1.0f32..1.0)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Asserts two f32 slices are identical bit for bit, naming the first
+/// differing element.
+pub fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length differs");
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(g, w)| g.to_bits() != w.to_bits())
+    {
+        panic!(
+            "{what}: element {i} differs: got {:e} ({:#010x}), spec {:e} ({:#010x}); {} of {} differ",
+            got[i],
+            got[i].to_bits(),
+            want[i],
+            want[i].to_bits(),
+            got.iter().zip(want).filter(|(g, w)| g.to_bits() != w.to_bits()).count(),
+            got.len()
+        );
+    }
+}
