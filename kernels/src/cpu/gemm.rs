@@ -175,10 +175,10 @@ unsafe fn gemm_block(
             for ic in rows.clone().step_by(mc) {
                 let mcur = mc.min(rows.end - ic);
                 pack_a(a, k, ic, mcur, pc, kc, mr, &mut apack);
-                for jr in (0..ncur).step_by(nr) {
-                    let bp = bpack.as_ptr().add(jr * kc);
-                    for ir in (0..mcur).step_by(mr) {
-                        let ap = apack.as_ptr().add(ir * kc);
+                for ir in (0..mcur).step_by(mr) {
+                    let ap = apack.as_ptr().add(ir * kc);
+                    for jr in (0..ncur).step_by(nr) {
+                        let bp = bpack.as_ptr().add(jr * kc);
                         let cptr = c.0.add((ic + ir) * n + jc + jr);
                         run(kc, ap, bp, cptr, n, mr.min(mcur - ir), nr.min(ncur - jr));
                     }
@@ -232,18 +232,46 @@ fn pack_a(
     mr: usize,
     out: &mut [f32],
 ) {
-    for (p, i0) in (0..mcur).step_by(mr).enumerate() {
-        let h = mr.min(mcur - i0);
-        let panel = &mut out[p * kc * mr..(p + 1) * kc * mr];
-        for r in 0..mr {
+    match mr {
+        12 => pack_a_mr::<12>(a, k, ic, mcur, pc, kc, out),
+        8 => pack_a_mr::<8>(a, k, ic, mcur, pc, kc, out),
+        6 => pack_a_mr::<6>(a, k, ic, mcur, pc, kc, out),
+        4 => pack_a_mr::<4>(a, k, ic, mcur, pc, kc, out),
+        _ => unreachable!("no microkernel has MR = {mr}"),
+    }
+}
+
+/// [`pack_a`] for a fixed MR: walks k in the outer loop and reads the MR
+/// rows as parallel streams, so the writes are contiguous.
+fn pack_a_mr<const MR: usize>(
+    a: &[f32],
+    k: usize,
+    ic: usize,
+    mcur: usize,
+    pc: usize,
+    kc: usize,
+    out: &mut [f32],
+) {
+    for (p, i0) in (0..mcur).step_by(MR).enumerate() {
+        let h = MR.min(mcur - i0);
+        let panel = &mut out[p * kc * MR..(p + 1) * kc * MR];
+        let rows: [&[f32]; MR] = std::array::from_fn(|r| {
             if r < h {
-                let src = &a[(ic + i0 + r) * k + pc..][..kc];
-                for (kk, &x) in src.iter().enumerate() {
-                    panel[kk * mr + r] = x;
-                }
+                &a[(ic + i0 + r) * k + pc..][..kc]
             } else {
-                for kk in 0..kc {
-                    panel[kk * mr + r] = 0.0;
+                &[][..]
+            }
+        });
+        if h == MR {
+            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                for r in 0..MR {
+                    dst[r] = rows[r][kk];
+                }
+            }
+        } else {
+            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                for r in 0..MR {
+                    dst[r] = if r < h { rows[r][kk] } else { 0.0 };
                 }
             }
         }
@@ -266,19 +294,34 @@ macro_rules! ukernel {
             const NV: usize = $nv;
             const NR: usize = $nv * $lanes;
             let mut acc: [[$vt; NV]; MR] = [[$zero; NV]; MR];
-            for kk in 0..kc {
-                let bp = b.add(kk * NR);
-                let mut bv: [$vt; NV] = [$zero; NV];
-                for v in 0..NV {
-                    bv[v] = $load(bp.add(v * $lanes));
-                }
-                let ap = a.add(kk * MR);
-                for r in 0..MR {
-                    let av = $splat(*ap.add(r));
+            // One k step: every accumulator takes one fma, in k order.
+            macro_rules! step {
+                ($kk:expr) => {{
+                    let bp = b.add($kk * NR);
+                    let mut bv: [$vt; NV] = [$zero; NV];
                     for v in 0..NV {
-                        acc[r][v] = $fma(av, bv[v], acc[r][v]);
+                        bv[v] = $load(bp.add(v * $lanes));
                     }
-                }
+                    let ap = a.add($kk * MR);
+                    for r in 0..MR {
+                        let av = $splat(*ap.add(r));
+                        for v in 0..NV {
+                            acc[r][v] = $fma(av, bv[v], acc[r][v]);
+                        }
+                    }
+                }};
+            }
+            let mut kk = 0;
+            while kk + 4 <= kc {
+                step!(kk);
+                step!(kk + 1);
+                step!(kk + 2);
+                step!(kk + 3);
+                kk += 4;
+            }
+            while kk < kc {
+                step!(kk);
+                kk += 1;
             }
             if rows == MR && cols == NR {
                 for r in 0..MR {
@@ -322,14 +365,14 @@ mod x86 {
         mr: 12,
         nr: 32,
         mc: 144,
-        nc: 2048,
+        nc: 1024,
         run: avx512,
     };
     pub(super) const AVX2: Kernel = Kernel {
         mr: 6,
         nr: 16,
         mc: 96,
-        nc: 2048,
+        nc: 1024,
         run: avx2,
     };
 }
@@ -353,7 +396,7 @@ mod arm {
         mr: 8,
         nr: 12,
         mc: 128,
-        nc: 2048,
+        nc: 1024,
         run: neon,
     };
 }

@@ -1,0 +1,261 @@
+//! `lockstep bench matmul`: GFLOP/s of lockstep and, in the same run, of the
+//! baseline a user would otherwise reach for. Runs are interleaved (lockstep,
+//! then each baseline, repeated) and each side's median is reported, so a
+//! noisy machine slows both sides alike and the ratio stays meaningful.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lockstep_kernels::cpu::CpuBackend;
+use lockstep_kernels::{Backend, BackendKind, MatmulDims};
+use rand::{Rng, SeedableRng};
+
+/// One benchmark's outcome; `--json` prints it as one object.
+#[derive(Debug, serde::Serialize)]
+pub struct MatmulReport {
+    pub backend: String,
+    pub device: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub threads: usize,
+    pub reps: usize,
+    pub lockstep_gflops: f64,
+    /// The fastest baseline of this run.
+    pub baseline: String,
+    pub baseline_gflops: f64,
+    /// lockstep / baseline: above 1 means lockstep was faster.
+    pub ratio: f64,
+    /// Every baseline measured, with its GFLOP/s.
+    pub baselines: Vec<(String, f64)>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn random_matrix(len: usize, seed: u64) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..len).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+/// A named way of computing C = A·B for timing.
+type Runner<'a> = (String, Box<dyn FnMut() + 'a>);
+
+fn time_interleaved(mut runners: Vec<Runner<'_>>, reps: usize, flops: f64) -> Vec<(String, f64)> {
+    // One untimed warm-up each (page faults, packing buffers, JIT, caches).
+    for (_, f) in runners.iter_mut() {
+        f();
+    }
+    let mut times = vec![Vec::with_capacity(reps); runners.len()];
+    for _ in 0..reps {
+        for (i, (_, f)) in runners.iter_mut().enumerate() {
+            let t = Instant::now();
+            f();
+            times[i].push(t.elapsed().as_secs_f64());
+        }
+    }
+    runners
+        .iter()
+        .zip(times.iter_mut())
+        .map(|((name, _), t)| (name.clone(), flops / median(t) / 1e9))
+        .collect()
+}
+
+/// CPU: lockstep against faer and matrixmultiply with the same thread count.
+/// matrixmultiply reads its thread count once per process from
+/// `MATMUL_NUM_THREADS`; the CLI sets it before anything else runs.
+pub fn bench_cpu(dims: MatmulDims, threads: usize, reps: usize) -> Result<MatmulReport> {
+    let cpu = CpuBackend::new(threads)?;
+    let threads = cpu.threads();
+    let MatmulDims { m, k, n } = dims;
+    let a = random_matrix(m * k, 1);
+    let b = random_matrix(k * n, 2);
+    let mut c_faer = vec![0.0f32; m * n];
+    let mut c_mm = vec![0.0f32; m * n];
+    let cpu_ref = &cpu;
+    let (a_ref, b_ref) = (&a, &b);
+    let runners: Vec<Runner<'_>> = vec![
+        (
+            "lockstep".into(),
+            Box::new(move || {
+                std::hint::black_box(cpu_ref.matmul(a_ref, b_ref, dims).expect("valid operands"));
+            }),
+        ),
+        (
+            "faer".into(),
+            Box::new(|| {
+                let par = if threads == 1 {
+                    faer::Par::Seq
+                } else {
+                    faer::Par::rayon(threads)
+                };
+                let lhs = faer::MatRef::from_row_major_slice(&a, m, k);
+                let rhs = faer::MatRef::from_row_major_slice(&b, k, n);
+                let dst = faer::MatMut::from_row_major_slice_mut(&mut c_faer, m, n);
+                // Same pool as lockstep, so both get exactly `threads` threads.
+                cpu_ref.install(|| {
+                    faer::linalg::matmul::matmul(dst, faer::Accum::Replace, lhs, rhs, 1.0f32, par)
+                });
+                std::hint::black_box(&c_faer);
+            }),
+        ),
+        (
+            "matrixmultiply".into(),
+            Box::new(|| {
+                // SAFETY: slices hold m*k, k*n and m*n values with the given strides.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a.as_ptr(),
+                        k as isize,
+                        1,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        0.0,
+                        c_mm.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+                std::hint::black_box(&c_mm);
+            }),
+        ),
+    ];
+    let results = time_interleaved(runners, reps, dims.flops());
+    Ok(report(
+        BackendKind::Cpu,
+        cpu.info().device,
+        dims,
+        threads,
+        reps,
+        results,
+    ))
+}
+
+fn report(
+    kind: BackendKind,
+    device: String,
+    dims: MatmulDims,
+    threads: usize,
+    reps: usize,
+    results: Vec<(String, f64)>,
+) -> MatmulReport {
+    let lockstep_gflops = results[0].1;
+    let baselines: Vec<(String, f64)> = results[1..].to_vec();
+    let (baseline, baseline_gflops) = baselines
+        .iter()
+        .max_by(|x, y| x.1.total_cmp(&y.1))
+        .cloned()
+        .unwrap_or(("none".into(), f64::NAN));
+    MatmulReport {
+        backend: kind.to_string(),
+        device,
+        m: dims.m,
+        n: dims.n,
+        k: dims.k,
+        threads,
+        reps,
+        lockstep_gflops,
+        ratio: lockstep_gflops / baseline_gflops,
+        baseline,
+        baseline_gflops,
+        baselines,
+    }
+}
+
+/// WGSL: lockstep's shader end to end (upload, dispatch, read back). The
+/// baseline is the CPU backend (what a worker without a usable GPU runs).
+pub fn bench_wgpu(dims: MatmulDims, reps: usize) -> Result<MatmulReport> {
+    let gpu = lockstep_kernels::open(BackendKind::Wgpu)?;
+    let cpu = CpuBackend::new(0)?;
+    let a = random_matrix(dims.m * dims.k, 1);
+    let b = random_matrix(dims.k * dims.n, 2);
+    let runners: Vec<Runner<'_>> = vec![
+        (
+            "lockstep-wgpu".into(),
+            Box::new(|| {
+                std::hint::black_box(gpu.matmul(&a, &b, dims).expect("valid operands"));
+            }),
+        ),
+        (
+            "lockstep-cpu".into(),
+            Box::new(|| {
+                std::hint::black_box(cpu.matmul(&a, &b, dims).expect("valid operands"));
+            }),
+        ),
+    ];
+    let results = time_interleaved(runners, reps, dims.flops());
+    let info = gpu.info();
+    Ok(report(
+        BackendKind::Wgpu,
+        format!("{} [{}]", info.device, info.path),
+        dims,
+        0,
+        reps,
+        results,
+    ))
+}
+
+/// CUDA: lockstep's kernels against cuBLAS SGEMM on the same device-resident
+/// operands, timed with stream synchronisation around each run.
+pub fn bench_cuda(dims: MatmulDims, reps: usize) -> Result<MatmulReport> {
+    let cuda = lockstep_kernels::cuda::CudaBackend::new(0)?;
+    let a = cuda.upload(&random_matrix(dims.m * dims.k, 1))?;
+    let b = cuda.upload(&random_matrix(dims.k * dims.n, 2))?;
+    let mut c1 = cuda.alloc(dims.m * dims.n)?;
+    let mut c2 = cuda.alloc(dims.m * dims.n)?;
+    let blas =
+        cudarc::cublas::CudaBlas::new(cuda.stream().clone()).context("cuBLAS is not available")?;
+    let cuda_ref = &cuda;
+    let runners: Vec<Runner<'_>> = vec![
+        (
+            "lockstep-cuda".into(),
+            Box::new(|| {
+                cuda_ref
+                    .matmul_device(&a, &b, &mut c1, dims)
+                    .expect("launch");
+                cuda_ref.synchronize().expect("sync");
+            }),
+        ),
+        (
+            "cublas-sgemm".into(),
+            Box::new(|| {
+                cuda_ref
+                    .cublas_sgemm(&blas, &a, &b, &mut c2, dims)
+                    .expect("cublas");
+                cuda_ref.synchronize().expect("sync");
+            }),
+        ),
+    ];
+    let results = time_interleaved(runners, reps, dims.flops());
+    Ok(report(
+        BackendKind::Cuda,
+        cuda.info().device,
+        dims,
+        0,
+        reps,
+        results,
+    ))
+}
+
+pub fn bench_matmul(
+    kind: BackendKind,
+    dims: MatmulDims,
+    threads: usize,
+    reps: usize,
+) -> Result<MatmulReport> {
+    if reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    match kind {
+        BackendKind::Cpu => bench_cpu(dims, threads, reps),
+        BackendKind::Wgpu => bench_wgpu(dims, reps),
+        BackendKind::Cuda => bench_cuda(dims, reps),
+    }
+}

@@ -1,0 +1,15 @@
+//! # lockstep
+//!
+//! Workers, coordinator and command-line tool of lockstep, on top of the
+//! compute core in `lockstep-kernels`.
+//!
+//! ## Layout
+//! - [`tensors`]: reading and writing matmul operands as safetensors, with
+//!   clear errors for every way a file can be wrong.
+//! - [`bench`]: `lockstep bench matmul`, lockstep against the GEMMs users
+//!   would otherwise use (faer and matrixmultiply on CPU, cuBLAS on CUDA),
+//!   timed in the same run.
+//! - `main.rs`: the `lockstep` CLI.
+
+pub mod bench;
+pub mod tensors;
