@@ -153,3 +153,29 @@ pub fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
         );
     }
 }
+
+/// Path of the `lockstep` binary of this build, building it first if needed
+/// (the tests crate cannot name another package's binary directly).
+pub fn lockstep_bin() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-exe> -> target/<profile>/lockstep
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(|p| p.parent())
+            .expect("target dir")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "lockstep", "--bin", "lockstep"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the lockstep binary failed");
+        profile_dir.join("lockstep")
+    })
+    .clone()
+}

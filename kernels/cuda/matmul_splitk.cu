@@ -24,20 +24,11 @@ lockstep_chunk_sums_f32(const float* __restrict__ A, const float* __restrict__ B
     for (int t = threadIdx.x; t < kn; t += blockDim.x) a_s[t] = A[(size_t)i * K + k0 + t];
     __syncthreads();
     if (j >= N) return;
-    const float* b = B + (size_t)k0 * N + j;
+    const size_t n = (size_t)N;
+    const float* b = B + (size_t)k0 * n + j;
     float acc = 0.0f;
-    int k = 0;
-    for (; k + 4 <= kn; k += 4) {
-        const float b0 = b[(size_t)(k + 0) * N];
-        const float b1 = b[(size_t)(k + 1) * N];
-        const float b2 = b[(size_t)(k + 2) * N];
-        const float b3 = b[(size_t)(k + 3) * N];
-        acc = __fmaf_rn(a_s[k + 0], b0, acc);
-        acc = __fmaf_rn(a_s[k + 1], b1, acc);
-        acc = __fmaf_rn(a_s[k + 2], b2, acc);
-        acc = __fmaf_rn(a_s[k + 3], b3, acc);
-    }
-    for (; k < kn; ++k) acc = __fmaf_rn(a_s[k], b[(size_t)k * N], acc);
+#pragma unroll 4
+    for (int k = 0; k < kn; ++k) acc = __fmaf_rn(a_s[k], b[(size_t)k * n], acc);
     partial[((size_t)c * M + i) * N + j] = acc;
 }
 

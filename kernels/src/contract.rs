@@ -98,20 +98,16 @@ mod tests {
 
     #[test]
     fn chunks_change_rounding_exactly_as_specified() {
-        // 257 terms: the first chunk of 256 ones sums to 256 exactly, the second
-        // chunk holds one tiny term that is lost when added to 256.
-        let k = 257;
-        let mut a = vec![1.0f32; k];
-        a[256] = 1e-6;
+        // CONTRACT.md §4's worked example: the first chunk absorbs its tiny
+        // terms (each step is a tie to even), the second sums them exactly.
+        let k = 512;
+        let mut a = vec![2f32.powi(-24); k];
+        a[0] = 1.0;
         let b = vec![1.0f32; k];
         let c = matmul_spec(&a, &b, MatmulDims::new(1, k, 1));
-        assert_eq!(c[0], 256.0);
-        // And an fma chain rounds once per step: 1 + 2^-24 + 2^-24 stays 1 in
-        // a single chunk (each step ties to even), unlike the exact sum.
-        let a = [1.0f32, 2f32.powi(-24), 2f32.powi(-24)];
-        let b = [1.0f32; 3];
-        let c = matmul_spec(&a, &b, MatmulDims::new(1, 3, 1));
-        assert_eq!(c[0], 1.0);
+        assert_eq!(c[0].to_bits(), 0x3F80_0080);
+        let unchunked = a.iter().fold(0.0f32, |acc, &x| x.mul_add(1.0, acc));
+        assert_eq!(unchunked, 1.0);
     }
 
     #[test]

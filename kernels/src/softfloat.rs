@@ -115,7 +115,7 @@ fn round_pack(sign: u32, exp: i32, sig: u32) -> u32 {
     let mut exp = exp;
     let mut sig = sig;
     let mut round_bits = sig & 0x7F;
-    if exp < 0 || exp >= 0xFD {
+    if !(0..0xFD).contains(&exp) {
         if exp < 0 {
             sig = shr32_jam(sig, (-exp) as u32);
             exp = 0;
@@ -327,7 +327,7 @@ mod tests {
             s ^= s << 17;
             s
         };
-        for i in 0..3_000_000u32 {
+        for i in 0..20_000_000u32 {
             let r = next();
             let (a, b) = (r as u32, (r >> 32) as u32);
             let c = match i % 4 {

@@ -222,7 +222,7 @@ fn demo(size: usize) -> Result<()> {
     let b = bench::random_matrix(dims.k * dims.n, 12);
     let spec = lockstep_kernels::matmul_spec(&a, &b, dims);
     let want = tensor_digest_f32(&[dims.m, dims.n], &spec);
-    println!("{:<6} {:<60} {}", "who", "device / path", "digest of C");
+    println!("{:<6} {:<60} digest of C", "who", "device / path");
     println!(
         "{:<6} {:<60} {}",
         "spec", "scalar reference (the contract, executable)", want
