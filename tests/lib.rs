@@ -35,6 +35,7 @@ pub fn open(target: Target) -> Option<Box<dyn Backend>> {
         Target::WgpuProbed => WgpuBackend::new(WgpuOptions::default()).map(|b| Box::new(b) as _),
         Target::WgpuExact => WgpuBackend::new(WgpuOptions {
             force_path: Some(WgpuPath::Exact),
+            ..Default::default()
         })
         .map(|b| Box::new(b) as _),
         Target::Cuda => lockstep_kernels::cuda::CudaBackend::new(0).map(|b| Box::new(b) as _),

@@ -71,6 +71,9 @@ pub struct WgpuOptions {
     /// Use this path instead of the probe's choice. Forcing `Hardware` on a
     /// device that failed the probe is refused.
     pub force_path: Option<WgpuPath>,
+    /// Pretend the device binds at most this many bytes per buffer (tests use
+    /// it to exercise the splitting of large products into row passes).
+    pub max_binding_bytes: Option<u64>,
 }
 
 /// What the conformance probe found on a device.
@@ -184,7 +187,8 @@ impl WgpuBackend {
         }));
         let max_binding = (limits.max_storage_buffer_binding_size as u64)
             .min(limits.max_buffer_size)
-            .min(1 << 31);
+            .min(1 << 31)
+            .min(options.max_binding_bytes.unwrap_or(u64::MAX));
         let mut this = Self {
             pipelines: build_path(&device, WgpuPath::Hardware)?,
             device,
