@@ -259,3 +259,165 @@ pub fn bench_matmul(
         BackendKind::Cuda => bench_cuda(dims, reps),
     }
 }
+
+/// `lockstep bench dispatch` results.
+#[derive(Debug, serde::Serialize)]
+pub struct DispatchReport {
+    pub jobs: usize,
+    pub verified_per_s: f64,
+    /// Dispatch-to-verdict latency of jobs in the batch (queueing included).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Raw JetStream: publish (awaiting the PubAck), pull, double-ack.
+    pub raw_per_s: f64,
+    pub raw_p50_ms: f64,
+    pub raw_p99_ms: f64,
+    /// verified jobs/s over raw round trips/s.
+    pub ratio: f64,
+    /// Extra time per job at full throughput: 1/verified − 1/raw.
+    pub p50_overhead_ms: f64,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<DispatchReport> {
+    use async_nats::jetstream::{consumer::pull, stream};
+    use futures::StreamExt;
+    use std::time::Duration;
+    anyhow::ensure!(n >= 10, "--jobs must be at least 10");
+    let server = match &nats_url {
+        Some(_) => None,
+        None => Some(crate::server::NatsServer::start()?),
+    };
+    let url = nats_url.unwrap_or_else(|| server.as_ref().unwrap().url());
+    let nats = crate::nats::connect(&url).await?;
+
+    // Raw JetStream round trips, up to 64 in flight.
+    let raw_stream = nats
+        .js
+        .get_or_create_stream(stream::Config {
+            name: "LOCKSTEP_BENCH_RAW".into(),
+            subjects: vec!["lockstep_bench.raw".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer = raw_stream
+        .get_or_create_consumer(
+            "raw",
+            pull::Config {
+                durable_name: Some("raw".into()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let t0 = Instant::now();
+    let receiver = tokio::spawn(async move {
+        let mut msgs = consumer.messages().await?;
+        let mut lat = Vec::with_capacity(n);
+        while lat.len() < n {
+            let m = msgs.next().await.context("raw stream ended")??;
+            let sent = f64::from_le_bytes(m.payload[..8].try_into()?);
+            m.double_ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            lat.push((t0.elapsed().as_secs_f64() - sent) * 1e3);
+        }
+        anyhow::Ok(lat)
+    });
+    let start = Instant::now();
+    let js = nats.js.clone();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let js = js.clone();
+            async move {
+                let sent = t0.elapsed().as_secs_f64();
+                js.publish("lockstep_bench.raw", sent.to_le_bytes().to_vec().into())
+                    .await?
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let mut raw_lat = receiver.await??;
+    let raw_secs = start.elapsed().as_secs_f64();
+    nats.js.delete_stream("LOCKSTEP_BENCH_RAW").await.ok();
+
+    // lockstep: three in-process CPU workers, n tiny jobs with r = 2.
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let mut o =
+            crate::worker::WorkerOptions::new(&url, &format!("bench-w{i}-{}", std::process::id()));
+        o.backend = crate::worker::BackendChoice::Only(BackendKind::Cpu);
+        o.threads = 1;
+        o.concurrency = 8;
+        let mut rx = stop_tx.subscribe();
+        handles.push(tokio::spawn(crate::worker::run(o, async move {
+            let _ = rx.recv().await;
+        })));
+    }
+    while crate::nats::live_workers(&nats, Duration::from_secs(5))
+        .await?
+        .iter()
+        .filter(|w| w.id.starts_with("bench-w"))
+        .count()
+        < 3
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let jobs: Vec<crate::batch::BatchJob> = (0..n)
+        .map(|i| crate::batch::BatchJob {
+            id: format!("t{i}"),
+            a: crate::batch::Tensor::Data {
+                shape: vec![2, 2],
+                data: vec![i as f32, 1.0, 2.0, 3.0],
+            },
+            b: crate::batch::Tensor::Data {
+                shape: vec![2, 2],
+                data: vec![1.0, 0.5, 0.25, 2.0],
+            },
+        })
+        .collect();
+    let opts = crate::coordinator::SubmitOptions {
+        batch_id: Some(format!(
+            "bench-{}-{}",
+            std::process::id(),
+            crate::protocol::now_ms()
+        )),
+        progress: false,
+        deadline: Some(Duration::from_secs(300)),
+        threads: 1,
+        ..Default::default()
+    };
+    let report = crate::coordinator::submit(&nats, jobs, &opts).await?;
+    let _ = stop_tx.send(());
+    for h in handles {
+        h.await??;
+    }
+    anyhow::ensure!(
+        report.verified == n,
+        "only {} of {n} jobs verified",
+        report.verified
+    );
+    let mut lat: Vec<f64> = report.jobs.iter().map(|j| j.latency_ms).collect();
+    let verified_per_s = n as f64 / report.elapsed_s;
+    let raw_per_s = n as f64 / raw_secs;
+    Ok(DispatchReport {
+        jobs: n,
+        verified_per_s,
+        p50_ms: percentile(&mut lat, 0.5),
+        p99_ms: percentile(&mut lat, 0.99),
+        raw_per_s,
+        raw_p50_ms: percentile(&mut raw_lat, 0.5),
+        raw_p99_ms: percentile(&mut raw_lat, 0.99),
+        ratio: verified_per_s / raw_per_s,
+        p50_overhead_ms: (1.0 / verified_per_s - 1.0 / raw_per_s) * 1e3,
+    })
+}

@@ -11,5 +11,12 @@
 //!   timed in the same run.
 //! - `main.rs`: the `lockstep` CLI.
 
+pub mod batch;
 pub mod bench;
+pub mod coordinator;
+pub mod demo;
+pub mod nats;
+pub mod protocol;
+pub mod server;
 pub mod tensors;
+pub mod worker;

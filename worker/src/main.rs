@@ -50,12 +50,98 @@ enum Command {
     /// Benchmarks against the baselines users would otherwise use, in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Show the contract in action: one matmul on every backend present, digests compared.
+    /// Run a worker: self-test the backends, register, and compute the jobs
+    /// coordinators assign to it until SIGINT/SIGTERM (then finish in-flight
+    /// jobs and exit).
+    ///
+    /// Example: lockstep worker --nats nats://127.0.0.1:4222 --backend auto --name gpu-box-1
+    Worker(WorkerArgs),
+    /// Dispatch a batch of jobs (JSON Lines, see docs/PROTOCOL.md) to R distinct
+    /// workers each, verify that their digests agree, resolve disputes, and
+    /// write report.json and the outputs. Exits non-zero if any job is left
+    /// failed or unresolved. Running the same batch again resumes it.
+    ///
+    /// Example: lockstep submit --nats nats://127.0.0.1:4222 --redundancy 2 jobs.jsonl
+    Submit(SubmitArgs),
+    /// The whole system on this machine: a local nats-server, three workers
+    /// (CPU, and WGSL where present), a batch of matmul jobs with r = 2, and
+    /// the verdicts.
     Demo {
-        /// Size of the square-ish demo product (M = size, K = size + 44, N = size - 56).
-        #[arg(long, default_value_t = 256)]
-        size: usize,
+        /// Use this NATS server instead of starting one.
+        #[arg(long, env = "LOCKSTEP_NATS")]
+        nats: Option<String>,
+        /// Number of jobs in the demo batch.
+        #[arg(long, default_value_t = 12)]
+        jobs: usize,
+        /// Skip NATS: run one matmul on every backend here and compare digests.
+        #[arg(long)]
+        local: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// NATS server URL.
+    #[arg(long, env = "LOCKSTEP_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// auto (fastest backend that passes the self-test), cpu, wgpu or cuda.
+    #[arg(long, env = "LOCKSTEP_BACKEND", default_value = "auto")]
+    backend: lockstep::worker::BackendChoice,
+    /// Unique worker name (A-Z a-z 0-9 _ -); default: host name and pid.
+    /// Restarting with the same name picks up jobs left unacked.
+    #[arg(long, env = "LOCKSTEP_WORKER_NAME")]
+    name: Option<String>,
+    /// Jobs computed at once.
+    #[arg(long, env = "LOCKSTEP_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// CPU threads of the CPU backend (0 = all cores).
+    #[arg(long, env = "LOCKSTEP_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Largest tensor a job may name, in elements.
+    #[arg(long, default_value_t = 1 << 26)]
+    max_elements: usize,
+    /// Largest matmul a job may ask for, in multiply-adds (M·K·N).
+    #[arg(long, default_value_t = 1 << 36)]
+    max_macs: u64,
+    /// Folder for cached input blobs (default: a temporary folder).
+    #[arg(long, env = "LOCKSTEP_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// TEST ONLY: corrupt one output bit of every job whose id hashes into 1
+    /// of N buckets, to prove that coordinators catch it.
+    #[arg(long, env = "LOCKSTEP_FAULT_INJECT_EVERY", hide = true)]
+    fault_inject_every: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// The batch: JSON Lines, one job per line.
+    batch: PathBuf,
+    #[arg(long, env = "LOCKSTEP_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Distinct workers per job.
+    #[arg(long, short, default_value_t = 2)]
+    redundancy: u32,
+    /// Output folder for report.json and outputs/ (default: lockstep-out/<batch id>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Batch id (default: derived from the batch's content).
+    #[arg(long)]
+    batch_id: Option<String>,
+    /// Seconds without a heartbeat before a worker is considered dead.
+    #[arg(long, default_value_t = 5.0)]
+    worker_timeout: f64,
+    /// Seconds before an unanswered replica is given to another worker.
+    #[arg(long, default_value_t = 300.0)]
+    job_timeout: f64,
+    /// Give up after this many seconds, leaving undecided jobs unresolved.
+    #[arg(long)]
+    deadline: Option<f64>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +166,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 7)]
         reps: usize,
         /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verified jobs per second and latency of tiny r = 2 jobs on three local
+    /// workers, next to raw JetStream publish-and-ack round trips measured in
+    /// the same run.
+    Dispatch {
+        /// Use this NATS server instead of starting one.
+        #[arg(long, env = "LOCKSTEP_NATS")]
+        nats: Option<String>,
+        /// Jobs (and raw messages) to send.
+        #[arg(long, default_value_t = 500)]
+        jobs: usize,
         #[arg(long)]
         json: bool,
     },
@@ -140,7 +239,35 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo { size } => demo(size),
+        Command::Bench(BenchCommand::Dispatch { nats, jobs, json }) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let r = rt.block_on(bench::bench_dispatch(nats, jobs))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "dispatch: {} tiny matmul jobs, r = 2, 3 local CPU workers",
+                    r.jobs
+                );
+                println!(
+                    "  lockstep verified jobs/s   {:>9.1}   latency p50 {:.2} ms  p99 {:.2} ms",
+                    r.verified_per_s, r.p50_ms, r.p99_ms
+                );
+                println!(
+                    "  raw JetStream round trips/s {:>8.1}   latency p50 {:.2} ms  p99 {:.2} ms",
+                    r.raw_per_s, r.raw_p50_ms, r.raw_p99_ms
+                );
+                println!(
+                    "  ratio {:.3}   p50 overhead per job {:.2} ms",
+                    r.ratio, r.p50_overhead_ms
+                );
+            }
+            Ok(())
+        }
+        Command::Worker(args) => run_worker(args),
+        Command::Submit(args) => run_submit(args),
+        Command::Demo { local: true, .. } => demo_local(256),
+        Command::Demo { nats, jobs, .. } => lockstep::demo::run(nats, jobs),
     }
 }
 
@@ -212,7 +339,7 @@ fn matmul(
     Ok(())
 }
 
-fn demo(size: usize) -> Result<()> {
+fn demo_local(size: usize) -> Result<()> {
     let dims = MatmulDims::new(size, size + 44, size.saturating_sub(56).max(1));
     println!(
         "lockstep demo: C = A·B with A {}x{}, B {}x{}, random values, contract v{CONTRACT_VERSION}",
@@ -258,4 +385,72 @@ fn truncate(s: &str, n: usize) -> String {
     } else {
         format!("{}…", s.chars().take(n - 1).collect::<String>())
     }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: draining");
+}
+
+fn run_worker(args: WorkerArgs) -> Result<()> {
+    let mut o = lockstep::worker::WorkerOptions::new(
+        &args.nats,
+        &args.name.unwrap_or_else(lockstep::worker::default_name),
+    );
+    o.backend = args.backend;
+    o.concurrency = args.concurrency.max(1);
+    o.threads = args.threads;
+    o.max_elements = args.max_elements;
+    o.max_macs = args.max_macs;
+    o.cache_dir = args.cache_dir;
+    o.heartbeat = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
+    o.fault = args
+        .fault_inject_every
+        .map(|every| lockstep::worker::FaultInjection { every });
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(lockstep::worker::run(o, shutdown_signal()))
+}
+
+fn run_submit(args: SubmitArgs) -> Result<()> {
+    use std::time::Duration;
+    let jobs = lockstep::batch::parse_batch(&args.batch)?;
+    let batch_id = args
+        .batch_id
+        .clone()
+        .unwrap_or_else(|| lockstep::coordinator::batch_id_for(&jobs));
+    let opts = lockstep::coordinator::SubmitOptions {
+        redundancy: args.redundancy,
+        batch_id: Some(batch_id.clone()),
+        out_dir: Some(
+            args.out
+                .unwrap_or_else(|| PathBuf::from("lockstep-out").join(&batch_id)),
+        ),
+        worker_timeout: Duration::from_secs_f64(args.worker_timeout),
+        job_timeout: Duration::from_secs_f64(args.job_timeout),
+        deadline: args.deadline.map(Duration::from_secs_f64),
+        progress: !args.quiet,
+        threads: 0,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let nats = lockstep::nats::connect(&args.nats).await?;
+        lockstep::coordinator::submit(&nats, jobs, &opts).await
+    })?;
+    lockstep::demo::print_report(&report);
+    println!(
+        "report: {}",
+        opts.out_dir.as_ref().unwrap().join("report.json").display()
+    );
+    anyhow::ensure!(
+        report.all_accepted(),
+        "{} job(s) failed and {} unresolved",
+        report.failed,
+        report.unresolved
+    );
+    Ok(())
 }

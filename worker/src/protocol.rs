@@ -1,0 +1,275 @@
+//! The wire protocol: every subject, stream, bucket and message (see
+//! docs/PROTOCOL.md for the prose). Messages are JSON so a coordinator or
+//! worker in any language can speak it.
+
+use base64::Engine as _;
+use lockstep_kernels::{tensor_digest_f32, BackendInfo, Digest};
+use serde::{Deserialize, Serialize};
+
+/// Version of these messages; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Stream of job replicas, one subject per worker: `lockstep.job.<worker>`.
+pub const JOBS_STREAM: &str = "LOCKSTEP_JOBS";
+pub const JOB_SUBJECT_PREFIX: &str = "lockstep.job";
+/// Stream of results, one subject per batch: `lockstep.result.<batch>`.
+pub const RESULTS_STREAM: &str = "LOCKSTEP_RESULTS";
+pub const RESULT_SUBJECT_PREFIX: &str = "lockstep.result";
+/// Where results go for messages whose batch cannot be read.
+pub const UNROUTABLE_RESULT_SUBJECT: &str = "lockstep.result._unroutable";
+/// KV: worker id → [`WorkerRecord`] (registry and heartbeats).
+pub const WORKERS_BUCKET: &str = "lockstep_workers";
+/// KV: `<batch>.<job>.<replica>` → [`Assignment`] (the coordinator's durable plan).
+pub const ASSIGN_BUCKET: &str = "lockstep_assign";
+/// KV: `<worker>.<batch>.<job>` → [`FaultRecord`] (workers caught computing wrong bits).
+pub const FAULTS_BUCKET: &str = "lockstep_faults";
+/// Object store: tensors named by the hex of their contract digest.
+pub const BLOBS_BUCKET: &str = "lockstep_blobs";
+
+pub fn job_subject(worker: &str) -> String {
+    format!("{JOB_SUBJECT_PREFIX}.{worker}")
+}
+
+pub fn result_subject(batch: &str) -> String {
+    format!("{RESULT_SUBJECT_PREFIX}.{batch}")
+}
+
+/// Worker names, batch ids and job ids become subject tokens and KV keys:
+/// 1–64 of `[A-Za-z0-9_-]`.
+pub fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An f32 tensor in a message: inline (base64 of little-endian f32) for small
+/// ones, or an object in [`BLOBS_BUCKET`] named by its contract digest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TensorRef {
+    pub shape: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<Digest>,
+}
+
+/// Tensors up to this many bytes travel inline; larger ones as objects.
+pub const INLINE_MAX_BYTES: usize = 64 * 1024;
+
+pub fn encode_f32(data: &[f32]) -> String {
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn decode_f32(b64: &str) -> Result<Vec<f32>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("inline tensor is not valid base64: {e}"))?;
+    if bytes.len() % 4 != 0 {
+        return Err(format!(
+            "inline tensor has {} bytes, not a multiple of 4",
+            bytes.len()
+        ));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+pub fn f32_bytes(data: &[f32]) -> Vec<u8> {
+    data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl TensorRef {
+    pub fn inline(shape: Vec<usize>, data: &[f32]) -> Self {
+        Self {
+            shape,
+            inline: Some(encode_f32(data)),
+            object: None,
+        }
+    }
+
+    pub fn object(shape: Vec<usize>, digest: Digest) -> Self {
+        Self {
+            shape,
+            inline: None,
+            object: Some(digest),
+        }
+    }
+
+    pub fn elements(&self) -> Option<usize> {
+        self.shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    }
+
+    pub fn digest_of(shape: &[usize], data: &[f32]) -> Digest {
+        tensor_digest_f32(shape, data)
+    }
+}
+
+/// What a job computes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobSpec {
+    /// `c = a·b` under the contract: `a` [M,K], `b` [K,N].
+    Matmul { a: TensorRef, b: TensorRef },
+}
+
+/// One replica of a job, sent to one worker on `lockstep.job.<worker>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub protocol: u32,
+    pub batch: String,
+    pub job: String,
+    /// 0..redundancy: which replica this is.
+    pub replica: u32,
+    /// Increases when the coordinator reassigns the replica (dead worker,
+    /// timeout); results of older attempts still count if they arrive.
+    pub attempt: u32,
+    pub redundancy: u32,
+    pub contract_version: u32,
+    /// The worker this replica is for (also in the subject).
+    pub worker: String,
+    #[serde(flatten)]
+    pub spec: JobSpec,
+}
+
+/// Why a job failed on a worker. `Bad*` codes are the job's fault and will
+/// fail on every worker; the others are the worker's or the network's.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not a valid job message (JSON, fields, protocol version).
+    BadMessage,
+    /// A job kind this worker does not know.
+    UnknownKind,
+    /// Shapes inconsistent, or data not matching its shape.
+    BadShape,
+    /// Over this worker's configured limits.
+    TooLarge,
+    /// A contract version this worker does not implement.
+    WrongContract,
+    /// An input object is missing from the object store.
+    MissingBlob,
+    /// An input object's bytes do not hash to its name.
+    TamperedBlob,
+    /// The backend failed (device error, out of memory...).
+    Backend,
+    /// Delivered too many times without completing (the worker kept dying).
+    Redelivered,
+}
+
+impl ErrorCode {
+    /// Would any honest worker fail the same way?
+    pub fn is_job_fault(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadMessage
+                | ErrorCode::UnknownKind
+                | ErrorCode::BadShape
+                | ErrorCode::TooLarge
+                | ErrorCode::WrongContract
+                | ErrorCode::MissingBlob
+                | ErrorCode::TamperedBlob
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok {
+        shape: Vec<usize>,
+        digest: Digest,
+        output: TensorRef,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    /// Fetching and checking inputs.
+    pub fetch_ms: f64,
+    pub compute_ms: f64,
+    /// From receipt of the message to publishing the result.
+    pub total_ms: f64,
+}
+
+/// A worker's answer for one replica, on `lockstep.result.<batch>`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResultMessage {
+    pub protocol: u32,
+    /// Empty when the job message could not be read.
+    pub batch: String,
+    pub job: String,
+    pub replica: u32,
+    pub attempt: u32,
+    pub worker: String,
+    pub backend: String,
+    pub device: String,
+    pub path: String,
+    pub contract_version: u32,
+    pub outcome: Outcome,
+    pub timings: Timings,
+}
+
+/// A worker's entry in the registry, refreshed at every heartbeat.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub protocol: u32,
+    pub id: String,
+    /// Backends that passed the self-test at start, with their findings.
+    pub backends: Vec<BackendInfo>,
+    pub contract_version: u32,
+    pub concurrency: usize,
+    pub started_ms: u64,
+    pub heartbeat_ms: u64,
+    pub state: WorkerState,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Up,
+    /// Shutting down: finishing in-flight jobs, taking no new ones.
+    Draining,
+    Stopped,
+}
+
+/// The coordinator's durable record of who computes a replica.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Assignment {
+    pub worker: String,
+    pub attempt: u32,
+    pub assigned_ms: u64,
+    /// Workers this replica was taken away from (dead, timed out).
+    #[serde(default)]
+    pub abandoned: Vec<String>,
+}
+
+/// Evidence that a worker returned wrong bits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FaultRecord {
+    pub worker: String,
+    pub batch: String,
+    pub job: String,
+    pub reported: Digest,
+    pub correct: Digest,
+    /// How the correct digest was established.
+    pub resolved_by: String,
+    pub at_ms: u64,
+}
