@@ -9,6 +9,7 @@
 use lockstep_kernels::cpu::{CpuBackend, Isa};
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions, WgpuPath};
 use lockstep_kernels::{Backend, ErrorKind};
+pub use rand;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -155,28 +156,124 @@ pub fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
     }
 }
 
-/// Path of the `lockstep` binary of this build, building it first if needed
-/// (the tests crate cannot name another package's binary directly).
+/// Path of the `lockstep` CLI under test: the `lockstep-e2e` binary of this
+/// crate (same source as `lockstep`), which cargo builds next to the test
+/// executables before running integration tests.
 pub fn lockstep_bin() -> std::path::PathBuf {
-    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/<test-exe> -> target/<profile>/lockstep
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .expect("target dir")
-            .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "lockstep", "--bin", "lockstep"]);
-        if release {
-            cmd.arg("--release");
+    // target/<profile>/deps/<test-exe> -> target/<profile>/lockstep-e2e
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("lockstep-e2e");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests through cargo test",
+        bin.display()
+    );
+    bin
+}
+
+/// A real nats-server for a test, or `None` (after saying why) when none is
+/// installed. `./dev test` sets `LOCKSTEP_REQUIRE_NATS=1`, so in CI a
+/// missing server fails the test instead of skipping it.
+pub fn nats_server() -> Option<lockstep::server::NatsServer> {
+    match lockstep::server::NatsServer::start() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            assert!(
+                std::env::var_os("LOCKSTEP_REQUIRE_NATS").is_none(),
+                "LOCKSTEP_REQUIRE_NATS is set: {e:#}"
+            );
+            eprintln!("SKIPPED: {e:#}");
+            None
         }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building the lockstep binary failed");
-        profile_dir.join("lockstep")
-    })
-    .clone()
+    }
+}
+
+/// Worker processes of the real `lockstep` binary, SIGKILLed when dropped.
+#[derive(Default)]
+pub struct Procs(pub Vec<(String, std::process::Child)>);
+
+impl Procs {
+    /// Starts `lockstep worker --name NAME --backend BACKEND` with extra
+    /// environment (e.g. the test-only fault and delay switches).
+    pub fn worker(&mut self, url: &str, name: &str, backend: &str, env: &[(&str, &str)]) {
+        let child = std::process::Command::new(lockstep_bin())
+            .args([
+                "worker",
+                "--nats",
+                url,
+                "--name",
+                name,
+                "--backend",
+                backend,
+                "--threads",
+                "1",
+                "--heartbeat-ms",
+                "250",
+            ])
+            .envs(env.iter().copied())
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start worker");
+        self.0.push((name.to_string(), child));
+    }
+
+    /// SIGKILLs one worker (no chance to drain).
+    pub fn kill(&mut self, name: &str) {
+        let (_, c) = self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("worker name");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    pub fn is_running(&mut self, name: &str) -> bool {
+        let (_, c) = self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("worker name");
+        c.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` small matmul jobs of varied shapes (K across the 256 boundary).
+pub fn small_jobs(n: usize, seed: u64) -> Vec<lockstep::batch::BatchJob> {
+    let mut r = rng(seed);
+    (0..n)
+        .map(|i| {
+            let (m, k, nn) = (
+                r.random_range(1..24),
+                r.random_range(1..300),
+                r.random_range(1..24),
+            );
+            lockstep::batch::BatchJob {
+                id: format!("job-{i:03}"),
+                a: lockstep::batch::Tensor::Data {
+                    shape: vec![m, k],
+                    data: random_values(&mut r, m * k, Values::MixedMagnitudes),
+                },
+                b: lockstep::batch::Tensor::Data {
+                    shape: vec![k, nn],
+                    data: random_values(&mut r, k * nn, Values::MixedMagnitudes),
+                },
+            }
+        })
+        .collect()
 }

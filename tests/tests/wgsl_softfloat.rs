@@ -8,6 +8,7 @@ use lockstep_kernels::ErrorKind;
 fn backend() -> Option<WgpuBackend> {
     match WgpuBackend::new(WgpuOptions {
         force_path: Some(WgpuPath::Exact),
+        ..Default::default()
     }) {
         Ok(b) => Some(b),
         Err(e) if e.kind == ErrorKind::Unavailable => {

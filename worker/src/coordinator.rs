@@ -99,6 +99,8 @@ pub struct JobReport {
     pub results: Vec<ReplicaReport>,
     /// Workers whose digest differed from the accepted one.
     pub faulty_workers: Vec<String>,
+    /// Workers a replica was taken away from (dead, timed out, failed).
+    pub reassigned_from: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Milliseconds from the job's dispatch to its verdict (this run).
@@ -297,10 +299,19 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
             }
             _ = tick.tick() => {
                 if live_at.elapsed() > Duration::from_millis(500) {
-                    live = live_workers(nats, opts.worker_timeout).await.unwrap_or_default();
+                    match live_workers(nats, opts.worker_timeout).await {
+                        Ok(l) => live = l,
+                        Err(e) => tracing::warn!("cannot read the worker registry: {e}"),
+                    }
                     live_at = Instant::now();
                 }
-                let assigned = schedule(nats, &batch, &mut state, &live, opts).await?;
+                let assigned = match schedule(nats, &batch, &mut state, &live, opts).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!("dispatch failed, will retry: {e:#}");
+                        0
+                    }
+                };
                 let stuck = state.values().any(|j| j.decided.is_none() && j.assignments.iter().any(|a| a.is_none()));
                 if stuck && !waiting_note {
                     bar.set_message(format!("waiting for workers ({} live)", live.len()));
@@ -325,6 +336,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
             shape: vec![a.shape[0], b.shape[1]],
             results: replica_reports(&js),
             faulty_workers: vec![],
+            reassigned_from: reassigned_from(&js),
             reason: Some("no decision before the deadline".into()),
             latency_ms: 0.0,
         }));
@@ -420,14 +432,14 @@ async fn schedule(
     let now = now_ms();
     let mut assigned = 0;
     let mut to_send = Vec::new();
-    let mut rng = rand::rng();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     for (id, js) in state.iter_mut().filter(|(_, j)| j.decided.is_none()) {
         for replica in 0..js.assignments.len() {
             let needs = match &js.assignments[replica] {
                 None => true,
                 Some(a) => {
                     let answered_ok = matches!(js.results.get(&a.worker), Some(r) if matches!(r.outcome, Outcome::Ok { .. }));
-                    let errored = js.results.get(&a.worker).is_some() && !answered_ok;
+                    let errored = js.results.contains_key(&a.worker) && !answered_ok;
                     let dead = !live_ids.contains(a.worker.as_str())
                         && now.saturating_sub(a.assigned_ms)
                             > opts.worker_timeout.as_millis() as u64;
@@ -495,22 +507,39 @@ async fn schedule(
         }
     }
     // Durable plan first, then the message; many replicas in flight at once.
-    futures::stream::iter(to_send)
+    // A replica whose plan or message did not reach the server is rolled back
+    // and dispatched again at the next tick.
+    let outcomes: Vec<(String, usize, Result<()>)> = futures::stream::iter(to_send)
         .map(|(id, replica, redundancy, spec, a)| async move {
-            nats.assign
-                .put(
-                    format!("{batch}.{id}.{replica}"),
-                    serde_json::to_vec(&a)?.into(),
-                )
-                .await
-                .context("cannot record an assignment")?;
-            publish_job(nats, batch, &id, replica as u32, redundancy, &spec, &a).await
+            let r = async {
+                nats.assign
+                    .put(
+                        format!("{batch}.{id}.{replica}"),
+                        serde_json::to_vec(&a)?.into(),
+                    )
+                    .await
+                    .context("cannot record an assignment")?;
+                publish_job(nats, batch, &id, replica as u32, redundancy, &spec, &a).await
+            }
+            .await;
+            (id, replica, r)
         })
         .buffer_unordered(64)
-        .collect::<Vec<Result<()>>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>>>()?;
+        .collect()
+        .await;
+    let mut first_err = None;
+    for (id, replica, r) in outcomes {
+        if let Err(e) = r {
+            if let Some(js) = state.get_mut(&id) {
+                js.assignments[replica] = None;
+            }
+            assigned -= 1;
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
     Ok(assigned)
 }
 
@@ -547,6 +576,18 @@ async fn publish_job(
         .await
         .context("the server did not store a job")?;
     Ok(())
+}
+
+fn reassigned_from(js: &JobState) -> Vec<String> {
+    let mut v: Vec<String> = js
+        .assignments
+        .iter()
+        .flatten()
+        .flat_map(|a| a.abandoned.iter().cloned())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 fn replica_reports(js: &JobState) -> Vec<ReplicaReport> {
@@ -594,6 +635,7 @@ async fn evaluate(
         shape: shape.clone(),
         results: replica_reports(js),
         faulty_workers: vec![],
+        reassigned_from: reassigned_from(js),
         reason: None,
         latency_ms,
     };

@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod cli;
 pub mod coordinator;
 pub mod demo;
 pub mod nats;

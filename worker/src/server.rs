@@ -69,17 +69,6 @@ fn version_ok(v: &str) -> bool {
     (major, minor) >= (2, 10)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn versions() {
-        assert!(super::version_ok("nats-server: v2.15.1"));
-        assert!(super::version_ok("nats-server: v2.10.0\n"));
-        assert!(!super::version_ok("nats-server: v2.9.10"));
-        assert!(!super::version_ok("garbage"));
-    }
-}
-
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -176,5 +165,16 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions() {
+        assert!(super::version_ok("nats-server: v2.15.1"));
+        assert!(super::version_ok("nats-server: v2.10.0\n"));
+        assert!(!super::version_ok("nats-server: v2.9.10"));
+        assert!(!super::version_ok("garbage"));
     }
 }

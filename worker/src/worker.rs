@@ -82,6 +82,8 @@ pub struct WorkerOptions {
     /// Where downloaded blobs are cached (None: a temporary folder).
     pub cache_dir: Option<PathBuf>,
     pub fault: Option<FaultInjection>,
+    /// Test only: sleep this long before each computation (to make jobs long).
+    pub test_delay: Duration,
 }
 
 impl WorkerOptions {
@@ -97,6 +99,7 @@ impl WorkerOptions {
             threads: 0,
             cache_dir: None,
             fault: None,
+            test_delay: Duration::ZERO,
         }
     }
 }
@@ -379,10 +382,23 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         }
     };
     let outcome = match parsed {
-        Err(e) => Err(job_err(
-            ErrorCode::BadMessage,
-            format!("not a valid job message: {e}"),
-        )),
+        Err(e) => {
+            let v: Option<serde_json::Value> = serde_json::from_slice(&msg.payload).ok();
+            match v
+                .as_ref()
+                .and_then(|v| v.get("kind"))
+                .and_then(|k| k.as_str())
+            {
+                Some(k) if k != "matmul" => Err(job_err(
+                    ErrorCode::UnknownKind,
+                    format!("unknown job kind `{k}` (this worker knows: matmul)"),
+                )),
+                _ => Err(job_err(
+                    ErrorCode::BadMessage,
+                    format!("not a valid job message: {e}"),
+                )),
+            }
+        }
         Ok(_) if delivered >= MAX_DELIVER => Err(job_err(
             ErrorCode::Redelivered,
             format!("delivered {delivered} times without completing; giving up"),
@@ -403,30 +419,40 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
     result.timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     // Durable publish first; only then ack. If publishing fails the job is
     // not acked and comes back after the ack wait.
-    let payload = serde_json::to_vec(&result).expect("serialisable");
+    let payload: bytes::Bytes = serde_json::to_vec(&result).expect("serialisable").into();
     let id = format!(
         "{}.{}.{}.{}.{}",
         result.batch, result.job, result.replica, result.attempt, ctx.opts.name
     );
-    let publish = ctx.nats.js.send_publish(
-        result_subject_name,
-        jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(id),
-    );
-    match publish.await {
-        Ok(ack) => match ack.await {
+    // The server may be restarting: retry for a while (the message id makes
+    // a repeated publish harmless).
+    for attempt in 0..40 {
+        let publish = ctx.nats.js.send_publish(
+            result_subject_name.clone(),
+            jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.clone()),
+        );
+        let stored = match publish.await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
             Ok(_) => {
                 if let Err(e) = msg.double_ack().await {
                     tracing::warn!(
                         "ack failed (job may be redelivered; results are deduplicated): {e}"
                     );
                 }
+                return;
             }
-            Err(e) => tracing::warn!("result not stored, job left unacked: {e}"),
-        },
-        Err(e) => tracing::warn!("cannot publish result, job left unacked: {e}"),
+            Err(e) => {
+                tracing::warn!(attempt, "result not stored yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
     }
+    tracing::error!(job = %result.job, "could not store the result; the job stays unacked and will come back");
 }
 
 fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -> ResultMessage {
@@ -513,6 +539,9 @@ async fn execute(
     timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let t = Instant::now();
+    if !ctx.opts.test_delay.is_zero() {
+        tokio::time::sleep(ctx.opts.test_delay).await;
+    }
     let backend = ctx.backend.clone();
     let mut compute = tokio::task::spawn_blocking(move || backend.matmul(&av, &bv, dims));
     // Long jobs: tell the server we are alive so the job is not redelivered.

@@ -1,0 +1,461 @@
+//! The whole system against a real nats-server (started per test on a random
+//! loopback port with its own store) and real worker processes: redundancy
+//! on distinct workers, crashes, faults, restarts and bad input.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lockstep::coordinator::{submit, SubmitOptions, Verdict};
+use lockstep::protocol::*;
+use lockstep_tests::{lockstep_bin, nats_server, small_jobs, Procs};
+
+fn opts(batch: &str) -> SubmitOptions {
+    SubmitOptions {
+        redundancy: 2,
+        batch_id: Some(batch.into()),
+        worker_timeout: Duration::from_secs(2),
+        job_timeout: Duration::from_secs(60),
+        deadline: Some(Duration::from_secs(240)),
+        progress: false,
+        threads: 1,
+        ..Default::default()
+    }
+}
+
+async fn wait_workers(nats: &lockstep::nats::Nats, names: &[&str]) {
+    lockstep::demo::wait_for_workers(nats, names, Duration::from_secs(120))
+        .await
+        .expect("workers register");
+}
+
+/// Every job's results come from distinct workers and at most one each.
+fn assert_distinct(report: &lockstep::coordinator::Report) {
+    for j in &report.jobs {
+        let mut ws: Vec<&str> = j.results.iter().map(|r| r.worker.as_str()).collect();
+        let n = ws.len();
+        ws.sort();
+        ws.dedup();
+        assert_eq!(ws.len(), n, "{}: two results from one worker", j.job);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_verifies_on_mixed_cpu_and_wgsl_workers() {
+    let Some(server) = nats_server() else { return };
+    let wgpu = lockstep_kernels::wgpu::WgpuBackend::new(Default::default()).is_ok();
+    let mut procs = Procs::default();
+    procs.worker(&server.url(), "cpu-a", "cpu", &[]);
+    procs.worker(&server.url(), "cpu-b", "cpu", &[]);
+    procs.worker(
+        &server.url(),
+        "third",
+        if wgpu { "wgpu" } else { "cpu" },
+        &[],
+    );
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["cpu-a", "cpu-b", "third"]).await;
+    let report = submit(&nats, small_jobs(24, 1), &opts("mixed"))
+        .await
+        .unwrap();
+    assert_eq!(report.verified, 24, "{report:#?}");
+    assert_distinct(&report);
+    assert!(report.jobs.iter().all(|j| j.results.len() == 2));
+    if wgpu {
+        // Cross-hardware agreement is visible: CPU and WGSL digests matched.
+        let mixed = report.jobs.iter().filter(|j| {
+            let b: Vec<&str> = j.results.iter().map(|r| r.backend.as_str()).collect();
+            b.contains(&"cpu") && b.contains(&"wgpu")
+        });
+        assert!(mixed.count() > 0, "no job ran on both CPU and WGSL");
+    }
+    // Every worker is in the registry with its self-tested backends.
+    let live = lockstep::nats::live_workers(&nats, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(live.iter().all(
+        |w| !w.backends.is_empty() && w.contract_version == lockstep_kernels::CONTRACT_VERSION
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_loses_no_job() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    for w in ["w1", "w2", "w3"] {
+        procs.worker(&server.url(), w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "60")]);
+    }
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["w1", "w2", "w3"]).await;
+    let n = 30;
+    let task = {
+        let nats = nats.clone();
+        tokio::spawn(async move { submit(&nats, small_jobs(n, 2), &opts("kill")).await })
+    };
+    // Mid-batch (each replica takes >= 60 ms; ~20 per worker queued): SIGKILL one.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    procs.kill("w2");
+    let report = task.await.unwrap().unwrap();
+    eprintln!("kill test: batch took {:.1} s", report.elapsed_s);
+    assert_eq!(report.verified, n, "{report:#?}");
+    assert_distinct(&report);
+    let moved = report
+        .jobs
+        .iter()
+        .filter(|j| j.reassigned_from.contains(&"w2".to_string()))
+        .count();
+    assert!(
+        moved > 0,
+        "w2 held queued replicas when killed; they must have been reassigned: {:#?}",
+        report
+            .jobs
+            .iter()
+            .map(|j| (
+                &j.job,
+                j.results
+                    .iter()
+                    .map(|r| r.worker.clone())
+                    .collect::<Vec<_>>(),
+                &j.reassigned_from,
+                j.latency_ms
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_injected_fault_is_caught_and_attributed() {
+    let Some(server) = nats_server() else { return };
+    let every = 3;
+    let mut procs = Procs::default();
+    procs.worker(&server.url(), "honest-1", "cpu", &[]);
+    procs.worker(&server.url(), "honest-2", "cpu", &[]);
+    procs.worker(
+        &server.url(),
+        "faulty",
+        "cpu",
+        &[("LOCKSTEP_FAULT_INJECT_EVERY", "3")],
+    );
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["honest-1", "honest-2", "faulty"]).await;
+    let report = submit(&nats, small_jobs(45, 3), &opts("faults"))
+        .await
+        .unwrap();
+    assert!(report.all_accepted(), "{report:#?}");
+    let fault = lockstep::worker::FaultInjection { every };
+    let mut injected = 0;
+    for j in &report.jobs {
+        let faulty_ran = j.results.iter().any(|r| r.worker == "faulty");
+        if faulty_ran && fault.selects(&j.job) {
+            injected += 1;
+            assert_eq!(
+                j.verdict,
+                Verdict::Resolved,
+                "{}: fault not detected",
+                j.job
+            );
+            assert_eq!(
+                j.faulty_workers,
+                vec!["faulty".to_string()],
+                "{}: wrong attribution",
+                j.job
+            );
+            // The accepted digest is the honest one.
+            let honest = j.results.iter().find(|r| r.worker != "faulty").unwrap();
+            assert_eq!(honest.digest, j.digest);
+        } else {
+            assert_eq!(
+                j.verdict,
+                Verdict::Verified,
+                "{}: honest job flagged",
+                j.job
+            );
+            assert!(j.faulty_workers.is_empty());
+        }
+    }
+    assert!(
+        injected >= 3,
+        "only {injected} faults were injected; the test proves little"
+    );
+    assert_eq!(report.faults.len(), injected);
+    // Recorded in the registry.
+    let mut keys = nats.faults.keys().await.unwrap();
+    let mut recorded = 0;
+    while let Some(k) = keys.next().await {
+        let k = k.unwrap();
+        assert!(
+            k.starts_with("faulty.faults."),
+            "an honest worker was recorded: {k}"
+        );
+        recorded += 1;
+    }
+    assert_eq!(recorded, injected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restart_mid_batch() {
+    let Some(mut server) = nats_server() else {
+        return;
+    };
+    let mut procs = Procs::default();
+    for w in ["r1", "r2", "r3"] {
+        procs.worker(&server.url(), w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "40")]);
+    }
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["r1", "r2", "r3"]).await;
+    let n = 30;
+    let mut o = opts("restart-server");
+    o.worker_timeout = Duration::from_secs(8);
+    let task = {
+        let nats = nats.clone();
+        tokio::spawn(async move { submit(&nats, small_jobs(n, 4), &o).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.restart().unwrap(); // SIGKILL, then the same port and store
+    let report = task.await.unwrap().unwrap();
+    assert_eq!(report.verified, n, "{report:#?}");
+    assert_distinct(&report);
+    for name in ["r1", "r2", "r3"] {
+        assert!(procs.is_running(name), "{name} died with the server");
+    }
+}
+
+#[test]
+fn coordinator_restart_resumes_without_duplicates() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    for w in ["c1", "c2", "c3"] {
+        procs.worker(&server.url(), w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "50")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("batch.jsonl");
+    lockstep::demo::write_demo_batch(&batch, 30, 5).unwrap();
+    let out = dir.path().join("out");
+    let submit_cmd = || {
+        let mut c = std::process::Command::new(lockstep_bin());
+        c.args([
+            "submit",
+            "--nats",
+            &server.url(),
+            "--quiet",
+            "--worker-timeout",
+            "3",
+            "--deadline",
+            "240",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(&batch)
+        .env("RUST_LOG", "warn");
+        c
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nats = rt.block_on(lockstep::nats::connect(&server.url())).unwrap();
+    rt.block_on(wait_workers(&nats, &["c1", "c2", "c3"]));
+    // First coordinator: killed mid-batch.
+    let mut first = submit_cmd()
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the batch finished before the kill; make jobs longer"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Second coordinator: same batch, resumes.
+    let o = submit_cmd().output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["verified"], 30, "{report:#}");
+    for j in report["jobs"].as_array().unwrap() {
+        // No duplicated work: exactly r results, from distinct workers.
+        assert_eq!(j["results"].as_array().unwrap().len(), 2, "{j:#}");
+        assert!(out
+            .join("outputs")
+            .join(format!("{}.safetensors", j["job"].as_str().unwrap()))
+            .exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_messages_get_error_results() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(
+        &server.url(),
+        "tough",
+        "cpu",
+        &[("LOCKSTEP_MAX_ELEMENTS", "100000")],
+    );
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["tough"]).await;
+    let results = nats
+        .results
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "lockstep.result.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut results = results.messages().await.unwrap();
+    let subject = job_subject("tough");
+    let job = |id: &str, a: TensorRef, b: TensorRef| {
+        serde_json::to_vec(&JobMessage {
+            protocol: PROTOCOL_VERSION,
+            batch: "bad".into(),
+            job: id.into(),
+            replica: 0,
+            attempt: 0,
+            redundancy: 1,
+            contract_version: lockstep_kernels::CONTRACT_VERSION,
+            worker: "tough".into(),
+            spec: JobSpec::Matmul { a, b },
+        })
+        .unwrap()
+    };
+    let ok_a = TensorRef::inline(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    // A blob stored under a name that is not its digest.
+    let claimed = lockstep_kernels::tensor_digest_f32(&[2, 2], &[9.0; 4]);
+    nats.blobs
+        .put(
+            claimed.to_hex().as_str(),
+            &mut f32_bytes(&[1.0; 4]).as_slice(),
+        )
+        .await
+        .unwrap();
+    let mut wrong_contract: serde_json::Value =
+        serde_json::from_slice(&job("v9", ok_a.clone(), ok_a.clone())).unwrap();
+    wrong_contract["contract_version"] = 999.into();
+    let mut unknown_kind: serde_json::Value =
+        serde_json::from_slice(&job("k", ok_a.clone(), ok_a.clone())).unwrap();
+    unknown_kind["kind"] = "conv3d".into();
+    let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
+        (b"\xff not json {".to_vec(), ErrorCode::BadMessage),
+        (
+            br#"{"batch":"bad","job":"half"}"#.to_vec(),
+            ErrorCode::BadMessage,
+        ),
+        (
+            serde_json::to_vec(&unknown_kind).unwrap(),
+            ErrorCode::UnknownKind,
+        ),
+        (
+            serde_json::to_vec(&wrong_contract).unwrap(),
+            ErrorCode::WrongContract,
+        ),
+        (
+            job(
+                "huge",
+                TensorRef::inline(vec![100_000, 100_000], &[1.0]),
+                ok_a.clone(),
+            ),
+            ErrorCode::TooLarge,
+        ),
+        (
+            job("rank", TensorRef::inline(vec![4], &[1.0; 4]), ok_a.clone()),
+            ErrorCode::BadShape,
+        ),
+        (
+            job(
+                "short",
+                TensorRef::inline(vec![2, 2], &[1.0; 3]),
+                ok_a.clone(),
+            ),
+            ErrorCode::BadShape,
+        ),
+        (
+            job(
+                "k-mismatch",
+                TensorRef::inline(vec![2, 3], &[1.0; 6]),
+                ok_a.clone(),
+            ),
+            ErrorCode::BadShape,
+        ),
+        (
+            job(
+                "missing",
+                TensorRef::object(
+                    vec![2, 2],
+                    lockstep_kernels::tensor_digest_f32(&[2, 2], &[7.0; 4]),
+                ),
+                ok_a.clone(),
+            ),
+            ErrorCode::MissingBlob,
+        ),
+        (
+            job(
+                "tampered",
+                TensorRef::object(vec![2, 2], claimed),
+                ok_a.clone(),
+            ),
+            ErrorCode::TamperedBlob,
+        ),
+        (
+            job("fine", ok_a.clone(), ok_a.clone()),
+            ErrorCode::BadMessage,
+        ), // placeholder: expects success
+    ];
+    // Also a payload near NATS's 1 MiB limit: valid JSON, over the worker's limit.
+    let big = TensorRef::inline(vec![300, 500], &vec![0.5; 150_000]);
+    let mut cases = cases;
+    cases.insert(
+        cases.len() - 1,
+        (job("big", big, ok_a.clone()), ErrorCode::TooLarge),
+    );
+    let n = cases.len();
+    for (payload, _) in &cases {
+        nats.js
+            .publish(subject.clone(), payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // Results arrive in order (one worker, concurrency 1).
+    for (i, (_, want)) in cases.iter().enumerate() {
+        let m = tokio::time::timeout(Duration::from_secs(60), results.next())
+            .await
+            .expect("a result")
+            .unwrap()
+            .unwrap();
+        let r: ResultMessage = serde_json::from_slice(&m.payload).unwrap();
+        if i == n - 1 {
+            assert!(
+                matches!(r.outcome, Outcome::Ok { .. }),
+                "the good job after the bad ones: {:?}",
+                r.outcome
+            );
+            assert_eq!(r.job, "fine");
+        } else {
+            match &r.outcome {
+                Outcome::Error { code, message } => {
+                    assert_eq!(code, want, "case {i}: {message}");
+                    assert!(!message.is_empty());
+                }
+                o => panic!("case {i} should fail with {want:?}, got {o:?}"),
+            }
+        }
+        if i == 0 {
+            assert_eq!(m.subject.as_str(), UNROUTABLE_RESULT_SUBJECT);
+        }
+    }
+    assert!(procs.is_running("tough"), "the worker crashed");
+}
+
+#[test]
+fn submit_rejects_a_bad_batch_file_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("bad.jsonl");
+    std::fs::write(&batch, "{\"id\":\"ok\",\"kind\":\"matmul\",\"a\":{\"shape\":[1,1],\"data\":[1]},\"b\":{\"shape\":[1,1],\"data\":[1]}}\n{\"id\":\"x\",\"kind\":\"matmul\",\"a\":{\"shape\":[2,2],\"data\":[1]}}\n").unwrap();
+    let o = std::process::Command::new(lockstep_bin())
+        .args(["submit", "--nats", "nats://127.0.0.1:1", "--quiet"])
+        .arg(&batch)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("line 2") && !err.contains("panicked"), "{err}");
+}

@@ -1,0 +1,461 @@
+//! The `lockstep` command-line tool (the binary is a one-line call of [`main`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::{bench, tensors};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lockstep_kernels::{tensor_digest_f32, BackendKind, MatmulDims, CONTRACT_VERSION};
+
+/// Verifiable inference: every backend computes the same bits.
+///
+/// lockstep's kernels (CPU, WGSL, CUDA) follow one published arithmetic
+/// contract (CONTRACT.md) that fixes the order and rounding of every step, so
+/// the same job gives the same SHA3-256 digest on any hardware.
+#[derive(Parser)]
+#[command(name = "lockstep", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the backends on this machine, their devices and conformance findings.
+    Backends {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Multiply two matrices from a safetensors file: C = A·B.
+    ///
+    /// IN must hold F32 tensors `a` [M,K] and `b` [K,N]; OUT gets `c` [M,N].
+    /// The last line printed is the contract digest of c, `sha3-256:<hex>`,
+    /// which is the same on every backend.
+    ///
+    /// Example: lockstep matmul --backend cpu --input ab.safetensors --output c.safetensors
+    Matmul {
+        /// Which backend computes: cpu, wgpu or cuda.
+        #[arg(long, env = "LOCKSTEP_BACKEND", default_value = "cpu")]
+        backend: BackendKind,
+        #[arg(long, short)]
+        input: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        /// CPU threads (0 = one per core).
+        #[arg(long, env = "LOCKSTEP_THREADS", default_value_t = 0)]
+        threads: usize,
+    },
+    /// Benchmarks against the baselines users would otherwise use, in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Run a worker: self-test the backends, register, and compute the jobs
+    /// coordinators assign to it until SIGINT/SIGTERM (then finish in-flight
+    /// jobs and exit).
+    ///
+    /// Example: lockstep worker --nats nats://127.0.0.1:4222 --backend auto --name gpu-box-1
+    Worker(WorkerArgs),
+    /// Dispatch a batch of jobs (JSON Lines, see docs/PROTOCOL.md) to R distinct
+    /// workers each, verify that their digests agree, resolve disputes, and
+    /// write report.json and the outputs. Exits non-zero if any job is left
+    /// failed or unresolved. Running the same batch again resumes it.
+    ///
+    /// Example: lockstep submit --nats nats://127.0.0.1:4222 --redundancy 2 jobs.jsonl
+    Submit(SubmitArgs),
+    /// The whole system on this machine: a local nats-server, three workers
+    /// (CPU, and WGSL where present), a batch of matmul jobs with r = 2, and
+    /// the verdicts.
+    Demo {
+        /// Use this NATS server instead of starting one.
+        #[arg(long, env = "LOCKSTEP_NATS")]
+        nats: Option<String>,
+        /// Number of jobs in the demo batch.
+        #[arg(long, default_value_t = 12)]
+        jobs: usize,
+        /// Skip NATS: run one matmul on every backend here and compare digests.
+        #[arg(long)]
+        local: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// NATS server URL.
+    #[arg(long, env = "LOCKSTEP_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// auto (fastest backend that passes the self-test), cpu, wgpu or cuda.
+    #[arg(long, env = "LOCKSTEP_BACKEND", default_value = "auto")]
+    backend: crate::worker::BackendChoice,
+    /// Unique worker name (A-Z a-z 0-9 _ -); default: host name and pid.
+    /// Restarting with the same name picks up jobs left unacked.
+    #[arg(long, env = "LOCKSTEP_WORKER_NAME")]
+    name: Option<String>,
+    /// Jobs computed at once.
+    #[arg(long, env = "LOCKSTEP_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// CPU threads of the CPU backend (0 = all cores).
+    #[arg(long, env = "LOCKSTEP_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// Largest tensor a job may name, in elements.
+    #[arg(long, env = "LOCKSTEP_MAX_ELEMENTS", default_value_t = 1 << 26)]
+    max_elements: usize,
+    /// Largest matmul a job may ask for, in multiply-adds (M·K·N).
+    #[arg(long, default_value_t = 1 << 36)]
+    max_macs: u64,
+    /// Folder for cached input blobs (default: a temporary folder).
+    #[arg(long, env = "LOCKSTEP_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// TEST ONLY: corrupt one output bit of every job whose id hashes into 1
+    /// of N buckets, to prove that coordinators catch it.
+    #[arg(long, env = "LOCKSTEP_FAULT_INJECT_EVERY", hide = true)]
+    fault_inject_every: Option<u64>,
+    /// TEST ONLY: sleep this many milliseconds before computing each job.
+    #[arg(long, env = "LOCKSTEP_TEST_DELAY_MS", hide = true, default_value_t = 0)]
+    test_delay_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// The batch: JSON Lines, one job per line.
+    batch: PathBuf,
+    #[arg(long, env = "LOCKSTEP_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Distinct workers per job.
+    #[arg(long, short, default_value_t = 2)]
+    redundancy: u32,
+    /// Output folder for report.json and outputs/ (default: lockstep-out/<batch id>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Batch id (default: derived from the batch's content).
+    #[arg(long)]
+    batch_id: Option<String>,
+    /// Seconds without a heartbeat before a worker is considered dead.
+    #[arg(long, default_value_t = 5.0)]
+    worker_timeout: f64,
+    /// Seconds before an unanswered replica is given to another worker.
+    #[arg(long, default_value_t = 300.0)]
+    job_timeout: f64,
+    /// Give up after this many seconds, leaving undecided jobs unresolved.
+    #[arg(long)]
+    deadline: Option<f64>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// GFLOP/s of lockstep's matmul against faer/matrixmultiply (CPU), the CPU
+    /// backend (WGSL) or cuBLAS SGEMM (CUDA), timed interleaved in one run.
+    ///
+    /// Example: lockstep bench matmul --backend cpu --m 1024 --n 1024 --k 1024 --threads 2 --json
+    Matmul {
+        #[arg(long, default_value = "cpu")]
+        backend: BackendKind,
+        #[arg(long, default_value_t = 1024)]
+        m: usize,
+        #[arg(long, default_value_t = 1024)]
+        n: usize,
+        #[arg(long, default_value_t = 1024)]
+        k: usize,
+        /// CPU threads for lockstep and the baselines (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed repetitions of each side (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verified jobs per second and latency of tiny r = 2 jobs on three local
+    /// workers, next to raw JetStream publish-and-ack round trips measured in
+    /// the same run.
+    Dispatch {
+        /// Use this NATS server instead of starting one.
+        #[arg(long, env = "LOCKSTEP_NATS")]
+        nats: Option<String>,
+        /// Jobs (and raw messages) to send.
+        #[arg(long, default_value_t = 500)]
+        jobs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line, runs the command, and returns the exit code.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Backends { json } => backends(json),
+        Command::Matmul {
+            backend,
+            input,
+            output,
+            threads,
+        } => matmul(backend, &input, &output, threads),
+        Command::Bench(BenchCommand::Matmul {
+            backend,
+            m,
+            n,
+            k,
+            threads,
+            reps,
+            json,
+        }) => {
+            if backend == BackendKind::Cpu && threads > 0 {
+                // matrixmultiply reads its thread count once, at first use.
+                std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+            }
+            let r = bench::bench_matmul(backend, MatmulDims::new(m, k, n), threads, reps)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {} — {m}x{k} · {k}x{n}, {} threads, median of {} runs",
+                    r.backend, r.device, r.threads, r.reps
+                );
+                println!("  {:<16} {:>9.1} GFLOP/s", "lockstep", r.lockstep_gflops);
+                for (name, g) in &r.baselines {
+                    println!("  {name:<16} {g:>9.1} GFLOP/s");
+                }
+                println!("  ratio lockstep / {} = {:.3}", r.baseline, r.ratio);
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Dispatch { nats, jobs, json }) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let r = rt.block_on(bench::bench_dispatch(nats, jobs))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "dispatch: {} tiny matmul jobs, r = 2, 3 local CPU workers",
+                    r.jobs
+                );
+                println!(
+                    "  lockstep verified jobs/s   {:>9.1}   latency p50 {:.2} ms  p99 {:.2} ms",
+                    r.verified_per_s, r.p50_ms, r.p99_ms
+                );
+                println!(
+                    "  raw JetStream round trips/s {:>8.1}   latency p50 {:.2} ms  p99 {:.2} ms",
+                    r.raw_per_s, r.raw_p50_ms, r.raw_p99_ms
+                );
+                println!(
+                    "  ratio {:.3}   p50 overhead per job {:.2} ms",
+                    r.ratio, r.p50_overhead_ms
+                );
+            }
+            Ok(())
+        }
+        Command::Worker(args) => run_worker(args),
+        Command::Submit(args) => run_submit(args),
+        Command::Demo { local: true, .. } => demo_local(256),
+        Command::Demo { nats, jobs, .. } => crate::demo::run(nats, jobs),
+    }
+}
+
+fn open(kind: BackendKind, threads: usize) -> Result<Box<dyn lockstep_kernels::Backend>> {
+    Ok(match kind {
+        BackendKind::Cpu => Box::new(lockstep_kernels::cpu::CpuBackend::new(threads)?),
+        other => lockstep_kernels::open(other)
+            .with_context(|| format!("backend {other} is not usable here"))?,
+    })
+}
+
+fn backends(json: bool) -> Result<()> {
+    let mut all = Vec::new();
+    for (kind, r) in lockstep_kernels::detect_all() {
+        match r {
+            Ok(b) => {
+                let info = b.info();
+                if !json {
+                    println!("{kind}: {}\n  path: {}", info.device, info.path);
+                    for f in &info.findings {
+                        println!("  {f}");
+                    }
+                }
+                all.push(serde_json::json!({"backend": kind, "present": true, "info": info}));
+            }
+            Err(e) => {
+                if !json {
+                    println!("{kind}: absent ({e})");
+                }
+                all.push(
+                    serde_json::json!({"backend": kind, "present": false, "reason": e.to_string()}),
+                );
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"contract_version": CONTRACT_VERSION, "backends": all})
+        );
+    } else {
+        println!("contract version {CONTRACT_VERSION}");
+    }
+    Ok(())
+}
+
+fn matmul(
+    kind: BackendKind,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    threads: usize,
+) -> Result<()> {
+    let (a, b, dims) = tensors::read_operands(input)?;
+    let backend = open(kind, threads)?;
+    let t = std::time::Instant::now();
+    let c = backend.matmul(&a.data, &b.data, dims)?;
+    let secs = t.elapsed().as_secs_f64();
+    tensors::write_f32(output, &[("c", &[dims.m, dims.n], &c)])?;
+    let info = backend.info();
+    println!("backend: {kind} ({}, {})", info.device, info.path);
+    println!(
+        "c: [{}, {}] in {:.3} s ({:.1} GFLOP/s), contract v{CONTRACT_VERSION}",
+        dims.m,
+        dims.n,
+        secs,
+        dims.flops() / secs / 1e9
+    );
+    println!("{}", tensor_digest_f32(&[dims.m, dims.n], &c));
+    Ok(())
+}
+
+fn demo_local(size: usize) -> Result<()> {
+    let dims = MatmulDims::new(size, size + 44, size.saturating_sub(56).max(1));
+    println!(
+        "lockstep demo: C = A·B with A {}x{}, B {}x{}, random values, contract v{CONTRACT_VERSION}",
+        dims.m, dims.k, dims.k, dims.n
+    );
+    let a = bench::random_matrix(dims.m * dims.k, 11);
+    let b = bench::random_matrix(dims.k * dims.n, 12);
+    let spec = lockstep_kernels::matmul_spec(&a, &b, dims);
+    let want = tensor_digest_f32(&[dims.m, dims.n], &spec);
+    println!("{:<6} {:<60} digest of C", "who", "device / path");
+    println!(
+        "{:<6} {:<60} {}",
+        "spec", "scalar reference (the contract, executable)", want
+    );
+    let mut agree = 0;
+    let mut ran = 0;
+    for (kind, r) in lockstep_kernels::detect_all() {
+        match r {
+            Ok(backend) => {
+                let info = backend.info();
+                let c = backend.matmul(&a, &b, dims)?;
+                let d = tensor_digest_f32(&[dims.m, dims.n], &c);
+                ran += 1;
+                agree += (d == want) as usize;
+                let mark = if d == want { "✓" } else { "✗ DIFFERS" };
+                println!(
+                    "{:<6} {:<60} {d} {mark}",
+                    kind.name(),
+                    format!("{} [{}]", truncate(&info.device, 40), info.path)
+                );
+            }
+            Err(e) => println!("{:<6} absent: {e}", kind.name()),
+        }
+    }
+    println!("{agree} of {ran} backends agree with the spec bit for bit");
+    anyhow::ensure!(agree == ran, "a backend disagrees with the contract");
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received: draining");
+}
+
+fn run_worker(args: WorkerArgs) -> Result<()> {
+    let mut o = crate::worker::WorkerOptions::new(
+        &args.nats,
+        &args.name.unwrap_or_else(crate::worker::default_name),
+    );
+    o.backend = args.backend;
+    o.concurrency = args.concurrency.max(1);
+    o.threads = args.threads;
+    o.max_elements = args.max_elements;
+    o.max_macs = args.max_macs;
+    o.cache_dir = args.cache_dir;
+    o.heartbeat = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
+    o.fault = args
+        .fault_inject_every
+        .map(|every| crate::worker::FaultInjection { every });
+    o.test_delay = std::time::Duration::from_millis(args.test_delay_ms);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(crate::worker::run(o, shutdown_signal()))
+}
+
+fn run_submit(args: SubmitArgs) -> Result<()> {
+    use std::time::Duration;
+    let jobs = crate::batch::parse_batch(&args.batch)?;
+    let batch_id = args
+        .batch_id
+        .clone()
+        .unwrap_or_else(|| crate::coordinator::batch_id_for(&jobs));
+    let opts = crate::coordinator::SubmitOptions {
+        redundancy: args.redundancy,
+        batch_id: Some(batch_id.clone()),
+        out_dir: Some(
+            args.out
+                .unwrap_or_else(|| PathBuf::from("lockstep-out").join(&batch_id)),
+        ),
+        worker_timeout: Duration::from_secs_f64(args.worker_timeout),
+        job_timeout: Duration::from_secs_f64(args.job_timeout),
+        deadline: args.deadline.map(Duration::from_secs_f64),
+        progress: !args.quiet,
+        threads: 0,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(async {
+        let nats = crate::nats::connect(&args.nats).await?;
+        crate::coordinator::submit(&nats, jobs, &opts).await
+    })?;
+    crate::demo::print_report(&report);
+    println!(
+        "report: {}",
+        opts.out_dir.as_ref().unwrap().join("report.json").display()
+    );
+    anyhow::ensure!(
+        report.all_accepted(),
+        "{} job(s) failed and {} unresolved",
+        report.failed,
+        report.unresolved
+    );
+    Ok(())
+}
