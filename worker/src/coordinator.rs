@@ -197,18 +197,17 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         let Some(rest) = k.strip_prefix(&prefix) else {
             continue;
         };
-        let Some((job, replica)) = rest.rsplit_once('.') else {
+        let Some(js) = state.get_mut(rest) else {
             continue;
         };
-        let (Some(js), Ok(replica)) = (state.get_mut(job), replica.parse::<usize>()) else {
-            continue;
-        };
-        if replica < r {
-            if let Ok(Some(v)) = nats.assign.get(&k).await {
-                if let Ok(a) = serde_json::from_slice::<Assignment>(&v) {
-                    js.excluded.extend(a.abandoned.iter().cloned());
-                    js.assignments[replica] = Some(a);
-                    restored += 1;
+        if let Ok(Some(v)) = nats.assign.get(&k).await {
+            if let Ok(plan) = serde_json::from_slice::<Vec<Option<Assignment>>>(&v) {
+                for (replica, a) in plan.into_iter().enumerate().take(r) {
+                    if let Some(a) = a {
+                        js.excluded.extend(a.abandoned.iter().cloned());
+                        js.assignments[replica] = Some(a);
+                        restored += 1;
+                    }
                 }
             }
         }
@@ -506,34 +505,53 @@ async fn schedule(
             assigned += 1;
         }
     }
-    // Durable plan first, then the message; many replicas in flight at once.
-    // A replica whose plan or message did not reach the server is rolled back
-    // and dispatched again at the next tick.
-    let outcomes: Vec<(String, usize, Result<()>)> = futures::stream::iter(to_send)
-        .map(|(id, replica, redundancy, spec, a)| async move {
+    // Durable plan first (one KV write per job, holding all its replicas),
+    // then the messages; many jobs in flight at once. A job whose plan or
+    // messages did not reach the server has its new replicas rolled back and
+    // dispatched again at the next tick.
+    let mut per_job: BTreeMap<
+        String,
+        (
+            Vec<Option<Assignment>>,
+            Vec<(usize, u32, JobSpec, Assignment)>,
+        ),
+    > = BTreeMap::new();
+    for (id, replica, redundancy, spec, a) in to_send {
+        let plan = state[&id].assignments.clone();
+        per_job
+            .entry(id)
+            .or_insert_with(|| (plan, Vec::new()))
+            .1
+            .push((replica, redundancy, spec, a));
+    }
+    let outcomes: Vec<(String, Vec<usize>, Result<()>)> = futures::stream::iter(per_job)
+        .map(|(id, (plan, sends))| async move {
+            let replicas: Vec<usize> = sends.iter().map(|s| s.0).collect();
             let r = async {
                 nats.assign
-                    .put(
-                        format!("{batch}.{id}.{replica}"),
-                        serde_json::to_vec(&a)?.into(),
-                    )
+                    .put(format!("{batch}.{id}"), serde_json::to_vec(&plan)?.into())
                     .await
                     .context("cannot record an assignment")?;
-                publish_job(nats, batch, &id, replica as u32, redundancy, &spec, &a).await
+                for (replica, redundancy, spec, a) in &sends {
+                    publish_job(nats, batch, &id, *replica as u32, *redundancy, spec, a).await?;
+                }
+                Ok(())
             }
             .await;
-            (id, replica, r)
+            (id, replicas, r)
         })
         .buffer_unordered(64)
         .collect()
         .await;
     let mut first_err = None;
-    for (id, replica, r) in outcomes {
+    for (id, replicas, r) in outcomes {
         if let Err(e) = r {
             if let Some(js) = state.get_mut(&id) {
-                js.assignments[replica] = None;
+                for replica in &replicas {
+                    js.assignments[*replica] = None;
+                }
             }
-            assigned -= 1;
+            assigned -= replicas.len();
             first_err.get_or_insert(e);
         }
     }

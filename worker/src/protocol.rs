@@ -19,7 +19,7 @@ pub const RESULT_SUBJECT_PREFIX: &str = "lockstep.result";
 pub const UNROUTABLE_RESULT_SUBJECT: &str = "lockstep.result._unroutable";
 /// KV: worker id → [`WorkerRecord`] (registry and heartbeats).
 pub const WORKERS_BUCKET: &str = "lockstep_workers";
-/// KV: `<batch>.<job>.<replica>` → [`Assignment`] (the coordinator's durable plan).
+/// KV: `<batch>.<job>` → `[Assignment or null; redundancy]` (the coordinator's durable plan).
 pub const ASSIGN_BUCKET: &str = "lockstep_assign";
 /// KV: `<worker>.<batch>.<job>` → [`FaultRecord`] (workers caught computing wrong bits).
 pub const FAULTS_BUCKET: &str = "lockstep_faults";
