@@ -26,6 +26,24 @@ pub enum Target {
     Cuda,
 }
 
+/// `Some(value)`, or `None` after saying why when the device is absent; any
+/// other failure is a test failure.
+pub fn present<T>(what: impl std::fmt::Debug, r: lockstep_kernels::Result<T>) -> Option<T> {
+    match r {
+        Ok(b) => Some(b),
+        Err(e) if e.kind == ErrorKind::Unavailable => {
+            eprintln!("SKIPPED {what:?}: {e}");
+            None
+        }
+        Err(e) => panic!("{what:?} failed to open: {e}"),
+    }
+}
+
+/// A WGSL backend with the given options, or `None` where there is no device.
+pub fn open_wgpu(options: WgpuOptions) -> Option<WgpuBackend> {
+    present(&options, WgpuBackend::new(options.clone()))
+}
+
 /// Opens the target, or returns `None` (after saying why) when this machine
 /// lacks it. Any other failure is a test failure.
 pub fn open(target: Target) -> Option<Box<dyn Backend>> {
@@ -41,14 +59,7 @@ pub fn open(target: Target) -> Option<Box<dyn Backend>> {
         .map(|b| Box::new(b) as _),
         Target::Cuda => lockstep_kernels::cuda::CudaBackend::new(0).map(|b| Box::new(b) as _),
     };
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if e.kind == ErrorKind::Unavailable => {
-            eprintln!("SKIPPED {target:?}: {e}");
-            None
-        }
-        Err(e) => panic!("{target:?} failed to open: {e}"),
-    }
+    present(target, r)
 }
 
 /// Stamps out `mod $target { #[test] fn $test() }` for each test body and

@@ -4,20 +4,13 @@
 
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions};
 use lockstep_kernels::{matmul_spec, Backend, ErrorKind, MatmulDims};
-use lockstep_tests::{assert_bits_eq, random_values, rng, Values};
+use lockstep_tests::{assert_bits_eq, open_wgpu, random_values, rng, Values};
 
 fn backend(limit: u64) -> Option<WgpuBackend> {
-    match WgpuBackend::new(WgpuOptions {
+    open_wgpu(WgpuOptions {
         max_binding_bytes: Some(limit),
         ..Default::default()
-    }) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind == ErrorKind::Unavailable => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    })
 }
 
 #[test]

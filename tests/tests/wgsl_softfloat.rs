@@ -3,20 +3,13 @@
 //! edge-case triples: subnormal results, overflow, ties, exact cancellation.
 
 use lockstep_kernels::wgpu::{expected_arith, WgpuBackend, WgpuOptions, WgpuPath};
-use lockstep_kernels::ErrorKind;
+use lockstep_tests::open_wgpu;
 
 fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new(WgpuOptions {
+    open_wgpu(WgpuOptions {
         force_path: Some(WgpuPath::Exact),
         ..Default::default()
-    }) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind == ErrorKind::Unavailable => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    })
 }
 
 struct XorShift(u64);

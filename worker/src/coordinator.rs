@@ -145,6 +145,11 @@ pub fn batch_id_for(jobs: &[BatchJob]) -> String {
     format!("b-{}", &hex::encode(h.finalize())[..16])
 }
 
+/// A job's assignments, one per replica: what `lockstep_assign` stores.
+type Plan = Vec<Option<Assignment>>;
+/// A replica to publish: (replica, redundancy, what to compute, to whom).
+type NewReplica = (usize, u32, JobSpec, Assignment);
+
 struct JobState {
     spec: JobSpec,
     /// Per replica: who computes it now.
@@ -509,13 +514,7 @@ async fn schedule(
     // then the messages; many jobs in flight at once. A job whose plan or
     // messages did not reach the server has its new replicas rolled back and
     // dispatched again at the next tick.
-    let mut per_job: BTreeMap<
-        String,
-        (
-            Vec<Option<Assignment>>,
-            Vec<(usize, u32, JobSpec, Assignment)>,
-        ),
-    > = BTreeMap::new();
+    let mut per_job: BTreeMap<String, (Plan, Vec<NewReplica>)> = BTreeMap::new();
     for (id, replica, redundancy, spec, a) in to_send {
         let plan = state[&id].assignments.clone();
         per_job
