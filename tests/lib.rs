@@ -227,6 +227,10 @@ impl Procs {
             ])
             .envs(env.iter().copied())
             .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .env(
+                "XDG_CACHE_HOME",
+                std::env::temp_dir().join("lockstep-test-cache"),
+            )
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -255,8 +259,49 @@ impl Procs {
     }
 }
 
+impl Procs {
+    /// SIGTERM: the worker drains and exits by itself.
+    pub fn terminate(&mut self, name: &str) {
+        let (_, c) = self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("worker name");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `timeout` for a worker to exit; its status if it did.
+    pub fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let (_, c) = self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("worker name");
+        let t = std::time::Instant::now();
+        while t.elapsed() < timeout {
+            if let Some(s) = c.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
 impl Drop for Procs {
     fn drop(&mut self) {
+        let names: Vec<String> = self.0.iter().map(|(n, _)| n.clone()).collect();
+        for n in &names {
+            self.terminate(n);
+        }
+        for n in &names {
+            self.wait_exit(n, std::time::Duration::from_secs(3));
+        }
         for (_, c) in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();

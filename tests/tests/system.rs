@@ -459,3 +459,36 @@ fn submit_rejects_a_bad_batch_file_clearly() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("line 2") && !err.contains("panicked"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_work_and_exits_cleanly() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(
+        &server.url(),
+        "drainer",
+        "cpu",
+        &[("LOCKSTEP_TEST_DELAY_MS", "1500")],
+    );
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["drainer"]).await;
+    let mut o = opts("drain");
+    o.redundancy = 1;
+    let task = {
+        let nats = nats.clone();
+        tokio::spawn(async move { submit(&nats, small_jobs(1, 6), &o).await })
+    };
+    // The job is in flight (1.5 s); ask the worker to stop.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    procs.terminate("drainer");
+    let status =
+        tokio::task::block_in_place(|| procs.wait_exit("drainer", Duration::from_secs(30)));
+    assert!(status.expect("the worker exits after draining").success());
+    // The in-flight job's result was published before the exit.
+    let report = task.await.unwrap().unwrap();
+    assert_eq!(report.verified, 1, "{report:#?}");
+    let rec: WorkerRecord =
+        serde_json::from_slice(&nats.workers.get("drainer").await.unwrap().unwrap()).unwrap();
+    assert_eq!(rec.state, WorkerState::Stopped);
+    assert_eq!(rec.jobs_done, 1);
+}

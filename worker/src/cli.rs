@@ -103,7 +103,7 @@ struct WorkerArgs {
     /// Largest matmul a job may ask for, in multiply-adds (M·K·N).
     #[arg(long, default_value_t = 1 << 36)]
     max_macs: u64,
-    /// Folder for cached input blobs (default: a temporary folder).
+    /// Folder for cached input blobs (default: $XDG_CACHE_HOME/lockstep/blobs).
     #[arg(long, env = "LOCKSTEP_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Heartbeat interval in milliseconds.

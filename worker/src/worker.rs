@@ -79,7 +79,7 @@ pub struct WorkerOptions {
     pub max_macs: u64,
     /// CPU threads for the CPU backend (0 = all cores).
     pub threads: usize,
-    /// Where downloaded blobs are cached (None: a temporary folder).
+    /// Where downloaded blobs are cached (None: [`default_cache_dir`]).
     pub cache_dir: Option<PathBuf>,
     pub fault: Option<FaultInjection>,
     /// Test only: sleep this long before each computation (to make jobs long).
@@ -102,6 +102,17 @@ impl WorkerOptions {
             test_delay: Duration::ZERO,
         }
     }
+}
+
+/// `$XDG_CACHE_HOME/lockstep/blobs`, else `~/.cache/lockstep/blobs`, else a
+/// folder in the temporary directory. Blobs are named by digest and verified
+/// on every read, so workers on one machine can share it.
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("lockstep").join("blobs")
 }
 
 /// Default worker name: host name and process id.
@@ -228,16 +239,7 @@ pub async fn run(
         tokio::task::spawn_blocking(move || open_backend(choice, threads)).await??;
     let info = backend.info();
     let nats = connect(&opts.nats_url).await?;
-    let tmp_cache;
-    let cache = match &opts.cache_dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp_cache = tempfile::Builder::new()
-                .prefix("lockstep-cache-")
-                .tempdir()?;
-            tmp_cache.path().to_path_buf()
-        }
-    };
+    let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("cannot create cache dir {}", cache.display()))?;
     let ctx = Arc::new(Ctx {
@@ -251,30 +253,10 @@ pub async fn run(
     });
 
     let started = now_ms();
-    let record = |state: WorkerState, ctx: &Ctx| WorkerRecord {
-        protocol: PROTOCOL_VERSION,
-        id: ctx.opts.name.clone(),
-        backends: infos.clone(),
-        contract_version: CONTRACT_VERSION,
-        concurrency: ctx.opts.concurrency,
-        started_ms: started,
-        heartbeat_ms: now_ms(),
-        state,
-        jobs_done: ctx.done.load(Ordering::Relaxed),
-        jobs_failed: ctx.failed.load(Ordering::Relaxed),
+    let put_record = {
+        let (ctx, infos) = (ctx.clone(), infos.clone());
+        move |state: WorkerState| publish_record(ctx.clone(), infos.clone(), started, state)
     };
-    let put_record = |rec: WorkerRecord| {
-        let kv = nats.workers.clone();
-        async move {
-            if let Err(e) = kv
-                .put(&rec.id, serde_json::to_vec(&rec).unwrap().into())
-                .await
-            {
-                tracing::warn!("heartbeat failed: {e}");
-            }
-        }
-    };
-
     let consumer = nats
         .jobs
         .get_or_create_consumer(
@@ -290,17 +272,33 @@ pub async fn run(
         )
         .await
         .context("cannot create this worker's consumer")?;
-    put_record(record(WorkerState::Up, &ctx)).await;
+    put_record(WorkerState::Up).await;
+    // Heartbeats run on their own task, so a worker waiting for jobs (or busy
+    // with a long one) still shows it is alive.
+    let (state_tx, mut state_rx) = tokio::sync::watch::channel(WorkerState::Up);
+    let beat = {
+        let put = put_record.clone();
+        let period = opts.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = state_rx.changed() => if changed.is_err() { break },
+                }
+                let state = *state_rx.borrow();
+                put(state).await;
+            }
+        })
+    };
     tracing::info!(worker = %opts.name, backend = %ctx.info.kind, device = %ctx.info.device, "worker up");
 
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut messages = consumer.messages().await.context("cannot pull jobs")?;
-    let mut heartbeat = tokio::time::interval(opts.heartbeat);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = heartbeat.tick() => put_record(record(WorkerState::Up, &ctx)).await,
             permit = permits.clone().acquire_owned() => {
                 let permit = permit.expect("semaphore open");
                 let msg = tokio::select! {
@@ -331,7 +329,7 @@ pub async fn run(
     // Drain: no new pulls; wait for in-flight jobs to finish and publish.
     drop(messages);
     tracing::info!("shutting down: finishing in-flight jobs");
-    put_record(record(WorkerState::Draining, &ctx)).await;
+    let _ = state_tx.send(WorkerState::Draining);
     let all = opts.concurrency.max(1) as u32;
     if tokio::time::timeout(Duration::from_secs(60), permits.acquire_many(all))
         .await
@@ -341,10 +339,37 @@ pub async fn run(
             "in-flight jobs did not finish in 60 s; they will be redelivered or reassigned"
         );
     }
-    put_record(record(WorkerState::Stopped, &ctx)).await;
+    drop(state_tx);
+    let _ = beat.await;
+    put_record(WorkerState::Stopped).await;
     ctx.nats.client.flush().await.ok();
     tracing::info!(done = ctx.done.load(Ordering::Relaxed), "worker stopped");
     Ok(())
+}
+
+/// Writes this worker's registry record (a heartbeat).
+async fn publish_record(
+    ctx: Arc<Ctx>,
+    backends: Vec<BackendInfo>,
+    started_ms: u64,
+    state: WorkerState,
+) {
+    let rec = WorkerRecord {
+        protocol: PROTOCOL_VERSION,
+        id: ctx.opts.name.clone(),
+        backends,
+        contract_version: CONTRACT_VERSION,
+        concurrency: ctx.opts.concurrency,
+        started_ms,
+        heartbeat_ms: now_ms(),
+        state,
+        jobs_done: ctx.done.load(Ordering::Relaxed),
+        jobs_failed: ctx.failed.load(Ordering::Relaxed),
+    };
+    let value = serde_json::to_vec(&rec).expect("serialisable");
+    if let Err(e) = ctx.nats.workers.put(&rec.id, value.into()).await {
+        tracing::warn!("heartbeat failed: {e}");
+    }
 }
 
 /// A job-level failure: the code and the message sent back.
@@ -677,7 +702,11 @@ async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError> {
         ));
     }
     if !cached.exists() {
-        let _ = std::fs::write(&cached, &bytes);
+        // Write then rename: a reader never sees a partial blob.
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &cached);
+        }
     }
     Ok(data)
 }
