@@ -275,6 +275,16 @@ pub struct DispatchReport {
     /// verified jobs/s over raw round trips/s.
     pub ratio: f64,
     /// Extra time per job at full throughput: 1/verified − 1/raw.
+    pub throughput_overhead_ms: f64,
+    /// One job at a time (a one-job batch with r = 2): median latency from
+    /// dispatch to verdict.
+    pub single_p50_ms: f64,
+    /// The same, end to end: the coordinator's per-batch set-up included
+    /// (results consumer, registry and plan reads).
+    pub single_e2e_p50_ms: f64,
+    /// One raw round trip at a time: median latency.
+    pub raw_single_p50_ms: f64,
+    /// single_p50_ms − raw_single_p50_ms: what lockstep adds to one job.
     pub p50_overhead_ms: f64,
 }
 
@@ -347,6 +357,30 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
         .collect::<Result<Vec<_>>>()?;
     let mut raw_lat = receiver.await??;
     let raw_secs = start.elapsed().as_secs_f64();
+    // One raw round trip at a time (a work queue allows one unfiltered consumer).
+    raw_stream.delete_consumer("raw").await?;
+    let single = raw_stream
+        .get_or_create_consumer(
+            "raw1",
+            pull::Config {
+                durable_name: Some("raw1".into()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut single_msgs = single.messages().await?;
+    let mut raw_single = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        nats.js
+            .publish("lockstep_bench.raw", vec![0u8; 8].into())
+            .await?
+            .await?;
+        let m = single_msgs.next().await.context("raw stream ended")??;
+        m.double_ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        raw_single.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(single_msgs);
     nats.js.delete_stream("LOCKSTEP_BENCH_RAW").await.ok();
 
     // lockstep: three in-process CPU workers, n tiny jobs with r = 2.
@@ -397,6 +431,35 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
         ..Default::default()
     };
     let report = crate::coordinator::submit(&nats, jobs, &opts).await?;
+    // One job at a time, end to end.
+    let mut single_lat = Vec::new();
+    let mut single_e2e = Vec::new();
+    for i in 0..20 {
+        let job = crate::batch::BatchJob {
+            id: format!("s{i}"),
+            a: crate::batch::Tensor::Data {
+                shape: vec![2, 2],
+                data: vec![i as f32, 1.0, 2.0, 3.0],
+            },
+            b: crate::batch::Tensor::Data {
+                shape: vec![2, 2],
+                data: vec![1.0, 0.5, 0.25, 2.0],
+            },
+        };
+        let o = crate::coordinator::SubmitOptions {
+            batch_id: Some(format!(
+                "bench1-{}-{}-{i}",
+                std::process::id(),
+                crate::protocol::now_ms()
+            )),
+            ..opts.clone()
+        };
+        let t = Instant::now();
+        let r = crate::coordinator::submit(&nats, vec![job], &o).await?;
+        anyhow::ensure!(r.verified == 1, "a single job was not verified");
+        single_e2e.push(t.elapsed().as_secs_f64() * 1e3);
+        single_lat.push(r.jobs[0].latency_ms);
+    }
     let _ = stop_tx.send(());
     for h in handles {
         h.await??;
@@ -418,6 +481,10 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
         raw_p50_ms: percentile(&mut raw_lat, 0.5),
         raw_p99_ms: percentile(&mut raw_lat, 0.99),
         ratio: verified_per_s / raw_per_s,
-        p50_overhead_ms: (1.0 / verified_per_s - 1.0 / raw_per_s) * 1e3,
+        throughput_overhead_ms: (1.0 / verified_per_s - 1.0 / raw_per_s) * 1e3,
+        single_p50_ms: percentile(&mut single_lat.clone(), 0.5),
+        single_e2e_p50_ms: percentile(&mut single_e2e, 0.5),
+        raw_single_p50_ms: percentile(&mut raw_single.clone(), 0.5),
+        p50_overhead_ms: percentile(&mut single_lat, 0.5) - percentile(&mut raw_single, 0.5),
     })
 }

@@ -262,8 +262,12 @@ fn run(cli: Cli) -> Result<()> {
                     r.raw_per_s, r.raw_p50_ms, r.raw_p99_ms
                 );
                 println!(
-                    "  ratio {:.3}   p50 overhead per job {:.2} ms",
-                    r.ratio, r.p50_overhead_ms
+                    "  ratio {:.3}   (extra time per job at full throughput {:.3} ms)",
+                    r.ratio, r.throughput_overhead_ms
+                );
+                println!(
+                    "  one job at a time: p50 {:.2} ms dispatch to verdict vs {:.2} ms per raw round trip: p50 overhead per job {:.2} ms\n  (a one-job batch end to end, with the coordinator's set-up: p50 {:.2} ms)",
+                    r.single_p50_ms, r.raw_single_p50_ms, r.p50_overhead_ms, r.single_e2e_p50_ms
                 );
             }
             Ok(())

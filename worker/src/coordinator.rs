@@ -145,10 +145,10 @@ pub fn batch_id_for(jobs: &[BatchJob]) -> String {
     format!("b-{}", &hex::encode(h.finalize())[..16])
 }
 
-/// A job's assignments, one per replica: what `lockstep_assign` stores.
-type Plan = Vec<Option<Assignment>>;
-/// A replica to publish: (replica, redundancy, what to compute, to whom).
-type NewReplica = (usize, u32, JobSpec, Assignment);
+/// A replica of a job: (job id, replica index).
+type ReplicaKey = (String, usize);
+/// A replica to publish: (job, replica, redundancy, what to compute, to whom).
+type NewReplica = (String, usize, u32, JobSpec, Assignment);
 
 struct JobState {
     spec: JobSpec,
@@ -193,49 +193,89 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         );
     }
 
-    // Resume: the durable plan of an earlier run of this batch.
-    let mut keys = nats.assign.keys().await.context("reading assignments")?;
+    // Resume: the durable plan of an earlier run of this batch. Each key is
+    // one bundle; for a replica, the entry with the highest attempt wins.
+    // Only this batch's keys are listed (from the bucket's stream info), so a
+    // new batch costs no scan of older batches' plans.
+    let kv_stream = format!("KV_{ASSIGN_BUCKET}");
+    let kv_prefix = format!("$KV.{ASSIGN_BUCKET}.");
+    let mut subjects = nats
+        .js
+        .get_stream(&kv_stream)
+        .await
+        .context("reading assignments")?
+        .info_with_subjects(format!("{kv_prefix}{batch}.>"))
+        .await
+        .context("reading assignments")?;
     let prefix = format!("{batch}.");
+    let mut bundles: Vec<(String, Vec<PlanEntry>)> = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.context("reading assignments")?;
+        let Some(k) = subject.strip_prefix(&kv_prefix) else {
+            continue;
+        };
+        let Some(bundle_id) = k.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Ok(Some(v)) = nats.assign.get(k).await {
+            if let Ok(entries) = serde_json::from_slice::<Vec<PlanEntry>>(&v) {
+                bundles.push((bundle_id.to_string(), entries));
+            }
+        }
+    }
     let mut restored = 0;
-    while let Some(k) = keys.next().await {
-        let Ok(k) = k else { continue };
-        let Some(rest) = k.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Some(js) = state.get_mut(rest) else {
-            continue;
-        };
-        if let Ok(Some(v)) = nats.assign.get(&k).await {
-            if let Ok(plan) = serde_json::from_slice::<Vec<Option<Assignment>>>(&v) {
-                for (replica, a) in plan.into_iter().enumerate().take(r) {
-                    if let Some(a) = a {
-                        js.excluded.extend(a.abandoned.iter().cloned());
-                        js.assignments[replica] = Some(a);
-                        restored += 1;
-                    }
-                }
+    for (_, entries) in &bundles {
+        for e in entries {
+            let Some(js) = state.get_mut(&e.job) else {
+                continue;
+            };
+            let Some(slot) = js.assignments.get_mut(e.replica as usize) else {
+                continue;
+            };
+            js.excluded.extend(e.assignment.abandoned.iter().cloned());
+            if slot
+                .as_ref()
+                .is_none_or(|a| a.attempt < e.assignment.attempt)
+            {
+                *slot = Some(e.assignment.clone());
+                restored += 1;
             }
         }
     }
     if restored > 0 {
         tracing::info!(restored, "resuming an earlier run of this batch");
-        // Re-publish outstanding replicas: the stream deduplicates by message
-        // id, and workers' results are deduplicated here.
-        for (id, js) in state.iter_mut() {
-            for (replica, a) in js.assignments.iter().enumerate() {
-                if let Some(a) = a {
-                    publish_job(
-                        nats,
+        // Re-publish each recorded bundle under its original message id (the
+        // stream drops it if it was already stored), holding only the entries
+        // that are still current.
+        for (bundle_id, entries) in &bundles {
+            let current: Vec<JobMessage> = entries
+                .iter()
+                .filter(|e| {
+                    state
+                        .get(&e.job)
+                        .and_then(|js| js.assignments.get(e.replica as usize))
+                        .and_then(|a| a.as_ref())
+                        .is_some_and(|a| {
+                            a.attempt == e.assignment.attempt && a.worker == e.assignment.worker
+                        })
+                })
+                .map(|e| {
+                    job_message(
                         &batch,
-                        id,
-                        replica as u32,
+                        &e.job,
+                        e.replica,
                         opts.redundancy,
-                        &js.spec,
-                        a,
+                        &state[&e.job].spec,
+                        &e.assignment,
                     )
-                    .await?;
-                }
+                })
+                .collect();
+            if let Some(first) = current.first() {
+                let worker = first.worker.clone();
+                publish_bundle(nats, &batch, bundle_id, &worker, current).await?;
             }
+        }
+        for js in state.values_mut() {
             js.dispatched = Some(Instant::now());
         }
     }
@@ -279,26 +319,32 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                         continue;
                     }
                 };
-                let Ok(res) = serde_json::from_slice::<ResultMessage>(&m.payload) else {
+                let answers: Vec<ResultMessage> = if let Ok(b) = serde_json::from_slice::<ResultBundle>(&m.payload) {
+                    b.results
+                } else if let Ok(r) = serde_json::from_slice::<ResultMessage>(&m.payload) {
+                    vec![r]
+                } else {
                     tracing::warn!("ignoring a malformed result message");
                     continue;
                 };
-                let Some(js) = state.get_mut(&res.job) else { continue };
-                if js.decided.is_some() || js.results.contains_key(&res.worker) {
-                    continue; // at most one result per job and worker
-                }
-                if let Outcome::Error { code, message } = &res.outcome {
-                    if !code.is_job_fault() {
-                        tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
-                        js.excluded.insert(res.worker.clone());
+                for res in answers {
+                    let Some(js) = state.get_mut(&res.job) else { continue };
+                    if js.decided.is_some() || js.results.contains_key(&res.worker) {
+                        continue; // at most one result per job and worker
                     }
-                }
-                js.results.insert(res.worker.clone(), res.clone());
-                let id = res.job.clone();
-                if let Some(report) = evaluate(nats, &batch, &id, js, r, &cpu, &mut faults).await? {
-                    bar.inc(1);
-                    bar.set_message(summary_line(&state));
-                    state.get_mut(&id).unwrap().decided = Some(report);
+                    if let Outcome::Error { code, message } = &res.outcome {
+                        if !code.is_job_fault() {
+                            tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
+                            js.excluded.insert(res.worker.clone());
+                        }
+                    }
+                    js.results.insert(res.worker.clone(), res.clone());
+                    let id = res.job.clone();
+                    if let Some(report) = evaluate(nats, &batch, &id, js, r, &cpu, &mut faults).await? {
+                        bar.inc(1);
+                        state.get_mut(&id).unwrap().decided = Some(report);
+                        bar.set_message(summary_line(&state));
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -510,47 +556,53 @@ async fn schedule(
             assigned += 1;
         }
     }
-    // Durable plan first (one KV write per job, holding all its replicas),
-    // then the messages; many jobs in flight at once. A job whose plan or
-    // messages did not reach the server has its new replicas rolled back and
-    // dispatched again at the next tick.
-    let mut per_job: BTreeMap<String, (Plan, Vec<NewReplica>)> = BTreeMap::new();
+    // Replicas for the same worker travel in bundles. Per bundle: the plan
+    // entries first (one KV write), then the message. A bundle that did not
+    // reach the server has its replicas rolled back and dispatched again at
+    // the next tick.
+    let mut by_worker: BTreeMap<String, Vec<NewReplica>> = BTreeMap::new();
     for (id, replica, redundancy, spec, a) in to_send {
-        let plan = state[&id].assignments.clone();
-        per_job
-            .entry(id)
-            .or_insert_with(|| (plan, Vec::new()))
-            .1
-            .push((replica, redundancy, spec, a));
+        by_worker
+            .entry(a.worker.clone())
+            .or_default()
+            .push((id, replica, redundancy, spec, a));
     }
-    let outcomes: Vec<(String, Vec<usize>, Result<()>)> = futures::stream::iter(per_job)
-        .map(|(id, (plan, sends))| async move {
-            let replicas: Vec<usize> = sends.iter().map(|s| s.0).collect();
-            let r = async {
-                nats.assign
-                    .put(format!("{batch}.{id}"), serde_json::to_vec(&plan)?.into())
-                    .await
-                    .context("cannot record an assignment")?;
-                for (replica, redundancy, spec, a) in &sends {
-                    publish_job(nats, batch, &id, *replica as u32, *redundancy, spec, a).await?;
-                }
-                Ok(())
+    let mut sends: Vec<Vec<NewReplica>> = Vec::new();
+    for (_, replicas) in by_worker {
+        let mut cur: Vec<NewReplica> = Vec::new();
+        let mut bytes = 0;
+        for nr in replicas {
+            let size = 512 + spec_bytes(&nr.3);
+            if !cur.is_empty() && (cur.len() >= BUNDLE_MAX_JOBS || bytes + size > BUNDLE_MAX_BYTES)
+            {
+                sends.push(std::mem::take(&mut cur));
+                bytes = 0;
             }
-            .await;
-            (id, replicas, r)
+            bytes += size;
+            cur.push(nr);
+        }
+        if !cur.is_empty() {
+            sends.push(cur);
+        }
+    }
+    let outcomes: Vec<(Vec<ReplicaKey>, Result<()>)> = futures::stream::iter(sends)
+        .map(|bundle| async move {
+            let keys: Vec<ReplicaKey> = bundle.iter().map(|b| (b.0.clone(), b.1)).collect();
+            let r = send_bundle(nats, batch, bundle).await;
+            (keys, r)
         })
-        .buffer_unordered(64)
+        .buffer_unordered(16)
         .collect()
         .await;
     let mut first_err = None;
-    for (id, replicas, r) in outcomes {
+    for (keys, r) in outcomes {
         if let Err(e) = r {
-            if let Some(js) = state.get_mut(&id) {
-                for replica in &replicas {
+            for (id, replica) in &keys {
+                if let Some(js) = state.get_mut(id) {
                     js.assignments[*replica] = None;
                 }
             }
-            assigned -= replicas.len();
+            assigned -= keys.len();
             first_err.get_or_insert(e);
         }
     }
@@ -560,16 +612,28 @@ async fn schedule(
     Ok(assigned)
 }
 
-async fn publish_job(
-    nats: &Nats,
+/// Largest bundle: replicas per message, and estimated bytes per message
+/// (NATS's default maximum payload is 1 MiB).
+const BUNDLE_MAX_JOBS: usize = 64;
+const BUNDLE_MAX_BYTES: usize = 512 * 1024;
+
+fn spec_bytes(spec: &JobSpec) -> usize {
+    let JobSpec::Matmul { a, b } = spec;
+    [a, b]
+        .iter()
+        .map(|t| t.inline.as_ref().map_or(128, |s| s.len()))
+        .sum()
+}
+
+fn job_message(
     batch: &str,
     job: &str,
     replica: u32,
     redundancy: u32,
     spec: &JobSpec,
     a: &Assignment,
-) -> Result<()> {
-    let msg = JobMessage {
+) -> JobMessage {
+    JobMessage {
         protocol: PROTOCOL_VERSION,
         batch: batch.into(),
         job: job.into(),
@@ -579,19 +643,67 @@ async fn publish_job(
         contract_version: CONTRACT_VERSION,
         worker: a.worker.clone(),
         spec: spec.clone(),
-    };
-    let id = format!("{batch}.{job}.{replica}.{}", a.attempt);
-    nats.js
-        .send_publish(
-            job_subject(&a.worker),
-            jetstream::message::PublishMessage::build()
-                .payload(serde_json::to_vec(&msg)?.into())
-                .message_id(id),
+    }
+}
+
+/// Records the plan of one bundle, then publishes it.
+async fn send_bundle(nats: &Nats, batch: &str, replicas: Vec<NewReplica>) -> Result<()> {
+    use sha3::Digest as _;
+    let worker = replicas[0].4.worker.clone();
+    let mut h = sha3::Sha3_256::new();
+    for (id, replica, _, _, a) in &replicas {
+        h.update(format!("{id}.{replica}.{}.{}\n", a.attempt, a.worker).as_bytes());
+    }
+    let bundle_id = hex::encode(&h.finalize()[..8]);
+    let entries: Vec<PlanEntry> = replicas
+        .iter()
+        .map(|(id, replica, _, _, a)| PlanEntry {
+            job: id.clone(),
+            replica: *replica as u32,
+            assignment: a.clone(),
+        })
+        .collect();
+    nats.assign
+        .put(
+            format!("{batch}.{bundle_id}"),
+            serde_json::to_vec(&entries)?.into(),
         )
         .await
-        .context("cannot publish a job")?
+        .context("cannot record an assignment")?;
+    let jobs = replicas
+        .iter()
+        .map(|(id, replica, redundancy, spec, a)| {
+            job_message(batch, id, *replica as u32, *redundancy, spec, a)
+        })
+        .collect();
+    publish_bundle(nats, batch, &bundle_id, &worker, jobs).await
+}
+
+async fn publish_bundle(
+    nats: &Nats,
+    batch: &str,
+    bundle_id: &str,
+    worker: &str,
+    jobs: Vec<JobMessage>,
+) -> Result<()> {
+    let bundle = JobBundle {
+        protocol: PROTOCOL_VERSION,
+        batch: batch.into(),
+        id: bundle_id.into(),
+        worker: worker.into(),
+        jobs,
+    };
+    nats.js
+        .send_publish(
+            job_subject(worker),
+            jetstream::message::PublishMessage::build()
+                .payload(serde_json::to_vec(&bundle)?.into())
+                .message_id(format!("{batch}.{bundle_id}")),
+        )
         .await
-        .context("the server did not store a job")?;
+        .context("cannot publish jobs")?
+        .await
+        .context("the server did not store jobs")?;
     Ok(())
 }
 

@@ -57,9 +57,9 @@ pub async fn connect(url: &str) -> Result<Nats> {
         })
         .await
         .context("cannot create the results stream")?;
-    let workers = kv_bucket(&js, WORKERS_BUCKET, 1).await?;
-    let assign = kv_bucket(&js, ASSIGN_BUCKET, 1).await?;
-    let faults = kv_bucket(&js, FAULTS_BUCKET, 1).await?;
+    let workers = kv_bucket(&js, WORKERS_BUCKET, 1, Duration::ZERO).await?;
+    let assign = kv_bucket(&js, ASSIGN_BUCKET, 1, RETENTION).await?;
+    let faults = kv_bucket(&js, FAULTS_BUCKET, 1, Duration::ZERO).await?;
     let blobs = match js.get_object_store(BLOBS_BUCKET).await {
         Ok(s) => s,
         Err(_) => js
@@ -83,13 +83,19 @@ pub async fn connect(url: &str) -> Result<Nats> {
     })
 }
 
-async fn kv_bucket(js: &jetstream::Context, name: &str, history: i64) -> Result<kv::Store> {
+async fn kv_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    history: i64,
+    max_age: Duration,
+) -> Result<kv::Store> {
     if let Ok(kv) = js.get_key_value(name).await {
         return Ok(kv);
     }
     js.create_key_value(kv::Config {
         bucket: name.into(),
         history,
+        max_age,
         storage: stream::StorageType::File,
         ..Default::default()
     })

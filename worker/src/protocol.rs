@@ -19,7 +19,8 @@ pub const RESULT_SUBJECT_PREFIX: &str = "lockstep.result";
 pub const UNROUTABLE_RESULT_SUBJECT: &str = "lockstep.result._unroutable";
 /// KV: worker id → [`WorkerRecord`] (registry and heartbeats).
 pub const WORKERS_BUCKET: &str = "lockstep_workers";
-/// KV: `<batch>.<job>` → `[Assignment or null; redundancy]` (the coordinator's durable plan).
+/// KV: `<batch>.<bundle>` → `[PlanEntry]` (the coordinator's durable plan; the
+/// entry with the highest attempt wins for a replica).
 pub const ASSIGN_BUCKET: &str = "lockstep_assign";
 /// KV: `<worker>.<batch>.<job>` → [`FaultRecord`] (workers caught computing wrong bits).
 pub const FAULTS_BUCKET: &str = "lockstep_faults";
@@ -141,6 +142,37 @@ pub struct JobMessage {
     pub worker: String,
     #[serde(flatten)]
     pub spec: JobSpec,
+}
+
+/// Several replicas for one worker in one message (same batch), so that a
+/// batch of small jobs costs a few messages instead of a few per job.
+/// Workers also accept a bare [`JobMessage`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobBundle {
+    pub protocol: u32,
+    pub batch: String,
+    /// Unique within the batch; the message id is `<batch>.<id>`.
+    pub id: String,
+    pub worker: String,
+    pub jobs: Vec<JobMessage>,
+}
+
+/// The results of one [`JobBundle`], published as one message.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResultBundle {
+    pub protocol: u32,
+    pub batch: String,
+    pub worker: String,
+    pub results: Vec<ResultMessage>,
+}
+
+/// One replica's entry in the dispatch plan (KV `lockstep_assign`, key
+/// `<batch>.<bundle id>` → the entries of that bundle).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlanEntry {
+    pub job: String,
+    pub replica: u32,
+    pub assignment: Assignment,
 }
 
 /// Why a job failed on a worker. `Bad*` codes are the job's fault and will

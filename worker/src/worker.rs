@@ -24,6 +24,9 @@ use tokio::sync::Semaphore;
 use crate::nats::{connect, Nats};
 use crate::protocol::*;
 
+/// CPU products up to this many multiply-adds run on the async thread itself.
+const INLINE_COMPUTE_MACS: u64 = 1 << 16;
+
 /// Deliveries of one job message before the worker gives up on it with an
 /// error result (it kept dying while computing it).
 pub const MAX_DELIVER: i64 = 5;
@@ -380,10 +383,42 @@ fn job_err(code: ErrorCode, msg: impl Into<String>) -> JobError {
 }
 
 async fn handle(ctx: &Ctx, msg: jetstream::Message) {
-    let t0 = Instant::now();
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if let Ok(bundle) = serde_json::from_slice::<JobBundle>(&msg.payload) {
+        // Several replicas in one message: compute each, answer with one message.
+        let mut results = Vec::with_capacity(bundle.jobs.len());
+        for job in &bundle.jobs {
+            let t0 = Instant::now();
+            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
+            let outcome = job_outcome(ctx, &msg, job, delivered, &mut result.timings).await;
+            finish(ctx, &mut result, outcome, t0);
+            results.push(result);
+        }
+        let subject = if valid_token(&bundle.batch) {
+            result_subject(&bundle.batch)
+        } else {
+            UNROUTABLE_RESULT_SUBJECT.to_string()
+        };
+        let answer = ResultBundle {
+            protocol: PROTOCOL_VERSION,
+            batch: bundle.batch.clone(),
+            worker: ctx.opts.name.clone(),
+            results,
+        };
+        let id = format!("{}.{}.{}", bundle.batch, bundle.id, ctx.opts.name);
+        publish_then_ack(
+            ctx,
+            &msg,
+            subject,
+            serde_json::to_vec(&answer).expect("serialisable"),
+            id,
+        )
+        .await;
+        return;
+    }
+    let t0 = Instant::now();
     let parsed: Result<JobMessage, _> = serde_json::from_slice(&msg.payload);
-    let (result_subject_name, mut result) = match &parsed {
+    let (subject, mut result) = match &parsed {
         Ok(job) => (
             result_subject(&job.batch),
             blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt),
@@ -391,19 +426,26 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         Err(_) => {
             // Route the error to the batch if the message names a valid one.
             let v: Option<serde_json::Value> = serde_json::from_slice(&msg.payload).ok();
-            let batch = v
-                .as_ref()
-                .and_then(|v| v.get("batch"))
-                .and_then(|b| b.as_str())
-                .filter(|b| valid_token(b));
-            let job = v
-                .as_ref()
-                .and_then(|v| v.get("job"))
-                .and_then(|b| b.as_str())
-                .unwrap_or("")
-                .to_string();
-            let subject = batch.map_or(UNROUTABLE_RESULT_SUBJECT.to_string(), result_subject);
-            (subject, blank_result(ctx, batch.unwrap_or(""), &job, 0, 0))
+            let field = |k: &str| {
+                v.as_ref()
+                    .and_then(|v| v.get(k))
+                    .and_then(|b| b.as_str())
+                    .map(str::to_string)
+            };
+            let batch = field("batch").filter(|b| valid_token(b));
+            let subject = batch
+                .as_deref()
+                .map_or(UNROUTABLE_RESULT_SUBJECT.to_string(), result_subject);
+            (
+                subject,
+                blank_result(
+                    ctx,
+                    batch.as_deref().unwrap_or(""),
+                    &field("job").unwrap_or_default(),
+                    0,
+                    0,
+                ),
+            )
         }
     };
     let outcome = match parsed {
@@ -424,12 +466,40 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
                 )),
             }
         }
-        Ok(_) if delivered >= MAX_DELIVER => Err(job_err(
+        Ok(job) => job_outcome(ctx, &msg, &job, delivered, &mut result.timings).await,
+    };
+    finish(ctx, &mut result, outcome, t0);
+    let id = format!(
+        "{}.{}.{}.{}.{}",
+        result.batch, result.job, result.replica, result.attempt, ctx.opts.name
+    );
+    publish_then_ack(
+        ctx,
+        &msg,
+        subject,
+        serde_json::to_vec(&result).expect("serialisable"),
+        id,
+    )
+    .await;
+}
+
+async fn job_outcome(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &JobMessage,
+    delivered: i64,
+    timings: &mut Timings,
+) -> Result<Outcome, JobError> {
+    if delivered >= MAX_DELIVER {
+        return Err(job_err(
             ErrorCode::Redelivered,
             format!("delivered {delivered} times without completing; giving up"),
-        )),
-        Ok(job) => execute(ctx, &msg, &job, &mut result.timings).await,
-    };
+        ));
+    }
+    execute(ctx, msg, job, timings).await
+}
+
+fn finish(ctx: &Ctx, result: &mut ResultMessage, outcome: Result<Outcome, JobError>, t0: Instant) {
     result.outcome = match outcome {
         Ok(o) => {
             ctx.done.fetch_add(1, Ordering::Relaxed);
@@ -442,18 +512,23 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         }
     };
     result.timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    // Durable publish first; only then ack. If publishing fails the job is
-    // not acked and comes back after the ack wait.
-    let payload: bytes::Bytes = serde_json::to_vec(&result).expect("serialisable").into();
-    let id = format!(
-        "{}.{}.{}.{}.{}",
-        result.batch, result.job, result.replica, result.attempt, ctx.opts.name
-    );
-    // The server may be restarting: retry for a while (the message id makes
-    // a repeated publish harmless).
+}
+
+/// Stores the answer durably, then acks the job message. If the answer cannot
+/// be stored (the server may be restarting) it retries for 10 s, then leaves
+/// the job unacked so it comes back; the message id makes a repeated publish
+/// harmless.
+async fn publish_then_ack(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    subject: String,
+    payload: Vec<u8>,
+    id: String,
+) {
+    let payload: bytes::Bytes = payload.into();
     for attempt in 0..40 {
         let publish = ctx.nats.js.send_publish(
-            result_subject_name.clone(),
+            subject.clone(),
             jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(id.clone()),
@@ -464,7 +539,9 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         };
         match stored {
             Ok(_) => {
-                if let Err(e) = msg.double_ack().await {
+                // A plain ack: if it is lost, the job is redelivered and its
+                // answer, published again under the same id, is deduplicated.
+                if let Err(e) = msg.ack().await {
                     tracing::warn!(
                         "ack failed (job may be redelivered; results are deduplicated): {e}"
                     );
@@ -477,7 +554,7 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
             }
         }
     }
-    tracing::error!(job = %result.job, "could not store the result; the job stays unacked and will come back");
+    tracing::error!(%id, "could not store the result; the job stays unacked and will come back");
 }
 
 fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -> ResultMessage {
@@ -567,27 +644,29 @@ async fn execute(
     if !ctx.opts.test_delay.is_zero() {
         tokio::time::sleep(ctx.opts.test_delay).await;
     }
-    let backend = ctx.backend.clone();
-    let mut compute = tokio::task::spawn_blocking(move || backend.matmul(&av, &bv, dims));
-    // Long jobs: tell the server we are alive so the job is not redelivered.
-    let mut progress = tokio::time::interval(Duration::from_secs(10));
-    progress.tick().await;
-    let out = loop {
-        tokio::select! {
-            r = &mut compute => break r,
-            _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+    let out = if macs <= INLINE_COMPUTE_MACS && ctx.info.kind == lockstep_kernels::BackendKind::Cpu
+    {
+        // Tiny products: a thread hop would cost more than the arithmetic.
+        ctx.backend.matmul(&av, &bv, dims)
+    } else {
+        let backend = ctx.backend.clone();
+        let mut compute = tokio::task::spawn_blocking(move || backend.matmul(&av, &bv, dims));
+        // Long jobs: tell the server we are alive so the job is not redelivered.
+        let mut progress = tokio::time::interval(Duration::from_secs(10));
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut compute => break r,
+                _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+            }
         }
+        .unwrap_or_else(|e| {
+            Err(lockstep_kernels::Error::device(format!(
+                "backend task failed: {e}"
+            )))
+        })
     };
-    let mut c = match out {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(job_err(ErrorCode::Backend, e.to_string())),
-        Err(e) => {
-            return Err(job_err(
-                ErrorCode::Backend,
-                format!("backend task failed: {e}"),
-            ))
-        }
-    };
+    let mut c = out.map_err(|e| job_err(ErrorCode::Backend, e.to_string()))?;
     timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
     if let Some(f) = ctx.opts.fault {
         if f.selects(&job.job) && !c.is_empty() {
