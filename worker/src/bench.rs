@@ -288,6 +288,19 @@ pub struct DispatchReport {
     pub p50_overhead_ms: f64,
 }
 
+/// A 2×2 matmul job: the dispatch benchmark measures the system, not arithmetic.
+fn tiny_job(id: String, i: usize) -> crate::batch::BatchJob {
+    let t = |data: Vec<f32>| crate::batch::Tensor::Data {
+        shape: vec![2, 2],
+        data,
+    };
+    crate::batch::BatchJob {
+        id,
+        a: t(vec![i as f32, 1.0, 2.0, 3.0]),
+        b: t(vec![1.0, 0.5, 0.25, 2.0]),
+    }
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -316,14 +329,12 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
             ..Default::default()
         })
         .await?;
+    let durable = |name: &str| pull::Config {
+        durable_name: Some(name.into()),
+        ..Default::default()
+    };
     let consumer = raw_stream
-        .get_or_create_consumer(
-            "raw",
-            pull::Config {
-                durable_name: Some("raw".into()),
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer("raw", durable("raw"))
         .await?;
     let t0 = Instant::now();
     let receiver = tokio::spawn(async move {
@@ -360,13 +371,7 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
     // One raw round trip at a time (a work queue allows one unfiltered consumer).
     raw_stream.delete_consumer("raw").await?;
     let single = raw_stream
-        .get_or_create_consumer(
-            "raw1",
-            pull::Config {
-                durable_name: Some("raw1".into()),
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer("raw1", durable("raw1"))
         .await?;
     let mut single_msgs = single.messages().await?;
     let mut raw_single = Vec::new();
@@ -406,19 +411,7 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let jobs: Vec<crate::batch::BatchJob> = (0..n)
-        .map(|i| crate::batch::BatchJob {
-            id: format!("t{i}"),
-            a: crate::batch::Tensor::Data {
-                shape: vec![2, 2],
-                data: vec![i as f32, 1.0, 2.0, 3.0],
-            },
-            b: crate::batch::Tensor::Data {
-                shape: vec![2, 2],
-                data: vec![1.0, 0.5, 0.25, 2.0],
-            },
-        })
-        .collect();
+    let jobs: Vec<crate::batch::BatchJob> = (0..n).map(|i| tiny_job(format!("t{i}"), i)).collect();
     let opts = crate::coordinator::SubmitOptions {
         batch_id: Some(format!(
             "bench-{}-{}",
@@ -435,17 +428,7 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
     let mut single_lat = Vec::new();
     let mut single_e2e = Vec::new();
     for i in 0..20 {
-        let job = crate::batch::BatchJob {
-            id: format!("s{i}"),
-            a: crate::batch::Tensor::Data {
-                shape: vec![2, 2],
-                data: vec![i as f32, 1.0, 2.0, 3.0],
-            },
-            b: crate::batch::Tensor::Data {
-                shape: vec![2, 2],
-                data: vec![1.0, 0.5, 0.25, 2.0],
-            },
-        };
+        let job = tiny_job(format!("s{i}"), i);
         let o = crate::coordinator::SubmitOptions {
             batch_id: Some(format!(
                 "bench1-{}-{}-{i}",
