@@ -81,11 +81,7 @@ fn matmul_digest_matches_spec_on_every_backend() {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let c = st.tensor("c").unwrap();
         assert_eq!(c.shape(), &[dims.m, dims.n]);
-        let vals: Vec<f32> = c
-            .data()
-            .chunks_exact(4)
-            .map(|x| f32::from_le_bytes(x.try_into().unwrap()))
-            .collect();
+        let vals = lockstep::protocol::f32_from_le_bytes(c.data());
         assert_eq!(
             tensor_digest_f32(&[dims.m, dims.n], &vals).to_string(),
             want

@@ -133,30 +133,8 @@ fn tensor(s: &TensorSource, base: &Path) -> Result<Tensor> {
             .tensor
             .as_deref()
             .context("`file` needs `tensor` (the tensor's name in the file)")?;
-        let path = base.join(file);
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not safetensors", path.display()))?;
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{} has no tensor `{name}`", path.display()))?;
-        if t.dtype() != safetensors::Dtype::F32 {
-            bail!(
-                "tensor `{name}` in {} is {:?}, not F32",
-                path.display(),
-                t.dtype()
-            );
-        }
-        let data = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        return Ok(Tensor::Data {
-            shape: t.shape().to_vec(),
-            data,
-        });
+        let (shape, data) = crate::tensors::read_f32_tensor(&base.join(file), name)?;
+        return Ok(Tensor::Data { shape, data });
     }
     let shape = s.shape.clone().context("`shape` is required")?;
     let n: usize = shape
@@ -176,4 +154,50 @@ fn tensor(s: &TensorSource, base: &Path) -> Result<Tensor> {
         bail!("shape {shape:?} needs {n} values, got {}", data.len());
     }
     Ok(Tensor::Data { shape, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_data_and_inline_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tensors::write_f32(
+            &dir.path().join("ops.safetensors"),
+            &[("b", &[3, 1], &[1.0, 2.0, 3.0])],
+        )
+        .unwrap();
+        let inline = crate::protocol::encode_f32(&[4.0, 5.0, 6.0]);
+        let text = format!(
+            "# comment\n{{\"id\":\"j1\",\"kind\":\"matmul\",\"a\":{{\"shape\":[1,3],\"data\":[1,2,3]}},\"b\":{{\"file\":\"ops.safetensors\",\"tensor\":\"b\"}}}}\n\n{{\"id\":\"j2\",\"kind\":\"matmul\",\"a\":{{\"shape\":[1,3],\"inline\":\"{inline}\"}},\"b\":{{\"file\":\"ops.safetensors\",\"tensor\":\"b\"}}}}\n"
+        );
+        let jobs = parse_batch_str(&text, dir.path()).unwrap();
+        assert_eq!(jobs.len(), 2);
+        match &jobs[0].b {
+            Tensor::Data { shape, data } => {
+                assert_eq!(shape, &[3, 1]);
+                assert_eq!(data, &[1.0, 2.0, 3.0]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &jobs[1].a {
+            Tensor::Data { data, .. } => assert_eq!(data, &[4.0, 5.0, 6.0]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_lines_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = "{\"id\":\"j\",\"kind\":\"matmul\",\"a\":{\"shape\":[1,1],\"data\":[1]},\"b\":{\"file\":\"nope.safetensors\",\"tensor\":\"b\"}}";
+        let e = format!("{:#}", parse_batch_str(missing, dir.path()).unwrap_err());
+        assert!(e.contains("line 1") && e.contains("cannot read"), "{e}");
+        let dup = "{\"id\":\"j\",\"kind\":\"matmul\",\"a\":{\"shape\":[1,1],\"data\":[1]},\"b\":{\"shape\":[1,1],\"data\":[1]}}";
+        let e = format!(
+            "{:#}",
+            parse_batch_str(&format!("{dup}\n{dup}"), dir.path()).unwrap_err()
+        );
+        assert!(e.contains("line 2") && e.contains("twice"), "{e}");
+    }
 }

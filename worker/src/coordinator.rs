@@ -24,7 +24,6 @@ use futures::StreamExt;
 use lockstep_kernels::{tensor_digest_f32, Backend, Digest, MatmulDims, CONTRACT_VERSION};
 use rand::seq::IndexedRandom;
 use serde::Serialize;
-use tokio::io::AsyncReadExt;
 
 use crate::batch::{BatchJob, Tensor};
 use crate::nats::{live_workers, Nats};
@@ -454,7 +453,7 @@ async fn to_ref(nats: &Nats, t: &Tensor) -> Result<TensorRef> {
         }
         Tensor::Data { shape, data } => {
             let digest = tensor_digest_f32(shape, data);
-            crate::worker::put_blob_raw(nats, &digest, data).await?;
+            crate::nats::put_blob(nats, &digest, data).await?;
             TensorRef::object(shape.clone(), digest)
         }
     })
@@ -833,22 +832,8 @@ async fn load_tensor(nats: &Nats, t: &TensorRef) -> Result<Vec<f32>> {
     let digest = t
         .object
         .context("tensor has neither inline data nor an object")?;
-    let mut obj = nats
-        .blobs
-        .get(digest.to_hex())
-        .await
-        .with_context(|| format!("object {digest} missing"))?;
-    let mut buf = Vec::new();
-    obj.read_to_end(&mut buf).await?;
-    let data: Vec<f32> = buf
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    anyhow::ensure!(
-        tensor_digest_f32(&t.shape, &data) == digest,
-        "object {digest} does not match its digest"
-    );
-    Ok(data)
+    let bytes = crate::nats::get_blob(nats, &digest).await?;
+    decode_blob(&t.shape, &digest, &bytes).map_err(anyhow::Error::msg)
 }
 
 async fn reference_digest(
@@ -866,7 +851,8 @@ async fn reference_digest(
 }
 
 /// Writes an accepted output to `dir/outputs/<job>.safetensors`, taken from a
-/// worker whose digest matches (re-checked), else recomputed.
+/// worker whose digest matches (re-checked); if none matches (a resolved job
+/// where every worker was wrong), nothing is written and a warning is logged.
 async fn write_output(
     nats: &Nats,
     dir: &std::path::Path,

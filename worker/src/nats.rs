@@ -124,3 +124,32 @@ pub async fn live_workers(nats: &Nats, timeout: Duration) -> Result<Vec<WorkerRe
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
+
+/// The bytes of an object in the blob store (not yet checked: see
+/// [`decode_blob`]).
+pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut obj = nats
+        .blobs
+        .get(digest.to_hex())
+        .await
+        .with_context(|| format!("object {digest} is not in the object store"))?;
+    let mut buf = Vec::new();
+    obj.read_to_end(&mut buf)
+        .await
+        .with_context(|| format!("cannot read object {digest}"))?;
+    Ok(buf)
+}
+
+/// Stores a tensor in the blob store under its digest (if absent).
+pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]) -> Result<()> {
+    if nats.blobs.info(digest.to_hex()).await.is_ok() {
+        return Ok(());
+    }
+    let bytes = f32_bytes(data);
+    nats.blobs
+        .put(digest.to_hex().as_str(), &mut bytes.as_slice())
+        .await
+        .map_err(|e| anyhow::anyhow!("object store put: {e}"))?;
+    Ok(())
+}

@@ -65,8 +65,7 @@ pub struct TensorRef {
 pub const INLINE_MAX_BYTES: usize = 64 * 1024;
 
 pub fn encode_f32(data: &[f32]) -> String {
-    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+    base64::engine::general_purpose::STANDARD.encode(f32_bytes(data))
 }
 
 pub fn decode_f32(b64: &str) -> Result<Vec<f32>, String> {
@@ -79,14 +78,39 @@ pub fn decode_f32(b64: &str) -> Result<Vec<f32>, String> {
             bytes.len()
         ));
     }
-    Ok(bytes
+    Ok(f32_from_le_bytes(&bytes))
+}
+
+/// Little-endian f32 bytes to values (bytewise, so unaligned input is fine);
+/// a trailing partial value is ignored (callers check lengths).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+        .collect()
 }
 
 pub fn f32_bytes(data: &[f32]) -> Vec<u8> {
     data.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Decodes an object's bytes and checks them against the name they were
+/// stored under: the right length for `shape`, and the contract digest.
+pub fn decode_blob(shape: &[usize], digest: &Digest, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    let n: usize = shape.iter().product();
+    if bytes.len() != n * 4 {
+        return Err(format!(
+            "object {digest} has {} bytes, but shape {shape:?} needs {}",
+            bytes.len(),
+            n * 4
+        ));
+    }
+    let data = f32_from_le_bytes(bytes);
+    let actual = tensor_digest_f32(shape, &data);
+    if actual != *digest {
+        return Err(format!("object {digest} hashes to {actual}: rejected"));
+    }
+    Ok(data)
 }
 
 impl TensorRef {

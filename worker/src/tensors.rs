@@ -57,6 +57,26 @@ pub struct Matrix {
 
 /// Reads `a` and `b` from `path` and checks that they multiply.
 pub fn read_operands(path: &Path) -> Result<(Matrix, Matrix, MatmulDims), TensorFileError> {
+    with_file(path, |st, p| {
+        let a = matrix(st, p, "a")?;
+        let b = matrix(st, p, "b")?;
+        if a.cols != b.rows {
+            return Err(TensorFileError::Mismatch {
+                a: vec![a.rows, a.cols],
+                b: vec![b.rows, b.cols],
+            });
+        }
+        let dims = MatmulDims::new(a.rows, a.cols, b.cols);
+        Ok((a, b, dims))
+    })
+}
+
+/// Reads and parses a safetensors file, then hands it to `f` with the path
+/// as it appears in messages.
+fn with_file<T>(
+    path: &Path,
+    f: impl FnOnce(&SafeTensors<'_>, &str) -> Result<T, TensorFileError>,
+) -> Result<T, TensorFileError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| TensorFileError::Read {
         path: p.clone(),
@@ -66,19 +86,35 @@ pub fn read_operands(path: &Path) -> Result<(Matrix, Matrix, MatmulDims), Tensor
         path: p.clone(),
         source,
     })?;
-    let a = matrix(&st, &p, "a")?;
-    let b = matrix(&st, &p, "b")?;
-    if a.cols != b.rows {
-        return Err(TensorFileError::Mismatch {
-            a: vec![a.rows, a.cols],
-            b: vec![b.rows, b.cols],
-        });
-    }
-    let dims = MatmulDims::new(a.rows, a.cols, b.cols);
-    Ok((a, b, dims))
+    f(&st, &p)
 }
 
 fn matrix(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<Matrix, TensorFileError> {
+    let (shape, data) = f32_tensor(st, path, name)?;
+    if shape.len() != 2 {
+        return Err(TensorFileError::Rank {
+            path: path.into(),
+            name: name.into(),
+            shape,
+        });
+    }
+    Ok(Matrix {
+        rows: shape[0],
+        cols: shape[1],
+        data,
+    })
+}
+
+/// Reads one F32 tensor (any rank) from a safetensors file.
+pub fn read_f32_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>), TensorFileError> {
+    with_file(path, |st, p| f32_tensor(st, p, name))
+}
+
+fn f32_tensor(
+    st: &SafeTensors<'_>,
+    path: &str,
+    name: &str,
+) -> Result<(Vec<usize>, Vec<f32>), TensorFileError> {
     let t = st.tensor(name).map_err(|_| {
         let mut names: Vec<_> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
@@ -99,24 +135,11 @@ fn matrix(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<Matrix, Tensor
             dtype: t.dtype(),
         });
     }
-    if t.shape().len() != 2 {
-        return Err(TensorFileError::Rank {
-            path: path.into(),
-            name: name.into(),
-            shape: t.shape().to_vec(),
-        });
-    }
-    // safetensors data is little-endian and may be unaligned: decode bytewise.
-    let data = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok(Matrix {
-        rows: t.shape()[0],
-        cols: t.shape()[1],
-        data,
-    })
+    // safetensors data is little-endian and may be unaligned.
+    Ok((
+        t.shape().to_vec(),
+        crate::protocol::f32_from_le_bytes(t.data()),
+    ))
 }
 
 /// Writes f32 tensors to a safetensors file.
@@ -124,7 +147,7 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
     let p = path.display().to_string();
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
-        .map(|(_, _, data)| data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(_, _, data)| crate::protocol::f32_bytes(data))
         .collect();
     let views: Vec<(&str, TensorView<'_>)> = tensors
         .iter()

@@ -18,7 +18,6 @@ use lockstep_kernels::{
     tensor_digest_f32, Backend, BackendInfo, BackendKind, Digest, MatmulDims, CONTRACT_VERSION,
 };
 use sha3::Digest as _;
-use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 
 use crate::nats::{connect, Nats};
@@ -739,47 +738,14 @@ async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError> {
     let cached = ctx.cache.join(digest.to_hex());
     let bytes = match std::fs::read(&cached) {
         Ok(b) => b,
-        Err(_) => {
-            let mut obj = ctx.nats.blobs.get(digest.to_hex()).await.map_err(|e| {
-                job_err(
-                    ErrorCode::MissingBlob,
-                    format!("input object {digest} is not in the object store: {e}"),
-                )
-            })?;
-            let mut buf = Vec::with_capacity(n * 4);
-            obj.read_to_end(&mut buf).await.map_err(|e| {
-                job_err(
-                    ErrorCode::MissingBlob,
-                    format!("cannot read object {digest}: {e}"),
-                )
-            })?;
-            buf
-        }
+        Err(_) => crate::nats::get_blob(&ctx.nats, &digest)
+            .await
+            .map_err(|e| job_err(ErrorCode::MissingBlob, format!("input {e:#}")))?,
     };
-    if bytes.len() != n * 4 {
+    let data = decode_blob(&t.shape, &digest, &bytes).map_err(|e| {
         let _ = std::fs::remove_file(&cached);
-        return Err(job_err(
-            ErrorCode::TamperedBlob,
-            format!(
-                "object {digest} has {} bytes, but shape {:?} needs {}",
-                bytes.len(),
-                t.shape,
-                n * 4
-            ),
-        ));
-    }
-    let data: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let actual = tensor_digest_f32(&t.shape, &data);
-    if actual != digest {
-        let _ = std::fs::remove_file(&cached);
-        return Err(job_err(
-            ErrorCode::TamperedBlob,
-            format!("object {digest} hashes to {actual}: rejected"),
-        ));
-    }
+        job_err(ErrorCode::TamperedBlob, e)
+    })?;
     if !cached.exists() {
         // Write then rename: a reader never sees a partial blob.
         let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
@@ -790,21 +756,8 @@ async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError> {
     Ok(data)
 }
 
-/// Stores a tensor in the object store under its digest (if absent).
-pub async fn put_blob_raw(nats: &Nats, digest: &Digest, data: &[f32]) -> Result<()> {
-    if nats.blobs.info(digest.to_hex()).await.is_ok() {
-        return Ok(());
-    }
-    let bytes = f32_bytes(data);
-    nats.blobs
-        .put(digest.to_hex().as_str(), &mut bytes.as_slice())
-        .await
-        .map_err(|e| anyhow::anyhow!("object store put: {e}"))?;
-    Ok(())
-}
-
 async fn put_blob(ctx: &Ctx, digest: &Digest, data: &[f32]) -> Result<(), JobError> {
-    put_blob_raw(&ctx.nats, digest, data)
+    crate::nats::put_blob(&ctx.nats, digest, data)
         .await
         .map_err(|e| job_err(ErrorCode::Backend, format!("cannot store output: {e}")))
 }
