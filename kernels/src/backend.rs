@@ -95,8 +95,13 @@ pub fn check_matmul_operands(a: &[f32], b: &[f32], dims: MatmulDims) -> Result<(
 /// Opens the backend of the given kind with default settings.
 /// `Err` with [`crate::ErrorKind::Unavailable`] when its driver or device is missing.
 pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    open_with_threads(kind, 0)
+}
+
+/// [`open`], with the CPU backend on `cpu_threads` threads (0 = one per core).
+pub fn open_with_threads(kind: BackendKind, cpu_threads: usize) -> Result<Box<dyn Backend>> {
     Ok(match kind {
-        BackendKind::Cpu => Box::new(crate::cpu::CpuBackend::new(0)?),
+        BackendKind::Cpu => Box::new(crate::cpu::CpuBackend::new(cpu_threads)?),
         BackendKind::Wgpu => Box::new(crate::wgpu::WgpuBackend::new(Default::default())?),
         BackendKind::Cuda => Box::new(crate::cuda::CudaBackend::new(0)?),
     })

@@ -280,11 +280,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn open(kind: BackendKind, threads: usize) -> Result<Box<dyn lockstep_kernels::Backend>> {
-    Ok(match kind {
-        BackendKind::Cpu => Box::new(lockstep_kernels::cpu::CpuBackend::new(threads)?),
-        other => lockstep_kernels::open(other)
-            .with_context(|| format!("backend {other} is not usable here"))?,
-    })
+    lockstep_kernels::backend::open_with_threads(kind, threads)
+        .with_context(|| format!("backend {kind} is not usable here"))
 }
 
 fn backends(json: bool) -> Result<()> {

@@ -145,13 +145,9 @@ pub fn open_backend(
     };
     let mut passing: Vec<(Arc<dyn Backend>, BackendInfo)> = Vec::new();
     for kind in kinds {
-        let opened: lockstep_kernels::Result<Arc<dyn Backend>> = match kind {
-            BackendKind::Cpu => {
-                lockstep_kernels::cpu::CpuBackend::new(threads).map(|b| Arc::new(b) as _)
-            }
-            other => lockstep_kernels::open(other).map(Arc::from),
-        };
-        match opened {
+        match lockstep_kernels::backend::open_with_threads(kind, threads)
+            .map(Arc::<dyn Backend>::from)
+        {
             Ok(b) => match self_test(&*b) {
                 Ok(()) => {
                     let info = b.info();
