@@ -301,8 +301,12 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
     let mut live_at = Instant::now() - Duration::from_secs(60);
     let mut faults: Vec<FaultRecord> = Vec::new();
     let mut waiting_note = false;
+    // Kept as counters: a batch may hold many thousands of jobs, and these are
+    // needed after every result.
+    let mut undecided = state.len();
+    let mut verdicts = [0usize; 4];
 
-    while state.values().any(|j| j.decided.is_none()) {
+    while undecided > 0 {
         if opts.deadline.is_some_and(|d| t_start.elapsed() > d) {
             tracing::warn!("deadline reached; undecided jobs are left unresolved");
             break;
@@ -341,8 +345,10 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                     let id = res.job.clone();
                     if let Some(report) = evaluate(nats, &batch, &id, js, r, &cpu, &mut faults).await? {
                         bar.inc(1);
+                        undecided -= 1;
+                        verdicts[report.verdict as usize] += 1;
                         state.get_mut(&id).unwrap().decided = Some(report);
-                        bar.set_message(summary_line(&state));
+                        bar.set_message(summary_line(&verdicts));
                     }
                 }
             }
@@ -367,7 +373,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                     waiting_note = true;
                 } else if assigned > 0 {
                     waiting_note = false;
-                    bar.set_message(summary_line(&state));
+                    bar.set_message(summary_line(&verdicts));
                 }
             }
         }
@@ -414,14 +420,14 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
     Ok(report)
 }
 
-fn summary_line(state: &BTreeMap<String, JobState>) -> String {
-    let mut v = [0usize; 4];
-    for j in state.values() {
-        if let Some(d) = &j.decided {
-            v[d.verdict as usize] += 1;
-        }
-    }
-    format!("verified {} · resolved {} · failed {}", v[0], v[1], v[2])
+/// Progress text from verdict counts (indexed by `Verdict as usize`).
+fn summary_line(verdicts: &[usize; 4]) -> String {
+    format!(
+        "verified {} · resolved {} · failed {}",
+        verdicts[Verdict::Verified as usize],
+        verdicts[Verdict::Resolved as usize],
+        verdicts[Verdict::Failed as usize]
+    )
 }
 
 fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {

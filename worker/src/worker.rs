@@ -413,13 +413,15 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
     }
     let t0 = Instant::now();
     let parsed: Result<JobMessage, _> = serde_json::from_slice(&msg.payload);
-    let (subject, mut result) = match &parsed {
-        Ok(job) => (
-            result_subject(&job.batch),
-            blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt),
-        ),
-        Err(_) => {
-            // Route the error to the batch if the message names a valid one.
+    let (subject, mut result, outcome) = match parsed {
+        Ok(job) => {
+            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
+            let outcome = job_outcome(ctx, &msg, &job, delivered, &mut result.timings).await;
+            (result_subject(&job.batch), result, outcome)
+        }
+        Err(e) => {
+            // Read what we can: route the error to the batch if the message
+            // names a valid one, and say so if it names an unknown kind.
             let v: Option<serde_json::Value> = serde_json::from_slice(&msg.payload).ok();
             let field = |k: &str| {
                 v.as_ref()
@@ -431,26 +433,14 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
             let subject = batch
                 .as_deref()
                 .map_or(UNROUTABLE_RESULT_SUBJECT.to_string(), result_subject);
-            (
-                subject,
-                blank_result(
-                    ctx,
-                    batch.as_deref().unwrap_or(""),
-                    &field("job").unwrap_or_default(),
-                    0,
-                    0,
-                ),
-            )
-        }
-    };
-    let outcome = match parsed {
-        Err(e) => {
-            let v: Option<serde_json::Value> = serde_json::from_slice(&msg.payload).ok();
-            match v
-                .as_ref()
-                .and_then(|v| v.get("kind"))
-                .and_then(|k| k.as_str())
-            {
+            let result = blank_result(
+                ctx,
+                batch.as_deref().unwrap_or(""),
+                &field("job").unwrap_or_default(),
+                0,
+                0,
+            );
+            let outcome = match field("kind") {
                 Some(k) if k != "matmul" => Err(job_err(
                     ErrorCode::UnknownKind,
                     format!("unknown job kind `{k}` (this worker knows: matmul)"),
@@ -459,9 +449,9 @@ async fn handle(ctx: &Ctx, msg: jetstream::Message) {
                     ErrorCode::BadMessage,
                     format!("not a valid job message: {e}"),
                 )),
-            }
+            };
+            (subject, result, outcome)
         }
-        Ok(job) => job_outcome(ctx, &msg, &job, delivered, &mut result.timings).await,
     };
     finish(ctx, &mut result, outcome, t0);
     let id = format!(
