@@ -255,28 +255,24 @@ fn pack_a_mr<const MR: usize>(
     for (p, i0) in (0..mcur).step_by(MR).enumerate() {
         let h = MR.min(mcur - i0);
         let panel = &mut out[p * kc * MR..(p + 1) * kc * MR];
+        // Rows past the edge of A read zeros, so one loop packs every panel.
         let rows: [&[f32]; MR] = std::array::from_fn(|r| {
             if r < h {
                 &a[(ic + i0 + r) * k + pc..][..kc]
             } else {
-                &[][..]
+                &ZERO_ROW[..kc]
             }
         });
-        if h == MR {
-            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
-                for r in 0..MR {
-                    dst[r] = rows[r][kk];
-                }
-            }
-        } else {
-            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
-                for r in 0..MR {
-                    dst[r] = if r < h { rows[r][kk] } else { 0.0 };
-                }
+        for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+            for r in 0..MR {
+                dst[r] = rows[r][kk];
             }
         }
     }
 }
+
+/// The zero padding of partial A panels (a chunk is at most `K_CHUNK` long).
+static ZERO_ROW: [f32; K_CHUNK] = [0.0; K_CHUNK];
 
 /// Stamps out a microkernel for one ISA: an `MR`×(`NV`·`LANES`) tile held in
 /// `MR·NV` vector accumulators. `$fma(x, y, acc)` must be one fused
