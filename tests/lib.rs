@@ -203,109 +203,46 @@ pub fn nats_server() -> Option<lockstep::server::NatsServer> {
     }
 }
 
-/// Worker processes of the real `lockstep` binary, SIGKILLed when dropped.
-#[derive(Default)]
-pub struct Procs(pub Vec<(String, std::process::Child)>);
+/// Worker processes of the `lockstep` binary under test (SIGTERM, then
+/// SIGKILL, when dropped); `kill`, `terminate`, `is_running` and `wait_exit`
+/// come from [`lockstep::demo::WorkerProcs`].
+pub struct Procs(lockstep::demo::WorkerProcs);
+
+impl Default for Procs {
+    fn default() -> Self {
+        Procs(lockstep::demo::WorkerProcs::new(lockstep_bin()))
+    }
+}
 
 impl Procs {
-    /// Starts `lockstep worker --name NAME --backend BACKEND` with extra
+    /// Starts a worker with fast heartbeats and a test cache, plus extra
     /// environment (e.g. the test-only fault and delay switches).
     pub fn worker(&mut self, url: &str, name: &str, backend: &str, env: &[(&str, &str)]) {
-        let child = std::process::Command::new(lockstep_bin())
-            .args([
-                "worker",
-                "--nats",
-                url,
-                "--name",
-                name,
-                "--backend",
-                backend,
-                "--threads",
-                "1",
-                "--heartbeat-ms",
-                "250",
-            ])
-            .envs(env.iter().copied())
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .env(
-                "XDG_CACHE_HOME",
-                std::env::temp_dir().join("lockstep-test-cache"),
-            )
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
+        let tmp = std::env::temp_dir();
+        let cache = tmp.join("lockstep-test-cache");
+        let (tmp, cache) = (tmp.to_str().unwrap(), cache.to_str().unwrap());
+        let mut env = env.to_vec();
+        env.extend([
+            ("XDG_RUNTIME_DIR", tmp),
+            ("XDG_CACHE_HOME", cache),
+            ("RUST_LOG", "warn"),
+        ]);
+        self.0
+            .spawn(url, name, backend, &["--heartbeat-ms", "250"], &env)
             .expect("start worker");
-        self.0.push((name.to_string(), child));
-    }
-
-    /// SIGKILLs one worker (no chance to drain).
-    pub fn kill(&mut self, name: &str) {
-        let (_, c) = self
-            .0
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .expect("worker name");
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    pub fn is_running(&mut self, name: &str) -> bool {
-        let (_, c) = self
-            .0
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .expect("worker name");
-        c.try_wait().unwrap().is_none()
     }
 }
 
-impl Procs {
-    /// SIGTERM: the worker drains and exits by itself.
-    pub fn terminate(&mut self, name: &str) {
-        let (_, c) = self
-            .0
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .expect("worker name");
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    }
-
-    /// Waits up to `timeout` for a worker to exit; its status if it did.
-    pub fn wait_exit(
-        &mut self,
-        name: &str,
-        timeout: std::time::Duration,
-    ) -> Option<std::process::ExitStatus> {
-        let (_, c) = self
-            .0
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .expect("worker name");
-        let t = std::time::Instant::now();
-        while t.elapsed() < timeout {
-            if let Some(s) = c.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        None
+impl std::ops::Deref for Procs {
+    type Target = lockstep::demo::WorkerProcs;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
-impl Drop for Procs {
-    fn drop(&mut self) {
-        let names: Vec<String> = self.0.iter().map(|(n, _)| n.clone()).collect();
-        for n in &names {
-            self.terminate(n);
-        }
-        for n in &names {
-            self.wait_exit(n, std::time::Duration::from_secs(3));
-        }
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+impl std::ops::DerefMut for Procs {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
