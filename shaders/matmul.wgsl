@@ -1,4 +1,4 @@
-// C[M,N] = A[M,K] * B[K,N] under the lockstep contract (CONTRACT.md §3).
+// C[M,N] = A[M,K] * B[K,N] under the lockstep contract (CONTRACT.md §4).
 // Needs mac(), add() (from arith_hw.wgsl or arith_exact.wgsl) and canon().
 //
 // A workgroup of 16x16 threads computes a 64x64 tile of C; each thread a 4x4
@@ -23,7 +23,7 @@ struct Dims {
 
 const TILE: u32 = 64u;
 const KT: u32 = 16u;
-const CHUNK: u32 = 256u;
+
 
 var<workgroup> a_tile: array<u32, 1024>; // [KT][TILE], k-major
 var<workgroup> b_tile: array<u32, 1024>; // [KT][TILE]
@@ -35,8 +35,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let tid = lid.y * 16u + lid.x;
     var total: array<u32, 16>;
     var acc: array<u32, 16>;
-    for (var k0 = 0u; k0 < dims.k; k0 = k0 + CHUNK) {
-        let kend = min(k0 + CHUNK, dims.k);
+    for (var k0 = 0u; k0 < dims.k; k0 = k0 + K_CHUNK) {
+        let kend = min(k0 + K_CHUNK, dims.k);
         for (var t = 0u; t < 16u; t = t + 1u) { acc[t] = 0u; }
         for (var kt = k0; kt < kend; kt = kt + KT) {
             for (var l = 0u; l < 4u; l = l + 1u) {

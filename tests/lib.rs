@@ -39,6 +39,22 @@ pub fn present<T>(what: impl std::fmt::Debug, r: lockstep_kernels::Result<T>) ->
     }
 }
 
+/// With `LOCKSTEP_REQUIRE_CUDA=1` (the GPU check script sets it), a CUDA
+/// target that cannot open its device fails the test instead of skipping.
+pub fn cuda_required() -> bool {
+    std::env::var_os("LOCKSTEP_REQUIRE_CUDA").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+/// `C = A·B` on a backend through the op interface.
+pub fn matmul(
+    backend: &dyn Backend,
+    a: &[f32],
+    b: &[f32],
+    dims: lockstep_kernels::MatmulDims,
+) -> lockstep_kernels::Result<Vec<f32>> {
+    lockstep_kernels::Matmul::run(backend, a, b, dims)
+}
+
 /// A WGSL backend with the given options, or `None` where there is no device.
 pub fn open_wgpu(options: WgpuOptions) -> Option<WgpuBackend> {
     present(&options, WgpuBackend::new(options.clone()))
@@ -57,7 +73,16 @@ pub fn open(target: Target) -> Option<Box<dyn Backend>> {
             ..Default::default()
         })
         .map(|b| Box::new(b) as _),
-        Target::Cuda => lockstep_kernels::cuda::CudaBackend::new(0).map(|b| Box::new(b) as _),
+        Target::Cuda => {
+            let r = lockstep_kernels::cuda::CudaBackend::new(0).map(|b| Box::new(b) as _);
+            if let Err(e) = &r {
+                assert!(
+                    !cuda_required(),
+                    "LOCKSTEP_REQUIRE_CUDA is set, but CUDA cannot be opened: {e}"
+                );
+            }
+            r
+        }
     };
     present(target, r)
 }
@@ -189,8 +214,8 @@ pub fn lockstep_bin() -> std::path::PathBuf {
 /// A real nats-server for a test, or `None` (after saying why) when none is
 /// installed. `./dev test` sets `LOCKSTEP_REQUIRE_NATS=1`, so in CI a
 /// missing server fails the test instead of skipping it.
-pub fn nats_server() -> Option<lockstep::server::NatsServer> {
-    match lockstep::server::NatsServer::start() {
+pub fn nats_server() -> Option<lockstep::harness::NatsServer> {
+    match lockstep::harness::NatsServer::start() {
         Ok(s) => Some(s),
         Err(e) => {
             assert!(
@@ -205,12 +230,12 @@ pub fn nats_server() -> Option<lockstep::server::NatsServer> {
 
 /// Worker processes of the `lockstep` binary under test (SIGTERM, then
 /// SIGKILL, when dropped); `kill`, `terminate`, `is_running` and `wait_exit`
-/// come from [`lockstep::demo::WorkerProcs`].
-pub struct Procs(lockstep::demo::WorkerProcs);
+/// come from [`lockstep::harness::WorkerProcs`].
+pub struct Procs(lockstep::harness::WorkerProcs);
 
 impl Default for Procs {
     fn default() -> Self {
-        Procs(lockstep::demo::WorkerProcs::new(lockstep_bin()))
+        Procs(lockstep::harness::WorkerProcs::new(lockstep_bin()))
     }
 }
 
@@ -234,7 +259,7 @@ impl Procs {
 }
 
 impl std::ops::Deref for Procs {
-    type Target = lockstep::demo::WorkerProcs;
+    type Target = lockstep::harness::WorkerProcs;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -256,17 +281,17 @@ pub fn small_jobs(n: usize, seed: u64) -> Vec<lockstep::batch::BatchJob> {
                 r.random_range(1..300),
                 r.random_range(1..24),
             );
-            lockstep::batch::BatchJob {
-                id: format!("job-{i:03}"),
-                a: lockstep::batch::Tensor::Data {
+            lockstep::batch::BatchJob::matmul(
+                format!("job-{i:03}"),
+                lockstep::batch::Tensor::Data {
                     shape: vec![m, k],
                     data: random_values(&mut r, m * k, Values::MixedMagnitudes),
                 },
-                b: lockstep::batch::Tensor::Data {
+                lockstep::batch::Tensor::Data {
                     shape: vec![k, nn],
                     data: random_values(&mut r, k * nn, Values::MixedMagnitudes),
                 },
-            }
+            )
         })
         .collect()
 }

@@ -1,5 +1,5 @@
 // C[M,N] = A[M,K] * B[K,N], f32, row-major, under the lockstep contract
-// (CONTRACT.md §3). Compiled by NVRTC with --fmad=false; every rounding step
+// (CONTRACT.md §4). Compiled by NVRTC with --fmad=false; every rounding step
 // is written out (__fmaf_rn, __fadd_rn) so no compiler choice can change a bit.
 //
 // A block of 256 threads computes a 128x128 tile of C, each thread an 8x8
@@ -12,7 +12,10 @@
 #define BM 128
 #define BN 128
 #define BK 16
-#define CHUNK 256
+#ifndef K_CHUNK
+#error "K_CHUNK comes from Rust (kernels/src/contract: -DK_CHUNK=...)"
+#endif
+#define CHUNK K_CHUNK
 
 __device__ __forceinline__ float lockstep_canon(float x) {
     return (x != x) ? __int_as_float(0x7FC00000) : x;

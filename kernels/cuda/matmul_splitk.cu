@@ -1,5 +1,5 @@
 // Split-K matmul for skinny products (LLM decode: M small, K and N large),
-// under the lockstep contract (CONTRACT.md §3). Compiled by NVRTC with
+// under the lockstep contract (CONTRACT.md §4). Compiled by NVRTC with
 // --fmad=false; every rounding is explicit.
 //
 // The contract sums K in fixed chunks of 256, so chunks may run on different
@@ -8,7 +8,10 @@
 //   lockstep_chunk_sums_f32: partial[c][i][j] = fma chain over chunk c, from +0.0
 //   lockstep_sum_chunks_f32: C[i][j] = (((+0 + partial[0]) + partial[1]) + ...)
 
-#define CHUNK 256
+#ifndef K_CHUNK
+#error "K_CHUNK comes from Rust (kernels/src/contract: -DK_CHUNK=...)"
+#endif
+#define CHUNK K_CHUNK
 
 extern "C" __global__ void __launch_bounds__(256)
 lockstep_chunk_sums_f32(const float* __restrict__ A, const float* __restrict__ B,

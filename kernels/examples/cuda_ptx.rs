@@ -6,8 +6,9 @@ fn main() {
     let out = std::path::PathBuf::from(args.next().expect("usage: cuda_ptx OUT_DIR [ARCH]"));
     let arch = args.next().unwrap_or_else(|| "sm_90".into());
     std::fs::create_dir_all(&out).expect("create OUT_DIR");
-    for (name, src, _) in lockstep_kernels::cuda::SOURCES {
-        match lockstep_kernels::cuda::compile(name, src, &arch) {
+    for src in lockstep_kernels::cuda::SOURCES {
+        let name = src.name;
+        match lockstep_kernels::cuda::compile(name, src.text, &arch) {
             Ok(ptx) => {
                 let path = out.join(format!("{name}.ptx"));
                 std::fs::write(&path, ptx.to_src()).expect("write PTX");

@@ -1,8 +1,8 @@
-//! The one interface every backend implements, and detection of the backends
-//! present on this machine.
+//! The one interface every backend implements. Opening and detecting
+//! backends lives in [`crate::open`].
 
-use crate::contract::MatmulDims;
-use crate::error::{Error, Result};
+use crate::contract::{Op, Plan, Tensor, TensorView};
+use crate::error::Result;
 
 /// Which implementation computes a result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -59,55 +59,20 @@ pub struct BackendInfo {
 }
 
 /// A contract-following implementation of the ops.
+///
+/// Callers use [`Backend::run`]; a backend implements [`Backend::launch`],
+/// which matches on the checked [`Plan`] with one arm per op.
 pub trait Backend: Send + Sync {
     fn info(&self) -> BackendInfo;
 
-    /// `C = A·B` under the contract. `a` is [M,K], `b` is [K,N], row-major.
-    fn matmul(&self, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>>;
-}
+    /// Computes an op whose inputs [`Op::check`] has accepted (`plan` is its
+    /// answer). Returns the outputs, NaNs canonical.
+    fn launch(&self, op: &Op, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>>;
 
-/// Checks that operand lengths match the dimensions, without overflow.
-pub fn check_matmul_operands(a: &[f32], b: &[f32], dims: MatmulDims) -> Result<()> {
-    let MatmulDims { m, k, n } = dims;
-    let want_a = m
-        .checked_mul(k)
-        .ok_or_else(|| Error::too_large(format!("M*K overflows: {m}x{k}")))?;
-    let want_b = k
-        .checked_mul(n)
-        .ok_or_else(|| Error::too_large(format!("K*N overflows: {k}x{n}")))?;
-    m.checked_mul(n)
-        .ok_or_else(|| Error::too_large(format!("M*N overflows: {m}x{n}")))?;
-    if a.len() != want_a {
-        return Err(Error::shape(format!(
-            "A has {} values, but M*K = {m}*{k} = {want_a}",
-            a.len()
-        )));
+    /// Checks the inputs against the op's contract module, then computes it.
+    /// Bad inputs are `Shape` or `TooLarge` errors, never panics.
+    fn run(&self, op: &Op, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
+        let plan = op.check(inputs)?;
+        self.launch(op, &plan, inputs)
     }
-    if b.len() != want_b {
-        return Err(Error::shape(format!(
-            "B has {} values, but K*N = {k}*{n} = {want_b}",
-            b.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Opens the backend of the given kind with default settings.
-/// `Err` with [`crate::ErrorKind::Unavailable`] when its driver or device is missing.
-pub fn open(kind: BackendKind) -> Result<Box<dyn Backend>> {
-    open_with_threads(kind, 0)
-}
-
-/// [`open`], with the CPU backend on `cpu_threads` threads (0 = one per core).
-pub fn open_with_threads(kind: BackendKind, cpu_threads: usize) -> Result<Box<dyn Backend>> {
-    Ok(match kind {
-        BackendKind::Cpu => Box::new(crate::cpu::CpuBackend::new(cpu_threads)?),
-        BackendKind::Wgpu => Box::new(crate::wgpu::WgpuBackend::new(Default::default())?),
-        BackendKind::Cuda => Box::new(crate::cuda::CudaBackend::new(0)?),
-    })
-}
-
-/// Every backend present on this machine, with the reason for each absent one.
-pub fn detect_all() -> Vec<(BackendKind, Result<Box<dyn Backend>>)> {
-    BackendKind::ALL.iter().map(|&k| (k, open(k))).collect()
 }

@@ -12,9 +12,27 @@ pub const TENSOR_TAG: &[u8; 16] = b"lockstep.tensor\0";
 /// Element type code in the encoding. Only f32 exists so far.
 pub const DTYPE_F32: u8 = 1;
 
-/// A SHA3-256 digest, printed as `sha3-256:<64 lowercase hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// A SHA3-256 digest, printed, and serialised, as `sha3-256:<64 lowercase hex>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Digest::parse_prefixed(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{}` is not a digest (sha3-256:<64 hex>)",
+                s.chars().take(80).collect::<String>()
+            ))
+        })
+    }
+}
 
 impl Digest {
     pub fn to_hex(&self) -> String {
@@ -26,6 +44,11 @@ impl Digest {
         let hex_part = s.strip_prefix("sha3-256:").unwrap_or(s);
         let bytes = hex::decode(hex_part).ok()?;
         Some(Self(bytes.try_into().ok()?))
+    }
+
+    /// Parses `sha3-256:<hex>` only (the wire form).
+    pub fn parse_prefixed(s: &str) -> Option<Self> {
+        s.strip_prefix("sha3-256:").and_then(Self::parse)
     }
 }
 

@@ -278,76 +278,18 @@ mod tests {
 
     #[test]
     fn edge_cases() {
-        let specials: Vec<u32> = vec![
-            0,
-            0x8000_0000,
-            1,
-            0x8000_0001,
-            0x007F_FFFF,
-            0x807F_FFFF,
-            0x0080_0000,
-            0x0080_0001,
-            0x3F80_0000,
-            0xBF80_0000,
-            0x3F80_0001,
-            0x3F7F_FFFF,
-            0x3400_0000,
-            0x3380_0000,
-            0x7F7F_FFFF,
-            0xFF7F_FFFF,
-            0x7F80_0000,
-            0xFF80_0000,
-            0x7FC0_0000,
-            0x7F80_0001,
-            0x4000_0000,
-            0x3F00_0000,
-            0x1F80_0000,
-            0x2000_0000,
-            0x5F80_0000,
-            0x0040_0000,
-        ];
-        for &a in &specials {
-            for &b in &specials {
-                for &c in &specials {
-                    check(a, b, c);
-                }
-            }
+        for [a, b, c] in crate::conformance::edge_triples(crate::conformance::EDGE_VALUES) {
+            check(a, b, c);
         }
     }
 
     #[test]
     fn random_triples() {
-        // Random bit patterns, plus products near c's magnitude (cancellation)
-        // and results near the subnormal range; a quick xorshift keeps this
-        // free of dependencies and fast.
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        for i in 0..20_000_000u32 {
-            let r = next();
-            let (a, b) = (r as u32, (r >> 32) as u32);
-            let c = match i % 4 {
-                0 => next() as u32,
-                // c close to −a·b: massive cancellation.
-                1 => {
-                    (f32::from_bits(a) * f32::from_bits(b)).to_bits()
-                        ^ 0x8000_0000
-                        ^ (next() as u32 & 0xF)
-                }
-                // Exponents pulled towards the subnormal range.
-                2 => (next() as u32) & 0x80FF_FFFF,
-                _ => 0,
-            };
-            let a = if i % 8 == 3 { a & 0x87FF_FFFF } else { a };
-            let b = if i % 8 == 5 {
-                (b & 0x807F_FFFF) | 0x1800_0000
-            } else {
-                b
-            };
+        // Twenty million triples aimed at fma's hard cases (cancellation,
+        // subnormal results, overflow, ties), checked at Rust speed.
+        for [a, b, c] in
+            crate::conformance::RandomTriples::new(0x9E37_79B9_7F4A_7C15).take(20_000_000)
+        {
             check(a, b, c);
         }
     }

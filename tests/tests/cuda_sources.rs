@@ -21,10 +21,17 @@ fn cuda_sources_compile_for_sm90_without_spills() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ptxas = std::env::var_os("LOCKSTEP_PTXAS");
-    for (name, src, kernels) in SOURCES {
-        let ptx = compile(name, src, ARCH).unwrap_or_else(|e| panic!("{e}"));
+    for src in SOURCES {
+        let name = src.name;
+        // The contract's constants come from Rust (-DK_CHUNK), never typed
+        // into a source.
+        assert!(
+            !src.text.contains("#define K_CHUNK") && !src.text.contains("CHUNK 256"),
+            "{name}.cu defines the chunk length itself; use K_CHUNK from -DK_CHUNK"
+        );
+        let ptx = compile(name, src.text, ARCH).unwrap_or_else(|e| panic!("{e}"));
         let text = ptx.to_src();
-        for k in *kernels {
+        for k in src.kernels {
             assert!(
                 text.contains(&format!(".entry {k}")),
                 "{name}.cu: no kernel {k} in the PTX"

@@ -3,7 +3,7 @@
 //! odd shapes, awkward values, and inside and outside a larger batch.
 
 use lockstep_kernels::{matmul_spec, Backend, ErrorKind, MatmulDims};
-use lockstep_tests::{assert_bits_eq, backend_tests, random_values, rng, Target, Values};
+use lockstep_tests::{assert_bits_eq, backend_tests, matmul, random_values, rng, Target, Values};
 use rand::Rng;
 
 /// How much work a target can afford in a test: lavapipe runs WGSL 15–30×
@@ -21,9 +21,7 @@ fn check(backend: &dyn Backend, dims: MatmulDims, values: Values, seed: u64) {
     let mut r = rng(seed);
     let a = random_values(&mut r, dims.m * dims.k, values);
     let b = random_values(&mut r, dims.k * dims.n, values);
-    let got = backend
-        .matmul(&a, &b, dims)
-        .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
+    let got = matmul(backend, &a, &b, dims).unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let want = matmul_spec(&a, &b, dims);
     assert_bits_eq(&got, &want, &format!("{dims:?} {values:?} seed {seed}"));
 }
@@ -83,52 +81,46 @@ fn batch_invariance(backend: &dyn Backend, _t: Target) {
     let mut r = rng(99);
     let a = random_values(&mut r, m * k, Values::MixedMagnitudes);
     let b = random_values(&mut r, k * n, Values::MixedMagnitudes);
-    let full = backend.matmul(&a, &b, MatmulDims::new(m, k, n)).unwrap();
+    let full = matmul(backend, &a, &b, MatmulDims::new(m, k, n)).unwrap();
     assert_bits_eq(
         &full,
         &matmul_spec(&a, &b, MatmulDims::new(m, k, n)),
         "full",
     );
     let (lo, hi) = (37, 81);
-    let part = backend
-        .matmul(&a[lo * k..hi * k], &b, MatmulDims::new(hi - lo, k, n))
-        .unwrap();
+    let part = matmul(
+        backend,
+        &a[lo * k..hi * k],
+        &b,
+        MatmulDims::new(hi - lo, k, n),
+    )
+    .unwrap();
     assert_bits_eq(
         &part,
         &full[lo * n..hi * n],
         "rows 37..81 alone vs in batch",
     );
-    let row = backend
-        .matmul(&a[150 * k..151 * k], &b, MatmulDims::new(1, k, n))
-        .unwrap();
+    let row = matmul(backend, &a[150 * k..151 * k], &b, MatmulDims::new(1, k, n)).unwrap();
     assert_bits_eq(&row, &full[150 * n..151 * n], "row 150 alone vs in batch");
 }
 
 fn bad_operands_are_errors_not_panics(backend: &dyn Backend, _t: Target) {
-    let e = backend
-        .matmul(&[1.0; 6], &[1.0; 5], MatmulDims::new(2, 3, 2))
-        .unwrap_err();
+    let e = matmul(backend, &[1.0; 6], &[1.0; 5], MatmulDims::new(2, 3, 2)).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Shape, "{e}");
-    let e = backend
-        .matmul(&[1.0; 5], &[1.0; 6], MatmulDims::new(2, 3, 2))
-        .unwrap_err();
+    let e = matmul(backend, &[1.0; 5], &[1.0; 6], MatmulDims::new(2, 3, 2)).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Shape, "{e}");
-    let e = backend
-        .matmul(&[], &[], MatmulDims::new(usize::MAX, 2, 2))
-        .unwrap_err();
+    let e = matmul(backend, &[], &[], MatmulDims::new(usize::MAX, 2, 2)).unwrap_err();
     assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
 }
 
 fn empty_outputs(backend: &dyn Backend, _t: Target) {
-    assert!(backend
-        .matmul(&[], &[1.0; 3], MatmulDims::new(0, 1, 3))
+    assert!(matmul(backend, &[], &[1.0; 3], MatmulDims::new(0, 1, 3))
         .unwrap()
         .is_empty());
-    assert!(backend
-        .matmul(&[1.0; 3], &[], MatmulDims::new(3, 1, 0))
+    assert!(matmul(backend, &[1.0; 3], &[], MatmulDims::new(3, 1, 0))
         .unwrap()
         .is_empty());
-    let c = backend.matmul(&[], &[], MatmulDims::new(2, 0, 2)).unwrap();
+    let c = matmul(backend, &[], &[], MatmulDims::new(2, 0, 2)).unwrap();
     assert_eq!(
         c.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
         vec![0; 4]

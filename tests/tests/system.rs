@@ -23,7 +23,7 @@ fn opts(batch: &str) -> SubmitOptions {
 }
 
 async fn wait_workers(nats: &lockstep::nats::Nats, names: &[&str]) {
-    lockstep::demo::wait_for_workers(nats, names, Duration::from_secs(120))
+    lockstep::nats::wait_for_workers(nats, names, Duration::from_secs(120))
         .await
         .expect("workers register");
 }
@@ -312,7 +312,7 @@ async fn malformed_and_oversized_messages_get_error_results() {
             redundancy: 1,
             contract_version: lockstep_kernels::CONTRACT_VERSION,
             worker: "tough".into(),
-            spec: JobSpec::Matmul { a, b },
+            spec: JobSpec::matmul(a, b),
         })
         .unwrap()
     };
@@ -329,9 +329,18 @@ async fn malformed_and_oversized_messages_get_error_results() {
     let mut wrong_contract: serde_json::Value =
         serde_json::from_slice(&job("v9", ok_a.clone(), ok_a.clone())).unwrap();
     wrong_contract["contract_version"] = 999.into();
-    let mut unknown_kind: serde_json::Value =
+    let mut unknown_op: serde_json::Value =
         serde_json::from_slice(&job("k", ok_a.clone(), ok_a.clone())).unwrap();
-    unknown_kind["kind"] = "conv3d".into();
+    unknown_op["op"] = "conv3d".into();
+    let mut bad_params: serde_json::Value =
+        serde_json::from_slice(&job("p", ok_a.clone(), ok_a.clone())).unwrap();
+    bad_params["params"] = serde_json::json!({"transpose": true});
+    let mut three_inputs: serde_json::Value =
+        serde_json::from_slice(&job("three", ok_a.clone(), ok_a.clone())).unwrap();
+    three_inputs["inputs"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::to_value(&ok_a).unwrap());
     let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
         (b"\xff not json {".to_vec(), ErrorCode::BadMessage),
         (
@@ -339,8 +348,16 @@ async fn malformed_and_oversized_messages_get_error_results() {
             ErrorCode::BadMessage,
         ),
         (
-            serde_json::to_vec(&unknown_kind).unwrap(),
-            ErrorCode::UnknownKind,
+            serde_json::to_vec(&unknown_op).unwrap(),
+            ErrorCode::UnknownOp,
+        ),
+        (
+            serde_json::to_vec(&bad_params).unwrap(),
+            ErrorCode::BadMessage,
+        ),
+        (
+            serde_json::to_vec(&three_inputs).unwrap(),
+            ErrorCode::BadShape,
         ),
         (
             serde_json::to_vec(&wrong_contract).unwrap(),

@@ -3,8 +3,8 @@
 //! a B that cannot fit is a clear `TooLarge` error, not a device error.
 
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions};
-use lockstep_kernels::{matmul_spec, Backend, ErrorKind, MatmulDims};
-use lockstep_tests::{assert_bits_eq, open_wgpu, random_values, rng, Values};
+use lockstep_kernels::{matmul_spec, ErrorKind, MatmulDims};
+use lockstep_tests::{assert_bits_eq, matmul, open_wgpu, random_values, rng, Values};
 
 fn backend(limit: u64) -> Option<WgpuBackend> {
     open_wgpu(WgpuOptions {
@@ -21,7 +21,7 @@ fn large_a_and_c_run_in_row_passes() {
     let mut r = rng(3);
     let a = random_values(&mut r, dims.m * dims.k, Values::MixedMagnitudes);
     let b = random_values(&mut r, dims.k * dims.n, Values::MixedMagnitudes);
-    let got = gpu.matmul(&a, &b, dims).unwrap();
+    let got = matmul(&gpu, &a, &b, dims).unwrap();
     assert_bits_eq(&got, &matmul_spec(&a, &b, dims), "row passes");
 }
 
@@ -29,9 +29,7 @@ fn large_a_and_c_run_in_row_passes() {
 fn b_over_the_limit_is_a_clear_error() {
     let Some(gpu) = backend(16 << 10) else { return };
     let dims = MatmulDims::new(2, 100, 100); // B = 39 KiB
-    let e = gpu
-        .matmul(&vec![1.0; 200], &vec![1.0; 10_000], dims)
-        .unwrap_err();
+    let e = matmul(&gpu, &vec![1.0; 200], &vec![1.0; 10_000], dims).unwrap_err();
     assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
     assert!(e.message.contains("binds at most"), "{e}");
 }

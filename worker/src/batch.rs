@@ -1,9 +1,15 @@
-//! The batch file: JSON Lines, one job per line (docs/PROTOCOL.md §Batch).
+//! The batch file: JSON Lines, one job per line (docs/PROTOCOL.md, "Batch
+//! file").
 //!
 //! ```text
-//! {"id": "job-1", "kind": "matmul", "a": {"shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]},
-//!                                  "b": {"file": "ops.safetensors", "tensor": "b"}}
+//! {"id": "job-1", "op": "matmul", "params": {},
+//!  "inputs": [{"shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]},
+//!             {"file": "ops.safetensors", "tensor": "b"}]}
 //! ```
+//! `params` may be left out when the op has none. The matmul shorthand of
+//! protocol 1, `{"id": …, "kind": "matmul", "a": <tensor>, "b": <tensor>}`,
+//! is still accepted.
+//!
 //! A tensor is `data` (JSON numbers), `inline` (base64 of little-endian f32),
 //! `file` + `tensor` (a safetensors file, relative to the batch file), or
 //! `object` (a digest already in the object store), each with `shape` (except
@@ -12,18 +18,29 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use lockstep_kernels::Digest;
+use lockstep_kernels::{Digest, Matmul, Op};
 use serde::Deserialize;
 
 use crate::protocol::valid_token;
 
+/// One line as written: the general form (`op`, `params`, `inputs`) or the
+/// matmul shorthand (`kind`, `a`, `b`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line {
     id: String,
-    kind: String,
-    a: TensorSource,
-    b: TensorSource,
+    #[serde(default)]
+    op: Option<String>,
+    #[serde(default)]
+    params: Option<serde_json::Value>,
+    #[serde(default)]
+    inputs: Option<Vec<TensorSource>>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    a: Option<TensorSource>,
+    #[serde(default)]
+    b: Option<TensorSource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,11 +75,24 @@ impl Tensor {
     }
 }
 
+/// One job of a batch: an op and its inputs, already checked against the
+/// op's contract module (counts, ranks, shapes that agree).
 #[derive(Clone, Debug)]
 pub struct BatchJob {
     pub id: String,
-    pub a: Tensor,
-    pub b: Tensor,
+    pub op: Op,
+    pub inputs: Vec<Tensor>,
+}
+
+impl BatchJob {
+    /// `c = a·b`.
+    pub fn matmul(id: impl Into<String>, a: Tensor, b: Tensor) -> Self {
+        Self {
+            id: id.into(),
+            op: Op::Matmul(Matmul {}),
+            inputs: vec![a, b],
+        }
+    }
 }
 
 /// Parses a whole batch file; any bad line is an error naming the line, and
@@ -94,6 +124,16 @@ pub fn parse_batch_str(text: &str, base: &Path) -> Result<Vec<BatchJob>> {
     Ok(jobs)
 }
 
+/// The op a line names, with its parameters.
+fn parse_op(name: &str, params: Option<serde_json::Value>) -> Result<Op> {
+    if !Op::NAMES.contains(&name) {
+        bail!("unknown op `{name}` (known: {})", Op::NAMES.join(", "));
+    }
+    let params = params.unwrap_or_else(|| serde_json::json!({}));
+    serde_json::from_value(serde_json::json!({"op": name, "params": params}))
+        .with_context(|| format!("bad params for {name}"))
+}
+
 fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
     let l: Line = serde_json::from_str(line).context("not a valid job line")?;
     if !valid_token(&l.id) {
@@ -102,20 +142,52 @@ fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
             l.id
         );
     }
-    if l.kind != "matmul" {
-        bail!("job `{}`: unknown kind `{}` (known: matmul)", l.id, l.kind);
+    let (op, sources) = match (l.op, l.kind) {
+        (Some(_), Some(_)) => bail!("job `{}`: give `op` or `kind`, not both", l.id),
+        (Some(name), None) => {
+            if l.a.is_some() || l.b.is_some() {
+                bail!(
+                    "job `{}`: with `op`, inputs go in `inputs`, not `a`/`b`",
+                    l.id
+                );
+            }
+            let op = parse_op(&name, l.params).with_context(|| format!("job `{}`", l.id))?;
+            (op, l.inputs.unwrap_or_default())
+        }
+        (None, Some(kind)) => {
+            if kind != Matmul::NAME {
+                bail!(
+                    "job `{}`: unknown kind `{kind}` (the `kind` shorthand is for matmul; other ops use `op` and `inputs`)",
+                    l.id
+                );
+            }
+            if l.inputs.is_some() || l.params.is_some() {
+                bail!(
+                    "job `{}`: the `kind` shorthand takes `a` and `b` only",
+                    l.id
+                );
+            }
+            let (Some(a), Some(b)) = (l.a, l.b) else {
+                bail!("job `{}`: matmul needs `a` and `b`", l.id);
+            };
+            (Op::Matmul(Matmul {}), vec![a, b])
+        }
+        (None, None) => bail!("job `{}`: no `op` (known: {})", l.id, Op::NAMES.join(", ")),
+    };
+    let names = op.input_names();
+    let mut inputs = Vec::with_capacity(sources.len());
+    for (i, src) in sources.iter().enumerate() {
+        let name = names.get(i).copied().unwrap_or("extra");
+        inputs.push(tensor(src, base).with_context(|| format!("job `{}`, input {name}", l.id))?);
     }
-    let a = tensor(&l.a, base).with_context(|| format!("job `{}`, tensor a", l.id))?;
-    let b = tensor(&l.b, base).with_context(|| format!("job `{}`, tensor b", l.id))?;
-    if a.shape().len() != 2 || b.shape().len() != 2 || a.shape()[1] != b.shape()[0] {
-        bail!(
-            "job `{}`: a {:?} and b {:?} are not multipliable matrices",
-            l.id,
-            a.shape(),
-            b.shape()
-        );
-    }
-    Ok(BatchJob { id: l.id, a, b })
+    let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+    op.plan(&shapes)
+        .map_err(|e| anyhow::anyhow!("job `{}`: {e}", l.id))?;
+    Ok(BatchJob {
+        id: l.id,
+        op,
+        inputs,
+    })
 }
 
 fn tensor(s: &TensorSource, base: &Path) -> Result<Tensor> {
@@ -174,14 +246,14 @@ mod tests {
         );
         let jobs = parse_batch_str(&text, dir.path()).unwrap();
         assert_eq!(jobs.len(), 2);
-        match &jobs[0].b {
+        match &jobs[0].inputs[1] {
             Tensor::Data { shape, data } => {
                 assert_eq!(shape, &[3, 1]);
                 assert_eq!(data, &[1.0, 2.0, 3.0]);
             }
             other => panic!("{other:?}"),
         }
-        match &jobs[1].a {
+        match &jobs[1].inputs[0] {
             Tensor::Data { data, .. } => assert_eq!(data, &[4.0, 5.0, 6.0]),
             other => panic!("{other:?}"),
         }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lockstep_kernels::cpu::CpuBackend;
-use lockstep_kernels::{Backend, BackendKind, MatmulDims};
+use lockstep_kernels::{Backend, BackendKind, Matmul, MatmulDims};
 use rand::{Rng, SeedableRng};
 
 /// One benchmark's outcome; `--json` prints it as one object.
@@ -80,7 +80,9 @@ pub fn bench_cpu(dims: MatmulDims, threads: usize, reps: usize) -> Result<Matmul
         (
             "lockstep".into(),
             Box::new(move || {
-                std::hint::black_box(cpu_ref.matmul(a_ref, b_ref, dims).expect("valid operands"));
+                std::hint::black_box(
+                    Matmul::run(cpu_ref, a_ref, b_ref, dims).expect("valid operands"),
+                );
             }),
         ),
         (
@@ -180,13 +182,13 @@ pub fn bench_wgpu(dims: MatmulDims, reps: usize) -> Result<MatmulReport> {
         (
             "lockstep-wgpu".into(),
             Box::new(|| {
-                std::hint::black_box(gpu.matmul(&a, &b, dims).expect("valid operands"));
+                std::hint::black_box(Matmul::run(&*gpu, &a, &b, dims).expect("valid operands"));
             }),
         ),
         (
             "lockstep-cpu".into(),
             Box::new(|| {
-                std::hint::black_box(cpu.matmul(&a, &b, dims).expect("valid operands"));
+                std::hint::black_box(Matmul::run(&cpu, &a, &b, dims).expect("valid operands"));
             }),
         ),
     ];
@@ -294,11 +296,11 @@ fn tiny_job(id: String, i: usize) -> crate::batch::BatchJob {
         shape: vec![2, 2],
         data,
     };
-    crate::batch::BatchJob {
+    crate::batch::BatchJob::matmul(
         id,
-        a: t(vec![i as f32, 1.0, 2.0, 3.0]),
-        b: t(vec![1.0, 0.5, 0.25, 2.0]),
-    }
+        t(vec![i as f32, 1.0, 2.0, 3.0]),
+        t(vec![1.0, 0.5, 0.25, 2.0]),
+    )
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -313,7 +315,7 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
     anyhow::ensure!(n >= 10, "--jobs must be at least 10");
     let server = match &nats_url {
         Some(_) => None,
-        None => Some(crate::server::NatsServer::start()?),
+        None => Some(crate::harness::NatsServer::start()?),
     };
     let url = nats_url.unwrap_or_else(|| server.as_ref().unwrap().url());
     let nats = crate::nats::connect(&url).await?;

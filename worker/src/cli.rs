@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use crate::{bench, tensors};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lockstep_kernels::{tensor_digest_f32, BackendKind, MatmulDims, CONTRACT_VERSION};
+use lockstep_kernels::{tensor_digest_f32, BackendKind, Matmul, MatmulDims, CONTRACT_VERSION};
 
 /// Verifiable inference: every backend computes the same bits.
 ///
@@ -280,7 +280,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn open(kind: BackendKind, threads: usize) -> Result<Box<dyn lockstep_kernels::Backend>> {
-    lockstep_kernels::backend::open_with_threads(kind, threads)
+    lockstep_kernels::open_with_threads(kind, threads)
         .with_context(|| format!("backend {kind} is not usable here"))
 }
 
@@ -328,7 +328,7 @@ fn matmul(
     let (a, b, dims) = tensors::read_operands(input)?;
     let backend = open(kind, threads)?;
     let t = std::time::Instant::now();
-    let c = backend.matmul(&a.data, &b.data, dims)?;
+    let c = Matmul::run(&*backend, &a.data, &b.data, dims)?;
     let secs = t.elapsed().as_secs_f64();
     tensors::write_f32(output, &[("c", &[dims.m, dims.n], &c)])?;
     let info = backend.info();
@@ -365,7 +365,7 @@ fn demo_local(size: usize) -> Result<()> {
         match r {
             Ok(backend) => {
                 let info = backend.info();
-                let c = backend.matmul(&a, &b, dims)?;
+                let c = Matmul::run(&*backend, &a, &b, dims)?;
                 let d = tensor_digest_f32(&[dims.m, dims.n], &c);
                 ran += 1;
                 agree += (d == want) as usize;
@@ -414,10 +414,12 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
     o.max_macs = args.max_macs;
     o.cache_dir = args.cache_dir;
     o.heartbeat = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
-    o.fault = args
-        .fault_inject_every
-        .map(|every| crate::worker::FaultInjection { every });
-    o.test_delay = std::time::Duration::from_millis(args.test_delay_ms);
+    o.test = crate::worker::TestSwitches {
+        fault: args
+            .fault_inject_every
+            .map(|every| crate::worker::FaultInjection { every }),
+        delay: std::time::Duration::from_millis(args.test_delay_ms),
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(crate::worker::run(o, shutdown_signal()))
 }
@@ -447,7 +449,7 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
         let nats = crate::nats::connect(&args.nats).await?;
         crate::coordinator::submit(&nats, jobs, &opts).await
     })?;
-    crate::demo::print_report(&report);
+    crate::coordinator::print_report(&report);
     println!(
         "report: {}",
         opts.out_dir.as_ref().unwrap().join("report.json").display()

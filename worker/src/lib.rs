@@ -4,20 +4,31 @@
 //! compute core in `lockstep-kernels`.
 //!
 //! ## Layout
-//! - [`tensors`]: reading and writing matmul operands as safetensors, with
+//! - [`protocol`]: every subject, stream, bucket and message on the wire
+//!   (docs/PROTOCOL.md).
+//! - [`nats`]: connecting, creating streams and buckets, the worker
+//!   registry, blobs.
+//! - [`batch`]: the JSON Lines batch format.
+//! - [`tensors`]: reading and writing tensors as safetensors files, with
 //!   clear errors for every way a file can be wrong.
-//! - [`bench`]: `lockstep bench matmul`, lockstep against the GEMMs users
-//!   would otherwise use (faer and matrixmultiply on CPU, cuBLAS on CUDA),
-//!   timed in the same run.
-//! - `main.rs`: the `lockstep` CLI.
+//! - [`worker`]: `lockstep worker` (backends, registry and heartbeats, the
+//!   job handler, the blob cache, test-only switches).
+//! - [`coordinator`]: `lockstep submit` (plan and resume, scheduling,
+//!   verdicts and disputes, the report).
+//! - [`harness`]: a local nats-server and worker processes, for the demo,
+//!   benchmarks and tests.
+//! - [`demo`]: `lockstep demo`.
+//! - [`bench`]: `lockstep bench matmul | dispatch`, lockstep against the
+//!   baselines users would otherwise use, timed in the same run.
+//! - [`cli`]: the `lockstep` command line (`main.rs` is one line).
 
 pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod coordinator;
 pub mod demo;
+pub mod harness;
 pub mod nats;
 pub mod protocol;
-pub mod server;
 pub mod tensors;
 pub mod worker;

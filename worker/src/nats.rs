@@ -125,6 +125,23 @@ pub async fn live_workers(nats: &Nats, timeout: Duration) -> Result<Vec<WorkerRe
     Ok(out)
 }
 
+/// Waits until every named worker has registered and is heartbeating.
+pub async fn wait_for_workers(nats: &Nats, names: &[&str], timeout: Duration) -> Result<()> {
+    let t = std::time::Instant::now();
+    loop {
+        let live = live_workers(nats, Duration::from_secs(5)).await?;
+        if names.iter().all(|n| live.iter().any(|w| w.id == *n)) {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            anyhow::bail!(
+                "workers {names:?} did not all register within {timeout:?} (see their logs)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The bytes of an object in the blob store (not yet checked: see
 /// [`decode_blob`]).
 pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {

@@ -3,11 +3,13 @@
 //! worker in any language can speak it.
 
 use base64::Engine as _;
-use lockstep_kernels::{tensor_digest_f32, BackendInfo, Digest};
+use lockstep_kernels::{tensor_digest_f32, BackendInfo, Digest, Matmul, Op};
 use serde::{Deserialize, Serialize};
 
 /// Version of these messages; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: jobs carry `op`, `params` and a list of `inputs`; results a list of
+/// `outputs`; digests are `"sha3-256:<hex>"` strings.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Stream of job replicas, one subject per worker: `lockstep.job.<worker>`.
 pub const JOBS_STREAM: &str = "LOCKSTEP_JOBS";
@@ -141,12 +143,36 @@ impl TensorRef {
     }
 }
 
-/// What a job computes.
+/// What a job computes: an op with its parameters (`"op"`, `"params"`, see
+/// [`Op`]) and its inputs, in the op's order.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum JobSpec {
+pub struct JobSpec {
+    #[serde(flatten)]
+    pub op: Op,
+    pub inputs: Vec<TensorRef>,
+}
+
+impl JobSpec {
     /// `c = a·b` under the contract: `a` [M,K], `b` [K,N].
-    Matmul { a: TensorRef, b: TensorRef },
+    pub fn matmul(a: TensorRef, b: TensorRef) -> Self {
+        Self {
+            op: Op::Matmul(Matmul {}),
+            inputs: vec![a, b],
+        }
+    }
+
+    /// The inputs' shapes, for [`Op::plan`].
+    pub fn shapes(&self) -> Vec<&[usize]> {
+        self.inputs.iter().map(|t| t.shape.as_slice()).collect()
+    }
+
+    /// Bytes the inputs take inline in a message (objects count as small).
+    pub fn inline_bytes(&self) -> usize {
+        self.inputs
+            .iter()
+            .map(|t| t.inline.as_ref().map_or(128, |s| s.len()))
+            .sum()
+    }
 }
 
 /// One replica of a job, sent to one worker on `lockstep.job.<worker>`.
@@ -206,8 +232,8 @@ pub struct PlanEntry {
 pub enum ErrorCode {
     /// Not a valid job message (JSON, fields, protocol version).
     BadMessage,
-    /// A job kind this worker does not know.
-    UnknownKind,
+    /// An op this worker does not know.
+    UnknownOp,
     /// Shapes inconsistent, or data not matching its shape.
     BadShape,
     /// Over this worker's configured limits.
@@ -230,7 +256,7 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::BadMessage
-                | ErrorCode::UnknownKind
+                | ErrorCode::UnknownOp
                 | ErrorCode::BadShape
                 | ErrorCode::TooLarge
                 | ErrorCode::WrongContract
@@ -244,9 +270,11 @@ impl ErrorCode {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
     Ok {
-        shape: Vec<usize>,
+        /// [`lockstep_kernels::outputs_digest`] of the outputs: the value
+        /// replicas are compared by (for one output, its tensor digest).
         digest: Digest,
-        output: TensorRef,
+        /// The op's outputs, in order, with their shapes.
+        outputs: Vec<TensorRef>,
     },
     Error {
         code: ErrorCode,

@@ -1,5 +1,6 @@
-//! CPU backend: the contract's matmul, packed, cache-blocked, SIMD and
-//! multi-threaded, bit-identical to [`crate::contract::matmul_spec`].
+//! CPU backend: one kernel module per op, each bit-identical to its spec in
+//! [`crate::contract`]. Matmul ([`matmul`]) is packed, cache-blocked, SIMD
+//! and multi-threaded.
 //!
 //! Why it is exact: the cache block along K is the contract's 256-chunk
 //! itself. For each chunk the microkernel starts every accumulator at +0.0,
@@ -9,12 +10,12 @@
 //! each block is computed in the same order, so the bits do not depend on the
 //! thread count, the blocking or the ISA.
 
-mod gemm;
+mod matmul;
 
-pub use gemm::Isa;
+pub use matmul::Isa;
 
-use crate::backend::{check_matmul_operands, Backend, BackendInfo, BackendKind};
-use crate::contract::MatmulDims;
+use crate::backend::{Backend, BackendInfo, BackendKind};
+use crate::contract::{Op, Plan, Tensor, TensorView};
 use crate::error::{Error, Result};
 
 /// The CPU backend: a thread pool and the best SIMD path this CPU supports.
@@ -93,10 +94,15 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn matmul(&self, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>> {
-        check_matmul_operands(a, b, dims)?;
-        Ok(self
-            .pool
-            .install(|| gemm::matmul(a, b, dims, self.isa, self.threads)))
+    fn launch(&self, _op: &Op, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
+        Ok(match *plan {
+            Plan::Matmul(dims) => {
+                let (a, b) = (inputs[0].data, inputs[1].data);
+                let c = self
+                    .pool
+                    .install(|| matmul::matmul(a, b, dims, self.isa, self.threads));
+                vec![Tensor::new(dims.output_shape(), c)]
+            }
+        })
     }
 }

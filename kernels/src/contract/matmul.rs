@@ -1,30 +1,60 @@
-//! The arithmetic contract, executable: plain scalar functions that define
-//! every op's result bit for bit. `CONTRACT.md` at the repository root is the
-//! prose version; where they disagree, that is a bug in one of them.
-//!
-//! Every fast path (SIMD CPU, WGSL, CUDA) is tested bit for bit against the
-//! functions here. They are written for clarity, not speed: one loop per rule.
+//! Matmul, `C[M,N] = A[M,K] · B[K,N]` (CONTRACT.md §4): parameters (none),
+//! input validation, output shape and the scalar spec.
 
-/// Version of the arithmetic contract. Every result carries it; any change to
-/// the arithmetic of any op bumps it.
-pub const CONTRACT_VERSION: u32 = 1;
+use crate::backend::Backend;
+use crate::contract::{canonicalize, elements, short_shape, Op, TensorView, K_CHUNK};
+use crate::error::{Error, Result};
 
-/// Length of the fixed reduction chunks along K. A product's sum is formed
-/// chunk by chunk, so a GPU may hand different chunks to different threads
-/// (split-K) without changing a bit, as long as it adds the chunk sums in order.
-pub const K_CHUNK: usize = 256;
+/// The matmul op. It has no parameters: `"params": {}` on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Matmul {}
 
-/// The one NaN every op emits: quiet, positive, zero payload.
-pub const CANONICAL_NAN_BITS: u32 = 0x7FC0_0000;
+impl Matmul {
+    pub const NAME: &'static str = "matmul";
+    /// `a` [M,K] and `b` [K,N], row-major f32.
+    pub const INPUTS: &'static [&'static str] = &["a", "b"];
+    /// `c` [M,N].
+    pub const OUTPUTS: &'static [&'static str] = &["c"];
 
-/// Replaces any NaN by the canonical NaN; every other value (subnormals, ±0,
-/// ±inf) passes through unchanged.
-#[inline]
-pub fn canonicalize(x: f32) -> f32 {
-    if x.is_nan() {
-        f32::from_bits(CANONICAL_NAN_BITS)
-    } else {
-        x
+    /// Checks that `a` and `b` are matrices that chain, and that no size
+    /// overflows.
+    pub fn plan(&self, shapes: &[&[usize]]) -> Result<MatmulDims> {
+        let [a, b] = shapes else {
+            return Err(Error::shape(format!(
+                "matmul takes 2 inputs (a, b), got {}",
+                shapes.len()
+            )));
+        };
+        for (name, s) in [("a", a), ("b", b)] {
+            if s.len() != 2 {
+                return Err(Error::shape(format!(
+                    "{name} has shape {}; matmul needs a matrix (rank 2)",
+                    short_shape(s)
+                )));
+            }
+        }
+        if a[1] != b[0] {
+            return Err(Error::shape(format!(
+                "a is {a:?} and b is {b:?}: a's columns must equal b's rows (K)"
+            )));
+        }
+        let dims = MatmulDims::new(a[0], a[1], b[1]);
+        elements(a)?;
+        elements(b)?;
+        elements(&dims.output_shape())?;
+        Ok(dims)
+    }
+
+    /// `C = A·B` on any backend, for callers that hold plain slices: a
+    /// shorthand for [`Backend::run`] with this op.
+    pub fn run(backend: &dyn Backend, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>> {
+        let (sa, sb) = ([dims.m, dims.k], [dims.k, dims.n]);
+        let out = backend.run(
+            &Op::Matmul(Matmul {}),
+            &[TensorView::new(&sa, a), TensorView::new(&sb, b)],
+        )?;
+        Ok(out.into_iter().next().map(|t| t.data).unwrap_or_default())
     }
 }
 
@@ -45,9 +75,21 @@ impl MatmulDims {
     pub fn flops(&self) -> f64 {
         2.0 * self.m as f64 * self.k as f64 * self.n as f64
     }
+
+    /// Multiply-adds, saturating.
+    pub fn macs(&self) -> u64 {
+        (self.m as u64)
+            .saturating_mul(self.k as u64)
+            .saturating_mul(self.n as u64)
+    }
+
+    /// `[M, N]`.
+    pub fn output_shape(&self) -> Vec<usize> {
+        vec![self.m, self.n]
+    }
 }
 
-/// The executable spec of matmul (CONTRACT.md §3):
+/// The executable spec of matmul (CONTRACT.md §4):
 ///
 /// ```text
 /// for each (i, j):
@@ -89,6 +131,7 @@ pub fn matmul_spec(a: &[f32], b: &[f32], dims: MatmulDims) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::CANONICAL_NAN_BITS;
 
     #[test]
     fn k_zero_gives_positive_zero() {

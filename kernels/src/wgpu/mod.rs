@@ -1,5 +1,7 @@
-//! WGSL backend (wgpu): tiled matmul in `shaders/matmul.wgsl`, on whatever
-//! GPU (or CPU Vulkan driver) wgpu finds.
+//! WGSL backend (wgpu): one shader per op in `shaders/` (matmul:
+//! `shaders/matmul.wgsl`, launched by [`matmul`]), on whatever GPU (or CPU
+//! Vulkan driver) wgpu finds. Pipelines are compiled once per (shader, path),
+//! on first use, and cached by name.
 //!
 //! WGSL lets a driver fuse or split multiply-adds and flush subnormals, so
 //! the backend does not trust the driver: at start it runs a conformance
@@ -9,28 +11,38 @@
 //! value is a u32 bit pattern and each fma is done in integer arithmetic
 //! (`shaders/softfloat.wgsl`). Both paths run the same matmul shader.
 
+mod matmul;
+
 use std::borrow::Cow;
-use std::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Mutex};
 
 use wgpu::util::DeviceExt;
 
-use crate::backend::{check_matmul_operands, Backend, BackendInfo, BackendKind};
-use crate::contract::{canonicalize, matmul_spec, MatmulDims};
+use crate::backend::{Backend, BackendInfo, BackendKind};
+use crate::conformance::{self, expected_arith};
+use crate::contract::{Op, Plan, Tensor, TensorView, K_CHUNK};
 use crate::error::{Error, Result};
 
-/// Every WGSL source, by name. A new kernel is one file in `shaders/` and
-/// one line here.
+/// Every WGSL source, by name: the helpers every shader is built from
+/// (`common`, `softfloat`, `arith_hw`, `arith_exact`) and one shader per op
+/// or check. A new kernel is one file in `shaders/` and one line here.
 pub const SOURCES: &[(&str, &str)] = &[
-    ("common", include_str!("../../shaders/common.wgsl")),
-    ("softfloat", include_str!("../../shaders/softfloat.wgsl")),
-    ("arith_hw", include_str!("../../shaders/arith_hw.wgsl")),
+    ("common", include_str!("../../../shaders/common.wgsl")),
+    ("softfloat", include_str!("../../../shaders/softfloat.wgsl")),
+    ("arith_hw", include_str!("../../../shaders/arith_hw.wgsl")),
     (
         "arith_exact",
-        include_str!("../../shaders/arith_exact.wgsl"),
+        include_str!("../../../shaders/arith_exact.wgsl"),
     ),
-    ("matmul", include_str!("../../shaders/matmul.wgsl")),
-    ("probe", include_str!("../../shaders/probe.wgsl")),
+    ("matmul", include_str!("../../../shaders/matmul.wgsl")),
+    ("probe", include_str!("../../../shaders/probe.wgsl")),
 ];
+
+/// Constants every shader gets from Rust, so no shader retypes them.
+pub fn generated_constants() -> String {
+    format!("// Generated from kernels/src/contract.\nconst K_CHUNK: u32 = {K_CHUNK}u;\n")
+}
 
 fn source(name: &str) -> &'static str {
     SOURCES
@@ -41,7 +53,7 @@ fn source(name: &str) -> &'static str {
 }
 
 /// How the shaders do their float arithmetic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WgpuPath {
     /// The GPU's float units: fast, used only where the probe passed.
     Hardware,
@@ -137,12 +149,6 @@ impl ProbeReport {
     }
 }
 
-/// Compiled pipelines of one arithmetic path.
-struct PathPipelines {
-    matmul: wgpu::ComputePipeline,
-    probe: wgpu::ComputePipeline,
-}
-
 pub struct WgpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
@@ -154,9 +160,8 @@ pub struct WgpuBackend {
     max_groups: u32,
     /// The path this backend computes with.
     path: WgpuPath,
-    pipelines: PathPipelines,
-    /// Exact-path pipelines for [`Self::eval_arith`] when `path` is hardware.
-    exact: Option<PathPipelines>,
+    /// Compiled pipelines by (shader name, path).
+    pipelines: Mutex<HashMap<(&'static str, WgpuPath), Arc<wgpu::ComputePipeline>>>,
     probe: ProbeReport,
 }
 
@@ -190,14 +195,13 @@ impl WgpuBackend {
             .min(1 << 31)
             .min(options.max_binding_bytes.unwrap_or(u64::MAX));
         let mut this = Self {
-            pipelines: build_path(&device, WgpuPath::Hardware)?,
+            pipelines: Mutex::new(HashMap::new()),
             device,
             queue,
             adapter: info,
             max_binding,
             max_groups: limits.max_compute_workgroups_per_dimension,
             path: WgpuPath::Hardware,
-            exact: None,
             probe: ProbeReport {
                 fma_fused: false,
                 fma_mismatches: 0,
@@ -221,12 +225,12 @@ impl WgpuBackend {
             None if this.probe.passed() => WgpuPath::Hardware,
             None => WgpuPath::Exact,
         };
-        if chosen == WgpuPath::Exact {
-            this.pipelines = build_path(&this.device, WgpuPath::Exact)?;
-        } else {
-            this.exact = Some(build_path(&this.device, WgpuPath::Exact)?);
-        }
         this.path = chosen;
+        // Compile the op shaders now, so a driver that rejects one fails at
+        // open rather than in the first job.
+        for name in OP_SHADERS {
+            this.pipeline(name, chosen)?;
+        }
         tracing::info!(device = %this.adapter.name, path = chosen.name(), "wgpu backend ready");
         Ok(this)
     }
@@ -243,18 +247,23 @@ impl WgpuBackend {
     /// GPU with the given path's arithmetic (tests check the exact path
     /// against hardware fma with this).
     pub fn eval_arith(&self, path: WgpuPath, triples: &[[u32; 3]]) -> Result<Vec<[u32; 3]>> {
-        let pipes = if path == self.path {
-            &self.pipelines
-        } else if path == WgpuPath::Exact {
-            self.exact
-                .as_ref()
-                .expect("exact pipelines are always built")
-        } else {
+        if path == WgpuPath::Hardware && self.path != WgpuPath::Hardware {
             return Err(Error::unavailable(
                 "the hardware path failed the probe on this device",
             ));
-        };
-        self.run_elementwise(&pipes.probe, triples)
+        }
+        self.run_elementwise(&*self.pipeline("probe", path)?, triples)
+    }
+
+    /// The pipeline of shader `name` on `path`, compiled on first use.
+    fn pipeline(&self, name: &'static str, path: WgpuPath) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cache.get(&(name, path)) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(compile(&self.device, name, path)?);
+        cache.insert((name, path), p.clone());
+        Ok(p)
     }
 
     fn run_elementwise(
@@ -290,7 +299,7 @@ impl WgpuBackend {
 
     fn run_probe(&self) -> Result<ProbeReport> {
         let cases = probe_cases();
-        let got = self.run_elementwise(&self.pipelines.probe, &cases)?;
+        let got = self.run_elementwise(&*self.pipeline("probe", WgpuPath::Hardware)?, &cases)?;
         let mut report = ProbeReport {
             fma_fused: false,
             fma_mismatches: 0,
@@ -317,120 +326,14 @@ impl WgpuBackend {
             && report.fma_mismatches + report.add_mismatches + report.mul_mismatches == 0
             && report.subnormals_kept
         {
-            report.matmul_self_check = Some(self.matmul_self_check()?);
+            report.matmul_self_check = Some(conformance::matmul_self_test(|a, b, dims| {
+                self.matmul(WgpuPath::Hardware, a, b, dims)
+            })?);
         }
         Ok(report)
     }
 
-    /// A few products, subnormals and chunk boundaries included, on the
-    /// hardware path, compared with the spec.
-    fn matmul_self_check(&self) -> Result<bool> {
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        for dims in [MatmulDims::new(70, 600, 65), MatmulDims::new(1, 513, 130)] {
-            let mut gen = |len: usize| -> Vec<f32> {
-                (0..len)
-                    .map(|i| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        let bits = seed as u32;
-                        // Every 7th value a subnormal, the rest of moderate size.
-                        if i % 7 == 0 {
-                            f32::from_bits(bits & 0x807F_FFFF)
-                        } else {
-                            f32::from_bits((bits & 0x83FF_FFFF) | 0x3C00_0000)
-                        }
-                    })
-                    .collect()
-            };
-            let a = gen(dims.m * dims.k);
-            let b = gen(dims.k * dims.n);
-            let got = self.matmul_on(&self.pipelines.matmul, &a, &b, dims)?;
-            let want = matmul_spec(&a, &b, dims);
-            if got
-                .iter()
-                .zip(&want)
-                .any(|(g, w)| g.to_bits() != w.to_bits())
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    fn matmul_on(
-        &self,
-        pipeline: &wgpu::ComputePipeline,
-        a: &[f32],
-        b: &[f32],
-        dims: MatmulDims,
-    ) -> Result<Vec<f32>> {
-        let MatmulDims { m, k, n } = dims;
-        if m == 0 || n == 0 || k == 0 {
-            return Ok(vec![0.0; m * n]);
-        }
-        let limit = self.max_binding;
-        let b_bytes = (k * n * 4) as u64;
-        if b_bytes > limit {
-            return Err(Error::too_large(format!(
-                "B is {k}x{n} ({} MiB) but {} binds at most {} MiB per buffer",
-                b_bytes >> 20,
-                self.adapter.name,
-                limit >> 20
-            )));
-        }
-        if n.div_ceil(64) > self.max_groups as usize {
-            return Err(Error::too_large(format!(
-                "N = {n} needs {} workgroups across, more than this device's {}",
-                n.div_ceil(64),
-                self.max_groups
-            )));
-        }
-        // Rows of A and C per pass: each pass's buffers fit the binding limit.
-        // Splitting rows is exact: every row of C is computed the same way
-        // whatever else is in the batch.
-        let row_bytes = (k.max(n) * 4) as u64;
-        let rows_per_pass = ((limit / row_bytes) as usize)
-            .min(self.max_groups as usize * 64)
-            .min(m);
-        if rows_per_pass == 0 {
-            return Err(Error::too_large(format!(
-                "one row of A or C ({} MiB) exceeds this device's {} MiB binding limit",
-                row_bytes >> 20,
-                limit >> 20
-            )));
-        }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let b_buf = self.storage_init("b", bytemuck::cast_slice(b));
-        let mut c = Vec::with_capacity(m * n);
-        for r0 in (0..m).step_by(rows_per_pass) {
-            let rows = rows_per_pass.min(m - r0);
-            let a_buf = self.storage_init("a", bytemuck::cast_slice(&a[r0 * k..(r0 + rows) * k]));
-            let c_bytes = (rows * n * 4) as u64;
-            let c_buf = self.storage_empty("c", c_bytes);
-            let dims_buf = self
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("dims"),
-                    contents: bytemuck::cast_slice(&[rows as u32, k as u32, n as u32, 0u32]),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
-            let bind = self.bind(pipeline, &[&a_buf, &b_buf, &c_buf, &dims_buf]);
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, &bind, &[]);
-                pass.dispatch_workgroups(n.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1);
-            }
-            let words = self.read_back(enc, &c_buf, c_bytes)?;
-            c.extend(words.into_iter().map(f32::from_bits));
-        }
-        self.check_scope(scope)?;
-        Ok(c)
-    }
-
-    fn storage_init(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    pub(crate) fn storage_init(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         self.device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
@@ -439,7 +342,7 @@ impl WgpuBackend {
             })
     }
 
-    fn storage_empty(&self, label: &str, size: u64) -> wgpu::Buffer {
+    pub(crate) fn storage_empty(&self, label: &str, size: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
@@ -448,7 +351,11 @@ impl WgpuBackend {
         })
     }
 
-    fn bind(&self, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+    pub(crate) fn bind(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+    ) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
@@ -466,7 +373,7 @@ impl WgpuBackend {
 
     /// Submits `enc` plus a copy of `src` into a mapped staging buffer, waits,
     /// and returns the words.
-    fn read_back(
+    pub(crate) fn read_back(
         &self,
         mut enc: wgpu::CommandEncoder,
         src: &wgpu::Buffer,
@@ -501,7 +408,7 @@ impl WgpuBackend {
         Ok(words)
     }
 
-    fn check_scope(&self, scope: wgpu::ErrorScopeGuard) -> Result<()> {
+    pub(crate) fn check_scope(&self, scope: wgpu::ErrorScopeGuard) -> Result<()> {
         match pollster::block_on(scope.pop()) {
             None => Ok(()),
             Some(e) => Err(Error::device(format!("wgpu: {e}"))),
@@ -509,51 +416,53 @@ impl WgpuBackend {
     }
 }
 
-fn build_path(device: &wgpu::Device, path: WgpuPath) -> Result<PathPipelines> {
-    let arith = path.arith_source();
-    let mut parts = vec!["common", arith];
+/// Shaders that compute ops (compiled when the backend opens).
+const OP_SHADERS: &[&str] = &["matmul"];
+
+/// Compiles shader `main` for `path`: the generated constants, `common`, the
+/// path's arithmetic (and the soft-float it needs), then the shader itself.
+fn compile(
+    device: &wgpu::Device,
+    main: &'static str,
+    path: WgpuPath,
+) -> Result<wgpu::ComputePipeline> {
+    let mut parts = vec!["common", path.arith_source()];
     if path == WgpuPath::Exact {
         parts.push("softfloat");
     }
-    let compile = |main: &str| -> Result<wgpu::ComputePipeline> {
-        let text: String = parts
-            .iter()
-            .chain([&main])
-            .map(|p| source(p))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(main),
-            source: wgpu::ShaderSource::Wgsl(Cow::Owned(text)),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(main),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::device(format!(
-                "WGSL `{main}` ({}) does not compile: {e}",
-                path.name()
-            )));
-        }
-        Ok(pipeline)
-    };
-    Ok(PathPipelines {
-        matmul: compile("matmul")?,
-        probe: compile("probe")?,
-    })
+    parts.push(main);
+    let text = std::iter::once(generated_constants())
+        .chain(parts.iter().map(|p| source(p).to_string()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(main),
+        source: wgpu::ShaderSource::Wgsl(Cow::Owned(text)),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(main),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(Error::device(format!(
+            "WGSL `{main}` ({}) does not compile: {e}",
+            path.name()
+        )));
+    }
+    Ok(pipeline)
 }
 
 /// Number of subnormal cases right after the fused-fma detector.
 const SUBNORMAL_CASES: usize = 6;
 
 /// The probe's triples: `[0]` tells fused from split fma; `[1..=6]` need
-/// subnormals kept; then every triple of edge values, then random ones.
+/// subnormals kept; then every triple of the probe's edge values, then
+/// random ones aimed at fma's hard cases.
 fn probe_cases() -> Vec<[u32; 3]> {
     let one_up = f32::from_bits(0x3F80_0001).to_bits(); // 1 + 2^-23
     let one_down = (1.0f32 - 2f32.powi(-23)).to_bits(); // 1 - 2^-23
@@ -568,55 +477,11 @@ fn probe_cases() -> Vec<[u32; 3]> {
         [0x807F_FFFF, 0x3F80_0000, 0x0000_0001],
     ];
     debug_assert_eq!(cases.len(), SUBNORMAL_CASES + 1);
-    let edge: [u32; 16] = [
-        0,
-        0x8000_0000,
-        1,
-        0x807F_FFFF,
-        0x0080_0000,
-        0x3F80_0000,
-        0xBF80_0001,
-        0x3380_0000,
-        0x7F7F_FFFF,
-        0xFF7F_FFFF,
-        0x7F80_0000,
-        0xFF80_0000,
-        0x7FC0_0000,
-        0x4000_0001,
-        0x1F80_0000,
-        0x5F80_0000,
-    ];
-    for &a in &edge {
-        for &b in &edge {
-            for &c in &edge {
-                cases.push([a, b, c]);
-            }
-        }
-    }
-    let mut s = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..8192u32 {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let (a, b) = (s as u32 & 0xBFFF_FFFF, (s >> 32) as u32 & 0xBFFF_FFFF);
-        let c = if i % 2 == 0 {
-            (f32::from_bits(a) * f32::from_bits(b)).to_bits() ^ 0x8000_0000 ^ (i & 7)
-        } else {
-            (s >> 16) as u32 & 0xBFFF_FFFF
-        };
-        cases.push([a, b, c]);
-    }
+    cases.extend(conformance::edge_triples(
+        &conformance::EDGE_VALUES[..conformance::PROBE_EDGE_VALUES],
+    ));
+    cases.extend(conformance::RandomTriples::new(0x9E37_79B9_7F4A_7C15).take(8192));
     cases
-}
-
-/// Correctly rounded `[fma(a,b,c), a+c, a·b]`, NaNs canonical.
-pub fn expected_arith([a, b, c]: [u32; 3]) -> [u32; 3] {
-    let (fa, fb, fc) = (f32::from_bits(a), f32::from_bits(b), f32::from_bits(c));
-    [
-        canonicalize(fa.mul_add(fb, fc)).to_bits(),
-        canonicalize(fa + fc).to_bits(),
-        canonicalize(fa * fb).to_bits(),
-    ]
 }
 
 impl Backend for WgpuBackend {
@@ -639,8 +504,27 @@ impl Backend for WgpuBackend {
         }
     }
 
-    fn matmul(&self, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>> {
-        check_matmul_operands(a, b, dims)?;
-        self.matmul_on(&self.pipelines.matmul, a, b, dims)
+    fn launch(&self, _op: &Op, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
+        Ok(match *plan {
+            Plan::Matmul(dims) => vec![Tensor::new(
+                dims.output_shape(),
+                self.matmul(self.path, inputs[0].data, inputs[1].data, dims)?,
+            )],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shaders_take_the_chunk_length_from_rust() {
+        for (name, text) in super::SOURCES {
+            assert!(
+                !text.contains("K_CHUNK: u32 =") && !text.contains("CHUNK: u32 = 256"),
+                "{name}.wgsl defines the chunk length itself"
+            );
+        }
+        assert!(super::generated_constants()
+            .contains(&format!("const K_CHUNK: u32 = {}u;", crate::K_CHUNK)));
     }
 }

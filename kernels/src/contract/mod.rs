@@ -1,0 +1,232 @@
+//! The arithmetic contract, executable: plain scalar functions that define
+//! every op's result bit for bit. `CONTRACT.md` at the repository root is the
+//! prose version; where they disagree, that is a bug in one of them.
+//!
+//! This module holds what every op shares (the version, the chunk length,
+//! NaN canonicalisation, the tensor types) and [`Op`], the one list of ops.
+//! Each op has its own module with its parameters, input validation, output
+//! shapes and scalar spec ([`matmul`]).
+//!
+//! Every fast path (SIMD CPU, WGSL, CUDA) is tested bit for bit against the
+//! specs here. They are written for clarity, not speed: one loop per rule.
+
+pub mod matmul;
+
+use crate::digest::{tensor_digest_f32, Digest};
+use crate::error::{Error, Result};
+
+pub use matmul::{matmul_spec, Matmul, MatmulDims};
+
+/// Version of the arithmetic contract. Every result carries it; any change to
+/// the arithmetic of any op bumps it.
+pub const CONTRACT_VERSION: u32 = 1;
+
+/// Length of the fixed reduction chunks (CONTRACT.md §4). A sum is formed
+/// chunk by chunk, so a GPU may hand different chunks to different threads
+/// (split-K) without changing a bit, as long as it adds the chunk sums in
+/// order. Kernels get this value from here (`-DK_CHUNK` for NVRTC, a
+/// generated `const K_CHUNK` for WGSL); it is typed nowhere else.
+pub const K_CHUNK: usize = 256;
+
+/// The one NaN every op emits: quiet, positive, zero payload.
+pub const CANONICAL_NAN_BITS: u32 = 0x7FC0_0000;
+
+/// Replaces any NaN by the canonical NaN; every other value (subnormals, ±0,
+/// ±inf) passes through unchanged.
+#[inline]
+pub fn canonicalize(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::from_bits(CANONICAL_NAN_BITS)
+    } else {
+        x
+    }
+}
+
+/// An f32 tensor an op reads: row-major `data` of `shape`.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub shape: &'a [usize],
+    pub data: &'a [f32],
+}
+
+impl<'a> TensorView<'a> {
+    pub fn new(shape: &'a [usize], data: &'a [f32]) -> Self {
+        Self { shape, data }
+    }
+}
+
+/// Views of tensors whose shapes and data are held apart (as a job's are).
+pub fn views<'a>(shapes: &'a [Vec<usize>], data: &'a [Vec<f32>]) -> Vec<TensorView<'a>> {
+    shapes
+        .iter()
+        .zip(data)
+        .map(|(s, d)| TensorView::new(s, d))
+        .collect()
+}
+
+/// An f32 tensor an op writes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data }
+    }
+
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView::new(&self.shape, &self.data)
+    }
+
+    /// The contract digest of this tensor (CONTRACT.md §5).
+    pub fn digest(&self) -> Digest {
+        tensor_digest_f32(&self.shape, &self.data)
+    }
+}
+
+/// Elements of a tensor of `shape`, or `TooLarge` when the count overflows.
+pub fn elements(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::too_large(format!("shape {} overflows", short_shape(shape))))
+}
+
+/// A shape for a message: at most 8 dims written out, then the rank.
+pub fn short_shape(shape: &[usize]) -> String {
+    if shape.len() <= 8 {
+        format!("{shape:?}")
+    } else {
+        format!("{:?}… (rank {})", &shape[..8], shape.len())
+    }
+}
+
+/// Every op lockstep computes, with its parameters. This enum is the one
+/// place that lists them: the backends, the wire format and the coordinator
+/// all go through it.
+///
+/// On the wire an op is `"op": "<name>", "params": {…}`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", content = "params", rename_all = "snake_case")]
+pub enum Op {
+    /// `c = a·b` ([`matmul`]).
+    Matmul(Matmul),
+}
+
+/// An op whose inputs were checked: everything a kernel needs to launch
+/// (dimensions), and the shapes of its outputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Matmul(MatmulDims),
+}
+
+impl Op {
+    /// The names of every op, as on the wire.
+    pub const NAMES: &'static [&'static str] = &[Matmul::NAME];
+
+    /// The op's name on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Matmul(_) => Matmul::NAME,
+        }
+    }
+
+    /// The op's inputs, by name, in order.
+    pub fn input_names(&self) -> &'static [&'static str] {
+        match self {
+            Op::Matmul(_) => Matmul::INPUTS,
+        }
+    }
+
+    /// The op's outputs, by name, in order (tensor names in output files).
+    pub fn output_names(&self) -> &'static [&'static str] {
+        match self {
+            Op::Matmul(_) => Matmul::OUTPUTS,
+        }
+    }
+
+    /// Checks the input shapes (count, ranks, agreement) and plans the op.
+    /// Callers that have no data yet (the coordinator, a worker before it
+    /// downloads inputs) use this; backends use [`Op::check`].
+    pub fn plan(&self, shapes: &[&[usize]]) -> Result<Plan> {
+        if shapes.len() != self.input_names().len() {
+            return Err(Error::shape(format!(
+                "{} takes {} inputs ({}), got {}",
+                self.name(),
+                self.input_names().len(),
+                self.input_names().join(", "),
+                shapes.len()
+            )));
+        }
+        match self {
+            Op::Matmul(m) => m.plan(shapes).map(Plan::Matmul),
+        }
+    }
+
+    /// [`Op::plan`], plus: every input holds exactly as many values as its
+    /// shape says.
+    pub fn check(&self, inputs: &[TensorView<'_>]) -> Result<Plan> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape).collect();
+        let plan = self.plan(&shapes)?;
+        for (name, t) in self.input_names().iter().zip(inputs) {
+            let want = elements(t.shape)?;
+            if t.data.len() != want {
+                return Err(Error::shape(format!(
+                    "{name} has {} values, but its shape {} needs {want}",
+                    t.data.len(),
+                    short_shape(t.shape)
+                )));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The scalar spec: the contract's result, bit for bit, computed the
+    /// slow and obvious way.
+    pub fn spec(&self, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
+        let plan = self.check(inputs)?;
+        Ok(match plan {
+            Plan::Matmul(dims) => vec![Tensor::new(
+                dims.output_shape(),
+                matmul_spec(inputs[0].data, inputs[1].data, dims),
+            )],
+        })
+    }
+}
+
+impl Plan {
+    /// The shape of each output.
+    pub fn output_shapes(&self) -> Vec<Vec<usize>> {
+        match self {
+            Plan::Matmul(d) => vec![d.output_shape()],
+        }
+    }
+
+    /// Multiply-adds (or comparable element steps) the op performs: what
+    /// worker limits and the choice to compute inline are based on.
+    pub fn work(&self) -> u64 {
+        match self {
+            Plan::Matmul(d) => d.macs(),
+        }
+    }
+}
+
+/// Digest of an op's outputs, the value replicas are compared by: the
+/// tensor digest itself for one output; for several, SHA3-256 over a tag and
+/// each output's digest in order.
+pub fn outputs_digest(outputs: &[Digest]) -> Digest {
+    use sha3::Digest as _;
+    if let [one] = outputs {
+        return *one;
+    }
+    let mut h = sha3::Sha3_256::new();
+    h.update(b"lockstep.outputs\0");
+    h.update((outputs.len() as u32).to_le_bytes());
+    for d in outputs {
+        h.update(d.0);
+    }
+    Digest(h.finalize().into())
+}

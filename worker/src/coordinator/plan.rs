@@ -1,0 +1,251 @@
+//! The durable plan: which worker computes each replica, written to KV
+//! (`lockstep_assign`) before the replica is published, and read back by a
+//! restarted coordinator to resume a batch. Also how inputs reach the wire.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream;
+use futures::StreamExt;
+use lockstep_kernels::{tensor_digest_f32, CONTRACT_VERSION};
+
+use super::JobState;
+use crate::batch::{BatchJob, Tensor};
+use crate::nats::Nats;
+use crate::protocol::*;
+
+/// A replica to publish: a job's replica, what it computes, and to whom.
+pub(super) struct NewReplica {
+    pub job: String,
+    pub replica: usize,
+    pub redundancy: u32,
+    pub spec: JobSpec,
+    pub assignment: Assignment,
+}
+
+/// The batch id derived from the jobs' content.
+pub fn batch_id_for(jobs: &[BatchJob]) -> String {
+    use sha3::Digest as _;
+    let mut h = sha3::Sha3_256::new();
+    for j in jobs {
+        h.update(j.id.as_bytes());
+        h.update(j.op.name().as_bytes());
+        for t in &j.inputs {
+            match t {
+                Tensor::Data { shape, data } => h.update(tensor_digest_f32(shape, data).0),
+                Tensor::Object { digest, .. } => h.update(digest.0),
+            }
+        }
+    }
+    format!("b-{}", &hex::encode(h.finalize())[..16])
+}
+
+/// Restores the plan of an earlier run of `batch` into `state` and
+/// re-publishes every bundle that is still current (the stream drops those
+/// it already holds, by message id). Returns how many replicas it restored.
+pub(super) async fn resume(
+    nats: &Nats,
+    batch: &str,
+    redundancy: u32,
+    state: &mut BTreeMap<String, JobState>,
+) -> Result<usize> {
+    // Resume: the durable plan of an earlier run of this batch. Each key is
+    // one bundle; for a replica, the entry with the highest attempt wins.
+    // Only this batch's keys are listed (from the bucket's stream info), so a
+    // new batch costs no scan of older batches' plans.
+    let kv_stream = format!("KV_{ASSIGN_BUCKET}");
+    let kv_prefix = format!("$KV.{ASSIGN_BUCKET}.");
+    let mut subjects = nats
+        .js
+        .get_stream(&kv_stream)
+        .await
+        .context("reading assignments")?
+        .info_with_subjects(format!("{kv_prefix}{batch}.>"))
+        .await
+        .context("reading assignments")?;
+    let prefix = format!("{batch}.");
+    let mut bundles: Vec<(String, Vec<PlanEntry>)> = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject.context("reading assignments")?;
+        let Some(k) = subject.strip_prefix(&kv_prefix) else {
+            continue;
+        };
+        let Some(bundle_id) = k.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Ok(Some(v)) = nats.assign.get(k).await {
+            if let Ok(entries) = serde_json::from_slice::<Vec<PlanEntry>>(&v) {
+                bundles.push((bundle_id.to_string(), entries));
+            }
+        }
+    }
+    let mut restored = 0;
+    for (_, entries) in &bundles {
+        for e in entries {
+            let Some(js) = state.get_mut(&e.job) else {
+                continue;
+            };
+            let Some(slot) = js.assignments.get_mut(e.replica as usize) else {
+                continue;
+            };
+            js.excluded.extend(e.assignment.abandoned.iter().cloned());
+            if slot
+                .as_ref()
+                .is_none_or(|a| a.attempt < e.assignment.attempt)
+            {
+                *slot = Some(e.assignment.clone());
+                restored += 1;
+            }
+        }
+    }
+    if restored > 0 {
+        tracing::info!(restored, "resuming an earlier run of this batch");
+        // Re-publish each recorded bundle under its original message id (the
+        // stream drops it if it was already stored), holding only the entries
+        // that are still current.
+        for (bundle_id, entries) in &bundles {
+            let current: Vec<JobMessage> = entries
+                .iter()
+                .filter(|e| {
+                    state
+                        .get(&e.job)
+                        .and_then(|js| js.assignments.get(e.replica as usize))
+                        .and_then(|a| a.as_ref())
+                        .is_some_and(|a| {
+                            a.attempt == e.assignment.attempt && a.worker == e.assignment.worker
+                        })
+                })
+                .map(|e| {
+                    job_message(
+                        batch,
+                        &e.job,
+                        e.replica,
+                        redundancy,
+                        &state[&e.job].spec,
+                        &e.assignment,
+                    )
+                })
+                .collect();
+            if let Some(first) = current.first() {
+                let worker = first.worker.clone();
+                publish_bundle(nats, batch, bundle_id, &worker, current).await?;
+            }
+        }
+        for js in state.values_mut() {
+            js.dispatched = Some(Instant::now());
+        }
+    }
+
+    Ok(restored)
+}
+
+pub(super) async fn to_ref(nats: &Nats, t: &Tensor) -> Result<TensorRef> {
+    Ok(match t {
+        Tensor::Object { shape, digest } => {
+            nats.blobs
+                .info(digest.to_hex())
+                .await
+                .with_context(|| format!("object {digest} is not in the object store"))?;
+            TensorRef::object(shape.clone(), *digest)
+        }
+        Tensor::Data { shape, data } if data.len() * 4 <= INLINE_MAX_BYTES => {
+            TensorRef::inline(shape.clone(), data)
+        }
+        Tensor::Data { shape, data } => {
+            let digest = tensor_digest_f32(shape, data);
+            crate::nats::put_blob(nats, &digest, data).await?;
+            TensorRef::object(shape.clone(), digest)
+        }
+    })
+}
+
+pub(super) fn job_message(
+    batch: &str,
+    job: &str,
+    replica: u32,
+    redundancy: u32,
+    spec: &JobSpec,
+    a: &Assignment,
+) -> JobMessage {
+    JobMessage {
+        protocol: PROTOCOL_VERSION,
+        batch: batch.into(),
+        job: job.into(),
+        replica,
+        attempt: a.attempt,
+        redundancy,
+        contract_version: CONTRACT_VERSION,
+        worker: a.worker.clone(),
+        spec: spec.clone(),
+    }
+}
+
+/// Records the plan of one bundle, then publishes it.
+pub(super) async fn send_bundle(nats: &Nats, batch: &str, replicas: Vec<NewReplica>) -> Result<()> {
+    use sha3::Digest as _;
+    let worker = replicas[0].assignment.worker.clone();
+    let mut h = sha3::Sha3_256::new();
+    for r in &replicas {
+        let a = &r.assignment;
+        h.update(format!("{}.{}.{}.{}\n", r.job, r.replica, a.attempt, a.worker).as_bytes());
+    }
+    let bundle_id = hex::encode(&h.finalize()[..8]);
+    let entries: Vec<PlanEntry> = replicas
+        .iter()
+        .map(|r| PlanEntry {
+            job: r.job.clone(),
+            replica: r.replica as u32,
+            assignment: r.assignment.clone(),
+        })
+        .collect();
+    nats.assign
+        .put(
+            format!("{batch}.{bundle_id}"),
+            serde_json::to_vec(&entries)?.into(),
+        )
+        .await
+        .context("cannot record an assignment")?;
+    let jobs = replicas
+        .iter()
+        .map(|r| {
+            job_message(
+                batch,
+                &r.job,
+                r.replica as u32,
+                r.redundancy,
+                &r.spec,
+                &r.assignment,
+            )
+        })
+        .collect();
+    publish_bundle(nats, batch, &bundle_id, &worker, jobs).await
+}
+
+pub(super) async fn publish_bundle(
+    nats: &Nats,
+    batch: &str,
+    bundle_id: &str,
+    worker: &str,
+    jobs: Vec<JobMessage>,
+) -> Result<()> {
+    let bundle = JobBundle {
+        protocol: PROTOCOL_VERSION,
+        batch: batch.into(),
+        id: bundle_id.into(),
+        worker: worker.into(),
+        jobs,
+    };
+    nats.js
+        .send_publish(
+            job_subject(worker),
+            jetstream::message::PublishMessage::build()
+                .payload(serde_json::to_vec(&bundle)?.into())
+                .message_id(format!("{batch}.{bundle_id}")),
+        )
+        .await
+        .context("cannot publish jobs")?
+        .await
+        .context("the server did not store jobs")?;
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! What a batch comes to: the report (written as report.json), the verdict
+//! table `submit` and `demo` print, and the accepted outputs.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use lockstep_kernels::{outputs_digest, tensor_digest_f32, Digest};
+use serde::Serialize;
+
+use super::verdict::load_tensor;
+use super::JobState;
+use crate::nats::Nats;
+use crate::protocol::*;
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Verified,
+    Resolved,
+    Failed,
+    Unresolved,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaReport {
+    pub worker: String,
+    pub replica: u32,
+    pub attempt: u32,
+    pub backend: String,
+    pub device: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub compute_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct JobReport {
+    pub job: String,
+    pub verdict: Verdict,
+    /// The op, as on the wire.
+    pub op: String,
+    /// The accepted digest of the outputs (verified or resolved jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    /// The shape of each output.
+    pub shapes: Vec<Vec<usize>>,
+    pub results: Vec<ReplicaReport>,
+    /// Workers whose digest differed from the accepted one.
+    pub faulty_workers: Vec<String>,
+    /// Workers a replica was taken away from (dead, timed out, failed).
+    pub reassigned_from: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Milliseconds from the job's dispatch to its verdict (this run).
+    pub latency_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub protocol: u32,
+    pub contract_version: u32,
+    pub batch: String,
+    pub redundancy: u32,
+    pub jobs: Vec<JobReport>,
+    pub verified: usize,
+    pub resolved: usize,
+    pub failed: usize,
+    pub unresolved: usize,
+    pub faults: Vec<FaultRecord>,
+    pub elapsed_s: f64,
+}
+
+impl Report {
+    /// All jobs have an accepted output.
+    pub fn all_accepted(&self) -> bool {
+        self.failed == 0 && self.unresolved == 0
+    }
+}
+
+pub(super) fn reassigned_from(js: &JobState) -> Vec<String> {
+    let mut v: Vec<String> = js
+        .assignments
+        .iter()
+        .flatten()
+        .flat_map(|a| a.abandoned.iter().cloned())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+pub(super) fn replica_reports(js: &JobState) -> Vec<ReplicaReport> {
+    js.results
+        .values()
+        .map(|r| ReplicaReport {
+            worker: r.worker.clone(),
+            replica: r.replica,
+            attempt: r.attempt,
+            backend: r.backend.clone(),
+            device: r.device.clone(),
+            path: r.path.clone(),
+            digest: match &r.outcome {
+                Outcome::Ok { digest, .. } => Some(*digest),
+                _ => None,
+            },
+            error: match &r.outcome {
+                Outcome::Error { code, message } => Some(format!("{code:?}: {message}")),
+                _ => None,
+            },
+            compute_ms: r.timings.compute_ms,
+        })
+        .collect()
+}
+
+/// The verdict table printed by `submit` and `demo`.
+pub fn print_report(report: &Report) {
+    println!(
+        "{:<10} {:<11} {:<42} {:<10} digest",
+        "job", "shape", "workers (backend)", "verdict"
+    );
+    for j in &report.jobs {
+        let workers: Vec<String> = j
+            .results
+            .iter()
+            .map(|r| {
+                let bad = if j.faulty_workers.contains(&r.worker) {
+                    "✗"
+                } else {
+                    ""
+                };
+                format!("{}({}){bad}", r.worker, r.backend)
+            })
+            .collect();
+        let verdict = match j.verdict {
+            Verdict::Verified => "verified",
+            Verdict::Resolved => "resolved",
+            Verdict::Failed => "FAILED",
+            Verdict::Unresolved => "UNRESOLVED",
+        };
+        let digest = j
+            .digest
+            .map(|d| format!("{}…", &d.to_string()[..21]))
+            .unwrap_or_else(|| j.reason.clone().unwrap_or_default());
+        let shapes: Vec<String> = j
+            .shapes
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("x")
+            })
+            .collect();
+        println!(
+            "{:<10} {:<11} {:<42} {:<10} {digest}",
+            j.job,
+            shapes.join(","),
+            workers.join(" "),
+            verdict
+        );
+    }
+    println!(
+        "\n{} jobs in {:.1} s: {} verified, {} resolved (disputes settled), {} failed, {} unresolved; contract v{}",
+        report.jobs.len(),
+        report.elapsed_s,
+        report.verified,
+        report.resolved,
+        report.failed,
+        report.unresolved,
+        report.contract_version
+    );
+    for f in &report.faults {
+        println!(
+            "FAULT: worker {} returned {} for {}; correct is {}",
+            f.worker, f.reported, f.job, f.correct
+        );
+    }
+}
+
+/// Progress text from verdict counts (indexed by `Verdict as usize`).
+pub(super) fn summary_line(verdicts: &[usize; 4]) -> String {
+    format!(
+        "verified {} · resolved {} · failed {}",
+        verdicts[Verdict::Verified as usize],
+        verdicts[Verdict::Resolved as usize],
+        verdicts[Verdict::Failed as usize]
+    )
+}
+
+pub(super) fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} jobs  {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Writes an accepted job's outputs to `dir/outputs/<job>.safetensors` (one
+/// tensor per output, named as the op names them), taken from a worker whose
+/// digest matches, re-checked; if none matches (a resolved job where every
+/// worker was wrong), nothing is written and a warning is logged.
+pub(super) async fn write_output(
+    nats: &Nats,
+    dir: &std::path::Path,
+    js: &JobState,
+    rep: &JobReport,
+) -> Result<()> {
+    let Some(want) = rep.digest else {
+        return Ok(());
+    };
+    let out = dir.join("outputs");
+    std::fs::create_dir_all(&out)?;
+    'results: for res in js.results.values() {
+        let Outcome::Ok { digest, outputs } = &res.outcome else {
+            continue;
+        };
+        if *digest != want {
+            continue;
+        }
+        let mut data = Vec::with_capacity(outputs.len());
+        for t in outputs {
+            match load_tensor(nats, t).await {
+                Ok(d) if d.len() == t.elements().unwrap_or(usize::MAX) => data.push(d),
+                _ => continue 'results,
+            }
+        }
+        let digests: Vec<Digest> = outputs
+            .iter()
+            .zip(&data)
+            .map(|(t, d)| tensor_digest_f32(&t.shape, d))
+            .collect();
+        if outputs_digest(&digests) != want {
+            continue;
+        }
+        let names = js.spec.op.output_names();
+        let tensors: Vec<(&str, &[usize], &[f32])> = outputs
+            .iter()
+            .zip(&data)
+            .enumerate()
+            .map(|(i, (t, d))| {
+                (
+                    names.get(i).copied().unwrap_or("out"),
+                    t.shape.as_slice(),
+                    d.as_slice(),
+                )
+            })
+            .collect();
+        crate::tensors::write_f32(&out.join(format!("{}.safetensors", rep.job)), &tensors)?;
+        return Ok(());
+    }
+    tracing::warn!(job = %rep.job, "no worker output matched the accepted digest; not written");
+    Ok(())
+}

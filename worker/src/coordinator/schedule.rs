@@ -1,0 +1,175 @@
+//! Scheduling: every replica without a live, timely worker gets one that
+//! holds no other replica of the job (least loaded first, ties at random),
+//! and new assignments travel to each worker in bundles.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
+
+use anyhow::Result;
+use futures::StreamExt;
+use rand::seq::IndexedRandom;
+
+use super::plan::{send_bundle, NewReplica};
+use super::{JobState, SubmitOptions};
+use crate::nats::Nats;
+use crate::protocol::*;
+
+/// A replica of a job: (job id, replica index).
+type ReplicaKey = (String, usize);
+
+/// Largest bundle: replicas per message, and estimated bytes per message
+/// (NATS's default maximum payload is 1 MiB).
+const BUNDLE_MAX_JOBS: usize = 64;
+const BUNDLE_MAX_BYTES: usize = 512 * 1024;
+
+/// Gives every unassigned or abandoned replica a live worker that holds no
+/// other replica of the job; returns how many were assigned.
+pub(super) async fn schedule(
+    nats: &Nats,
+    batch: &str,
+    state: &mut BTreeMap<String, JobState>,
+    live: &[WorkerRecord],
+    opts: &SubmitOptions,
+) -> Result<usize> {
+    let live_ids: HashSet<&str> = live.iter().map(|w| w.id.as_str()).collect();
+    // Load: outstanding replicas per worker in this batch.
+    let mut load: HashMap<String, usize> = HashMap::new();
+    for js in state.values().filter(|j| j.decided.is_none()) {
+        for a in js.assignments.iter().flatten() {
+            if !js.results.contains_key(&a.worker) {
+                *load.entry(a.worker.clone()).or_default() += 1;
+            }
+        }
+    }
+    let now = now_ms();
+    let mut assigned = 0;
+    let mut to_send = Vec::new();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
+    for (id, js) in state.iter_mut().filter(|(_, j)| j.decided.is_none()) {
+        for replica in 0..js.assignments.len() {
+            let needs = match &js.assignments[replica] {
+                None => true,
+                Some(a) => {
+                    let answered_ok = matches!(js.results.get(&a.worker), Some(r) if matches!(r.outcome, Outcome::Ok { .. }));
+                    let errored = js.results.contains_key(&a.worker) && !answered_ok;
+                    let dead = !live_ids.contains(a.worker.as_str())
+                        && now.saturating_sub(a.assigned_ms)
+                            > opts.worker_timeout.as_millis() as u64;
+                    let late =
+                        now.saturating_sub(a.assigned_ms) > opts.job_timeout.as_millis() as u64;
+                    !answered_ok && (errored || dead || late)
+                }
+            };
+            if !needs {
+                continue;
+            }
+            // Candidates: live, never excluded for this job, holding no replica of it, no result yet.
+            let holding: HashSet<&str> = js
+                .assignments
+                .iter()
+                .flatten()
+                .map(|a| a.worker.as_str())
+                .collect();
+            let candidates: Vec<&WorkerRecord> = live
+                .iter()
+                .filter(|w| {
+                    !js.excluded.contains(&w.id)
+                        && !holding.contains(w.id.as_str())
+                        && !js.results.contains_key(&w.id)
+                })
+                .collect();
+            let min_load = candidates
+                .iter()
+                .map(|w| load.get(&w.id).copied().unwrap_or(0))
+                .min();
+            let least: Vec<&&WorkerRecord> = candidates
+                .iter()
+                .filter(|w| Some(load.get(&w.id).copied().unwrap_or(0)) == min_load)
+                .collect();
+            let Some(w) = least.choose(&mut rng) else {
+                continue;
+            };
+            let previous = js.assignments[replica].take();
+            let mut abandoned = previous
+                .as_ref()
+                .map(|a| a.abandoned.clone())
+                .unwrap_or_default();
+            if let Some(p) = &previous {
+                tracing::info!(job = %id, replica, from = %p.worker, to = %w.id, "reassigning");
+                abandoned.push(p.worker.clone());
+                js.excluded.insert(p.worker.clone());
+            }
+            let a = Assignment {
+                worker: w.id.clone(),
+                attempt: previous.map_or(0, |p| p.attempt + 1),
+                assigned_ms: now,
+                abandoned,
+            };
+            *load.entry(w.id.clone()).or_default() += 1;
+            to_send.push(NewReplica {
+                job: id.clone(),
+                replica,
+                redundancy: js.assignments.len() as u32,
+                spec: js.spec.clone(),
+                assignment: a.clone(),
+            });
+            js.assignments[replica] = Some(a);
+            js.dispatched.get_or_insert_with(Instant::now);
+            assigned += 1;
+        }
+    }
+    // Replicas for the same worker travel in bundles. Per bundle: the plan
+    // entries first (one KV write), then the message. A bundle that did not
+    // reach the server has its replicas rolled back and dispatched again at
+    // the next tick.
+    let mut by_worker: BTreeMap<String, Vec<NewReplica>> = BTreeMap::new();
+    for nr in to_send {
+        by_worker
+            .entry(nr.assignment.worker.clone())
+            .or_default()
+            .push(nr);
+    }
+    let mut sends: Vec<Vec<NewReplica>> = Vec::new();
+    for (_, replicas) in by_worker {
+        let mut cur: Vec<NewReplica> = Vec::new();
+        let mut bytes = 0;
+        for nr in replicas {
+            let size = 512 + nr.spec.inline_bytes();
+            if !cur.is_empty() && (cur.len() >= BUNDLE_MAX_JOBS || bytes + size > BUNDLE_MAX_BYTES)
+            {
+                sends.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            bytes += size;
+            cur.push(nr);
+        }
+        if !cur.is_empty() {
+            sends.push(cur);
+        }
+    }
+    let outcomes: Vec<(Vec<ReplicaKey>, Result<()>)> = futures::stream::iter(sends)
+        .map(|bundle| async move {
+            let keys: Vec<ReplicaKey> = bundle.iter().map(|b| (b.job.clone(), b.replica)).collect();
+            let r = send_bundle(nats, batch, bundle).await;
+            (keys, r)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut first_err = None;
+    for (keys, r) in outcomes {
+        if let Err(e) = r {
+            for (id, replica) in &keys {
+                if let Some(js) = state.get_mut(id) {
+                    js.assignments[*replica] = None;
+                }
+            }
+            assigned -= keys.len();
+            first_err.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok(assigned)
+}

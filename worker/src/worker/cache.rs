@@ -1,0 +1,55 @@
+//! Inputs and outputs of jobs: inline tensors decoded, objects fetched from
+//! the object store through a local cache, every object re-hashed against
+//! its name.
+
+use lockstep_kernels::Digest;
+
+use super::handler::{job_err, JobError};
+use super::Ctx;
+use crate::protocol::*;
+
+/// The tensor's data: decoded inline, or fetched from the object store (or
+/// the local cache) and re-hashed against its name.
+pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError> {
+    let n = t.elements().unwrap_or(0);
+    if let Some(b64) = &t.inline {
+        let data = decode_f32(b64).map_err(|e| job_err(ErrorCode::BadShape, e))?;
+        if data.len() != n {
+            return Err(job_err(
+                ErrorCode::BadShape,
+                format!(
+                    "inline tensor {:?} has {} values, expected {n}",
+                    t.shape,
+                    data.len()
+                ),
+            ));
+        }
+        return Ok(data);
+    }
+    let digest = t.object.expect("checked: inline or object");
+    let cached = ctx.cache.join(digest.to_hex());
+    let bytes = match std::fs::read(&cached) {
+        Ok(b) => b,
+        Err(_) => crate::nats::get_blob(&ctx.nats, &digest)
+            .await
+            .map_err(|e| job_err(ErrorCode::MissingBlob, format!("input {e:#}")))?,
+    };
+    let data = decode_blob(&t.shape, &digest, &bytes).map_err(|e| {
+        let _ = std::fs::remove_file(&cached);
+        job_err(ErrorCode::TamperedBlob, e)
+    })?;
+    if !cached.exists() {
+        // Write then rename: a reader never sees a partial blob.
+        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &cached);
+        }
+    }
+    Ok(data)
+}
+
+pub(super) async fn put_blob(ctx: &Ctx, digest: &Digest, data: &[f32]) -> Result<(), JobError> {
+    crate::nats::put_blob(&ctx.nats, digest, data)
+        .await
+        .map_err(|e| job_err(ErrorCode::Backend, format!("cannot store output: {e}")))
+}

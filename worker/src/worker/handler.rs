@@ -1,0 +1,365 @@
+//! One job message in, one result message out, for any op: read the job,
+//! check it against the op's contract module and this worker's limits,
+//! fetch the inputs, compute on the backend, store the outputs, publish the
+//! result, then ack.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use lockstep_kernels::contract::views;
+use lockstep_kernels::{outputs_digest, BackendKind, ErrorKind, Op, CONTRACT_VERSION};
+
+use super::cache::{fetch, put_blob};
+use super::{Ctx, MAX_DELIVER};
+use crate::protocol::*;
+
+/// CPU jobs up to this many multiply-adds run on the async thread itself.
+const INLINE_COMPUTE_MACS: u64 = 1 << 16;
+
+/// A job-level failure: the code and the message sent back.
+pub(super) struct JobError(pub ErrorCode, pub String);
+
+pub(super) fn job_err(code: ErrorCode, msg: impl Into<String>) -> JobError {
+    JobError(code, msg.into())
+}
+
+pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if let Ok(bundle) = serde_json::from_slice::<JobBundle>(&msg.payload) {
+        // Several replicas in one message: compute each, answer with one message.
+        let mut results = Vec::with_capacity(bundle.jobs.len());
+        for job in &bundle.jobs {
+            let t0 = Instant::now();
+            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
+            let outcome = job_outcome(ctx, &msg, job, delivered, &mut result.timings).await;
+            finish(ctx, &mut result, outcome, t0);
+            results.push(result);
+        }
+        let subject = if valid_token(&bundle.batch) {
+            result_subject(&bundle.batch)
+        } else {
+            UNROUTABLE_RESULT_SUBJECT.to_string()
+        };
+        let answer = ResultBundle {
+            protocol: PROTOCOL_VERSION,
+            batch: bundle.batch.clone(),
+            worker: ctx.opts.name.clone(),
+            results,
+        };
+        let id = format!("{}.{}.{}", bundle.batch, bundle.id, ctx.opts.name);
+        publish_then_ack(
+            ctx,
+            &msg,
+            subject,
+            serde_json::to_vec(&answer).expect("serialisable"),
+            id,
+        )
+        .await;
+        return;
+    }
+    let t0 = Instant::now();
+    let parsed: Result<JobMessage, _> = serde_json::from_slice(&msg.payload);
+    let (subject, mut result, outcome) = match parsed {
+        Ok(job) => {
+            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
+            let outcome = job_outcome(ctx, &msg, &job, delivered, &mut result.timings).await;
+            (result_subject(&job.batch), result, outcome)
+        }
+        Err(e) => {
+            // Read what we can: route the error to the batch if the message
+            // names a valid one, and say so if it names an unknown kind.
+            let v: Option<serde_json::Value> = serde_json::from_slice(&msg.payload).ok();
+            let field = |k: &str| {
+                v.as_ref()
+                    .and_then(|v| v.get(k))
+                    .and_then(|b| b.as_str())
+                    .map(str::to_string)
+            };
+            let batch = field("batch").filter(|b| valid_token(b));
+            let subject = batch
+                .as_deref()
+                .map_or(UNROUTABLE_RESULT_SUBJECT.to_string(), result_subject);
+            let result = blank_result(
+                ctx,
+                batch.as_deref().unwrap_or(""),
+                &field("job").unwrap_or_default(),
+                0,
+                0,
+            );
+            let outcome = match field("op") {
+                Some(k) if !Op::NAMES.contains(&k.as_str()) => Err(job_err(
+                    ErrorCode::UnknownOp,
+                    format!(
+                        "unknown op `{}` (this worker knows: {})",
+                        k.chars().take(64).collect::<String>(),
+                        Op::NAMES.join(", ")
+                    ),
+                )),
+                _ => Err(job_err(
+                    ErrorCode::BadMessage,
+                    format!("not a valid job message: {e}"),
+                )),
+            };
+            (subject, result, outcome)
+        }
+    };
+    finish(ctx, &mut result, outcome, t0);
+    let id = format!(
+        "{}.{}.{}.{}.{}",
+        result.batch, result.job, result.replica, result.attempt, ctx.opts.name
+    );
+    publish_then_ack(
+        ctx,
+        &msg,
+        subject,
+        serde_json::to_vec(&result).expect("serialisable"),
+        id,
+    )
+    .await;
+}
+
+async fn job_outcome(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &JobMessage,
+    delivered: i64,
+    timings: &mut Timings,
+) -> Result<Outcome, JobError> {
+    if delivered >= MAX_DELIVER {
+        return Err(job_err(
+            ErrorCode::Redelivered,
+            format!("delivered {delivered} times without completing; giving up"),
+        ));
+    }
+    execute(ctx, msg, job, timings).await
+}
+
+fn finish(ctx: &Ctx, result: &mut ResultMessage, outcome: Result<Outcome, JobError>, t0: Instant) {
+    result.outcome = match outcome {
+        Ok(o) => {
+            ctx.done.fetch_add(1, Ordering::Relaxed);
+            o
+        }
+        Err(JobError(code, message)) => {
+            ctx.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(job = %result.job, ?code, "job failed: {message}");
+            Outcome::Error { code, message }
+        }
+    };
+    result.timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+}
+
+/// Stores the answer durably, then acks the job message. If the answer cannot
+/// be stored (the server may be restarting) it retries for 10 s, then leaves
+/// the job unacked so it comes back; the message id makes a repeated publish
+/// harmless.
+async fn publish_then_ack(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    subject: String,
+    payload: Vec<u8>,
+    id: String,
+) {
+    let payload: bytes::Bytes = payload.into();
+    for attempt in 0..40 {
+        let publish = ctx.nats.js.send_publish(
+            subject.clone(),
+            jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.clone()),
+        );
+        let stored = match publish.await {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(_) => {
+                // A plain ack: if it is lost, the job is redelivered and its
+                // answer, published again under the same id, is deduplicated.
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(
+                        "ack failed (job may be redelivered; results are deduplicated): {e}"
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, "result not stored yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    tracing::error!(%id, "could not store the result; the job stays unacked and will come back");
+}
+
+fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -> ResultMessage {
+    ResultMessage {
+        protocol: PROTOCOL_VERSION,
+        batch: batch.into(),
+        job: job.into(),
+        replica,
+        attempt,
+        worker: ctx.opts.name.clone(),
+        backend: ctx.info.kind.to_string(),
+        device: ctx.info.device.clone(),
+        path: ctx.info.path.clone(),
+        contract_version: CONTRACT_VERSION,
+        outcome: Outcome::Error {
+            code: ErrorCode::BadMessage,
+            message: String::new(),
+        },
+        timings: Timings::default(),
+    }
+}
+
+async fn execute(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &JobMessage,
+    timings: &mut Timings,
+) -> Result<Outcome, JobError> {
+    if job.protocol != PROTOCOL_VERSION {
+        return Err(job_err(
+            ErrorCode::BadMessage,
+            format!("protocol {} is not {PROTOCOL_VERSION}", job.protocol),
+        ));
+    }
+    if job.contract_version != CONTRACT_VERSION {
+        return Err(job_err(
+            ErrorCode::WrongContract,
+            format!(
+                "job wants contract v{}, this worker implements v{CONTRACT_VERSION}",
+                job.contract_version
+            ),
+        ));
+    }
+    if !valid_token(&job.batch) || !valid_token(&job.job) {
+        return Err(job_err(
+            ErrorCode::BadMessage,
+            "batch and job ids must be 1-64 of [A-Za-z0-9_-]",
+        ));
+    }
+    let spec = &job.spec;
+    let t = Instant::now();
+    let names = spec.op.input_names();
+    for (i, input) in spec.inputs.iter().enumerate() {
+        check_input(
+            names.get(i).copied().unwrap_or("input"),
+            input,
+            ctx.opts.max_elements,
+        )?;
+    }
+    let plan = spec.op.plan(&spec.shapes()).map_err(kernel_err)?;
+    let work = plan.work();
+    if work > ctx.opts.max_macs {
+        return Err(job_err(
+            ErrorCode::TooLarge,
+            format!(
+                "{} is {work} multiply-adds, over this worker's limit of {}",
+                spec.op.name(),
+                ctx.opts.max_macs
+            ),
+        ));
+    }
+    for shape in plan.output_shapes() {
+        let n = shape.iter().map(|&d| d as u64).product::<u64>();
+        if n > ctx.opts.max_elements as u64 {
+            return Err(job_err(
+                ErrorCode::TooLarge,
+                format!(
+                    "output {shape:?} is over this worker's limit of {} elements",
+                    ctx.opts.max_elements
+                ),
+            ));
+        }
+    }
+    let mut data = Vec::with_capacity(spec.inputs.len());
+    for input in &spec.inputs {
+        data.push(fetch(ctx, input).await?);
+    }
+    timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    let t = Instant::now();
+    if !ctx.opts.test.delay.is_zero() {
+        tokio::time::sleep(ctx.opts.test.delay).await;
+    }
+    let shapes: Vec<Vec<usize>> = spec.inputs.iter().map(|t| t.shape.clone()).collect();
+    let run = {
+        let backend = ctx.backend.clone();
+        let op = spec.op.clone();
+        move || backend.run(&op, &views(&shapes, &data))
+    };
+    let out = if work <= INLINE_COMPUTE_MACS && ctx.info.kind == BackendKind::Cpu {
+        // Tiny jobs: a thread hop would cost more than the arithmetic.
+        run()
+    } else {
+        let mut compute = tokio::task::spawn_blocking(run);
+        // Long jobs: tell the server we are alive so the job is not redelivered.
+        let mut progress = tokio::time::interval(Duration::from_secs(10));
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut compute => break r,
+                _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+            }
+        }
+        .unwrap_or_else(|e| {
+            Err(lockstep_kernels::Error::device(format!(
+                "backend task failed: {e}"
+            )))
+        })
+    };
+    let mut outputs = out.map_err(|e| job_err(ErrorCode::Backend, e.to_string()))?;
+    timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
+    if let Some(f) = ctx.opts.test.fault {
+        f.apply(&job.job, &mut outputs);
+    }
+    let digests: Vec<_> = outputs.iter().map(|t| t.digest()).collect();
+    let mut refs = Vec::with_capacity(outputs.len());
+    for (t, digest) in outputs.iter().zip(&digests) {
+        refs.push(if t.data.len() * 4 <= INLINE_MAX_BYTES {
+            TensorRef::inline(t.shape.clone(), &t.data)
+        } else {
+            put_blob(ctx, digest, &t.data).await?;
+            TensorRef::object(t.shape.clone(), *digest)
+        });
+    }
+    Ok(Outcome::Ok {
+        digest: outputs_digest(&digests),
+        outputs: refs,
+    })
+}
+
+/// A kernel-side rejection as the job's fault: shapes that do not fit the
+/// op, or sizes that overflow.
+fn kernel_err(e: lockstep_kernels::Error) -> JobError {
+    let code = match e.kind {
+        ErrorKind::Shape => ErrorCode::BadShape,
+        ErrorKind::TooLarge => ErrorCode::TooLarge,
+        _ => ErrorCode::Backend,
+    };
+    job_err(code, e.message)
+}
+
+fn check_input(name: &str, t: &TensorRef, max_elements: usize) -> Result<(), JobError> {
+    match t.elements() {
+        Some(n) if n <= max_elements => {}
+        _ => {
+            return Err(job_err(
+                ErrorCode::TooLarge,
+                format!(
+                    "{name} {} is over this worker's limit of {max_elements} elements",
+                    lockstep_kernels::contract::short_shape(&t.shape)
+                ),
+            ))
+        }
+    }
+    if t.inline.is_some() == t.object.is_some() {
+        return Err(job_err(
+            ErrorCode::BadMessage,
+            format!("{name} must have exactly one of `inline` and `object`"),
+        ));
+    }
+    Ok(())
+}

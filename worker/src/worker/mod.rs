@@ -1,0 +1,242 @@
+//! `lockstep worker`: self-tests its backends, registers, heartbeats, pulls
+//! job replicas addressed to it, computes, publishes each result durably
+//! *before* acking the job, and shuts down gracefully.
+//!
+//! A bad job (malformed, unknown op, missing or tampered blob, shapes over
+//! the limits) gets an error result with a clear reason; nothing a message
+//! contains can crash the worker.
+//!
+//! - [`backends`]: choosing and self-testing the backend;
+//! - `registry`: the registry record and heartbeats;
+//! - `handler`: one job message in, one result message out, for any op;
+//! - `cache`: inputs and outputs, the object store and the local blob cache;
+//! - [`testing`]: test-only switches (fault injection, delays).
+
+pub mod backends;
+mod cache;
+mod handler;
+mod registry;
+pub mod testing;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use lockstep_kernels::{Backend, BackendInfo};
+use tokio::sync::Semaphore;
+
+pub use backends::{open_backend, BackendChoice};
+pub use testing::{FaultInjection, TestSwitches};
+
+use crate::nats::{connect, Nats};
+use crate::protocol::*;
+
+/// Deliveries of one job message before the worker gives up on it with an
+/// error result (it kept dying while computing it).
+pub const MAX_DELIVER: i64 = 5;
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    pub nats_url: String,
+    pub name: String,
+    pub backend: BackendChoice,
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    /// Largest tensor (elements) a job may name.
+    pub max_elements: usize,
+    /// Largest matmul (M·K·N) a job may ask for.
+    pub max_macs: u64,
+    /// CPU threads for the CPU backend (0 = all cores).
+    pub threads: usize,
+    /// Where downloaded blobs are cached (None: [`default_cache_dir`]).
+    pub cache_dir: Option<PathBuf>,
+    /// Test-only switches; all off unless a test sets them.
+    pub test: TestSwitches,
+}
+
+impl WorkerOptions {
+    pub fn new(nats_url: &str, name: &str) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            name: name.into(),
+            backend: BackendChoice::Auto,
+            concurrency: 1,
+            heartbeat: Duration::from_secs(1),
+            max_elements: 1 << 26,
+            max_macs: 1 << 36,
+            threads: 0,
+            cache_dir: None,
+            test: TestSwitches::default(),
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/lockstep/blobs`, else `~/.cache/lockstep/blobs`, else a
+/// folder in the temporary directory. Blobs are named by digest and verified
+/// on every read, so workers on one machine can share it.
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("lockstep").join("blobs")
+}
+
+/// Default worker name: host name and process id.
+pub fn default_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "worker" } else { &host },
+        std::process::id()
+    )
+}
+
+/// Everything a job handler needs.
+struct Ctx {
+    nats: Nats,
+    opts: WorkerOptions,
+    backend: Arc<dyn Backend>,
+    info: BackendInfo,
+    cache: PathBuf,
+    done: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Runs a worker until `shutdown` resolves, then drains: stops pulling,
+/// finishes in-flight jobs (up to `drain_timeout`), and marks itself stopped.
+pub async fn run(
+    opts: WorkerOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    if !valid_token(&opts.name) {
+        bail!(
+            "worker name `{}` must be 1-64 characters of A-Z a-z 0-9 _ -",
+            opts.name
+        );
+    }
+    let threads = opts.threads;
+    let choice = opts.backend;
+    let (backend, infos) =
+        tokio::task::spawn_blocking(move || open_backend(choice, threads)).await??;
+    let info = backend.info();
+    let nats = connect(&opts.nats_url).await?;
+    let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("cannot create cache dir {}", cache.display()))?;
+    let ctx = Arc::new(Ctx {
+        nats: nats.clone(),
+        opts: opts.clone(),
+        backend,
+        info,
+        cache,
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+
+    let started = now_ms();
+    let put_record = {
+        let (ctx, infos) = (ctx.clone(), infos.clone());
+        move |state: WorkerState| {
+            registry::publish_record(ctx.clone(), infos.clone(), started, state)
+        }
+    };
+    let consumer = nats
+        .jobs
+        .get_or_create_consumer(
+            &format!("w-{}", opts.name),
+            pull::Config {
+                durable_name: Some(format!("w-{}", opts.name)),
+                filter_subject: job_subject(&opts.name),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: MAX_DELIVER,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("cannot create this worker's consumer")?;
+    put_record(WorkerState::Up).await;
+    // Heartbeats run on their own task, so a worker waiting for jobs (or busy
+    // with a long one) still shows it is alive.
+    let (state_tx, mut state_rx) = tokio::sync::watch::channel(WorkerState::Up);
+    let beat = {
+        let put = put_record.clone();
+        let period = opts.heartbeat;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = state_rx.changed() => if changed.is_err() { break },
+                }
+                let state = *state_rx.borrow();
+                put(state).await;
+            }
+        })
+    };
+    tracing::info!(worker = %opts.name, backend = %ctx.info.kind, device = %ctx.info.device, "worker up");
+
+    let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut messages = consumer.messages().await.context("cannot pull jobs")?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => {
+                let permit = permit.expect("semaphore open");
+                let msg = tokio::select! {
+                    _ = &mut shutdown => break,
+                    m = messages.next() => m,
+                };
+                match msg {
+                    Some(Ok(msg)) => {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            handler::handle(&ctx, msg).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("pulling jobs: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None => {
+                        tracing::warn!("job stream ended; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        messages = consumer.messages().await.context("cannot pull jobs")?;
+                    }
+                }
+            }
+        }
+    }
+    // Drain: no new pulls; wait for in-flight jobs to finish and publish.
+    drop(messages);
+    tracing::info!("shutting down: finishing in-flight jobs");
+    let _ = state_tx.send(WorkerState::Draining);
+    let all = opts.concurrency.max(1) as u32;
+    if tokio::time::timeout(Duration::from_secs(60), permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "in-flight jobs did not finish in 60 s; they will be redelivered or reassigned"
+        );
+    }
+    drop(state_tx);
+    let _ = beat.await;
+    put_record(WorkerState::Stopped).await;
+    ctx.nats.client.flush().await.ok();
+    tracing::info!(done = ctx.done.load(Ordering::Relaxed), "worker stopped");
+    Ok(())
+}
