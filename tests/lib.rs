@@ -148,20 +148,7 @@ pub fn random_values(rng: &mut ChaCha8Rng, len: usize, kind: Values) -> Vec<f32>
             }
             Values::Specials => {
                 if rng.random_ratio(1, 8) {
-                    const SPECIALS: [u32; 12] = [
-                        0x0000_0000, // +0
-                        0x8000_0000, // -0
-                        0x7F80_0000, // +inf
-                        0xFF80_0000, // -inf
-                        0x7FC0_0000, // NaN
-                        0x7FA0_0001, // signalling NaN with payload
-                        0x0000_0001, // smallest subnormal
-                        0x807F_FFFF, // largest negative subnormal
-                        0x0080_0000, // smallest normal
-                        0x7F7F_FFFF, // largest finite
-                        0x3F80_0000, // 1
-                        0xBF80_0001, // -1 - ulp
-                    ];
+                    const SPECIALS: [u32; 12] = lockstep_kernels::conformance::SPECIAL_VALUES;
                     f32::from_bits(SPECIALS[rng.random_range(0..SPECIALS.len())])
                 } else {
                     rng.random_range(-1.0f32..1.0)

@@ -50,6 +50,25 @@ pub const EDGE_VALUES: &[u32] = &[
     0x3FC0_0000,
 ];
 
+/// Awkward values sprinkled into test operands (tests' `Values::Specials`,
+/// the GPU check's `specials` operands): ±0, ±inf, a quiet NaN, a
+/// signalling NaN with payload, the extreme subnormals, the smallest normal,
+/// the largest finite value, 1 and −1 − ulp.
+pub const SPECIAL_VALUES: [u32; 12] = [
+    0x0000_0000,
+    0x8000_0000,
+    0x7F80_0000,
+    0xFF80_0000,
+    0x7FC0_0000,
+    0x7FA0_0001,
+    0x0000_0001,
+    0x807F_FFFF,
+    0x0080_0000,
+    0x7F7F_FFFF,
+    0x3F80_0000,
+    0xBF80_0001,
+];
+
 /// How many of [`EDGE_VALUES`] the WGSL probe uses.
 pub const PROBE_EDGE_VALUES: usize = 16;
 

@@ -272,4 +272,43 @@ mod tests {
         );
         assert!(e.contains("line 2") && e.contains("twice"), "{e}");
     }
+
+    #[test]
+    fn general_form_and_shorthand_give_the_same_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let general = r#"{"id":"g","op":"matmul","params":{},"inputs":[{"shape":[1,2],"data":[1,2]},{"shape":[2,1],"data":[3,4]}]}"#;
+        let no_params = r#"{"id":"n","op":"matmul","inputs":[{"shape":[1,2],"data":[1,2]},{"shape":[2,1],"data":[3,4]}]}"#;
+        let short = r#"{"id":"s","kind":"matmul","a":{"shape":[1,2],"data":[1,2]},"b":{"shape":[2,1],"data":[3,4]}}"#;
+        let jobs =
+            parse_batch_str(&format!("{general}\n{no_params}\n{short}"), dir.path()).unwrap();
+        assert_eq!(jobs.len(), 3);
+        for j in &jobs {
+            assert_eq!(j.op, Op::Matmul(Matmul {}));
+            let shapes: Vec<&[usize]> = j.inputs.iter().map(|t| t.shape()).collect();
+            assert_eq!(shapes, vec![&[1usize, 2][..], &[2, 1][..]]);
+        }
+    }
+
+    #[test]
+    fn ops_are_checked_against_their_contract_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |line: &str| format!("{:#}", parse_batch_str(line, dir.path()).unwrap_err());
+        let e = err(r#"{"id":"x","op":"conv3d","inputs":[]}"#);
+        assert!(
+            e.contains("unknown op `conv3d`") && e.contains("matmul"),
+            "{e}"
+        );
+        let e = err(r#"{"id":"x","op":"matmul","params":{"alpha":2},"inputs":[]}"#);
+        assert!(e.contains("bad params"), "{e}");
+        let e = err(r#"{"id":"x","op":"matmul","inputs":[{"shape":[1,2],"data":[1,2]}]}"#);
+        assert!(e.contains("takes 2 inputs"), "{e}");
+        let e = err(
+            r#"{"id":"x","op":"matmul","inputs":[{"shape":[1,2],"data":[1,2]},{"shape":[3,1],"data":[1,2,3]}]}"#,
+        );
+        assert!(e.contains("columns must equal"), "{e}");
+        let e = err(r#"{"id":"x","kind":"matmul","op":"matmul","a":{"shape":[1,1],"data":[1]}}"#);
+        assert!(e.contains("not both"), "{e}");
+        let e = err(r#"{"id":"x","kind":"softmax","a":{"shape":[1,1],"data":[1]}}"#);
+        assert!(e.contains("unknown kind"), "{e}");
+    }
 }

@@ -357,3 +357,33 @@ pub struct FaultRecord {
     pub resolved_by: String,
     pub at_ms: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_carry_op_params_and_inputs_and_digests_are_strings() {
+        let a = TensorRef::inline(vec![1, 1], &[2.0]);
+        let d = tensor_digest_f32(&[1, 1], &[2.0]);
+        let b = TensorRef::object(vec![1, 1], d);
+        let spec = JobSpec::matmul(a, b);
+        let v = serde_json::to_value(&spec).unwrap();
+        assert_eq!(v["op"], "matmul");
+        assert_eq!(v["params"], serde_json::json!({}));
+        assert_eq!(v["inputs"].as_array().unwrap().len(), 2);
+        assert_eq!(v["inputs"][1]["object"], d.to_string());
+        assert!(d.to_string().starts_with("sha3-256:") && d.to_string().len() == 73);
+        let back: JobSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(back, spec);
+        // Version 1's array-of-integers digests are rejected, not misread.
+        let old = serde_json::json!({"shape": [1, 1], "object": d.0.to_vec()});
+        assert!(serde_json::from_value::<TensorRef>(old).is_err());
+        let outcome = Outcome::Ok {
+            digest: d,
+            outputs: vec![],
+        };
+        let v = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(v["digest"], d.to_string());
+    }
+}

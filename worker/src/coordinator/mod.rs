@@ -26,12 +26,12 @@ mod verdict;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::consumer;
 use futures::StreamExt;
-use lockstep_kernels::CONTRACT_VERSION;
 
 pub use plan::batch_id_for;
 pub use report::{print_report, JobReport, ReplicaReport, Report, Verdict};
@@ -101,12 +101,78 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         valid_token(&batch),
         "batch id `{batch}` must be 1-64 of [A-Za-z0-9_-]"
     );
-    let r = opts.redundancy as usize;
-    tracing::info!(%batch, jobs = jobs.len(), redundancy = r, "submitting");
-
-    // Inputs: small ones inline, large ones as objects named by digest.
-    let mut state: BTreeMap<String, JobState> = BTreeMap::new();
+    tracing::info!(%batch, jobs = jobs.len(), redundancy = opts.redundancy, "submitting");
     let order: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    let mut state = load_jobs(nats, jobs, opts.redundancy as usize).await?;
+
+    // Resume: the durable plan of an earlier run of this batch.
+    if plan::resume(nats, &batch, opts.redundancy, &mut state).await? > 0 {
+        for js in state.values_mut() {
+            js.dispatched = Some(Instant::now());
+        }
+    }
+
+    // Every result of this batch, from the beginning (a restart replays them).
+    let mut results = nats
+        .results
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: result_subject(&batch),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read results")?
+        .messages()
+        .await
+        .context("cannot read results")?;
+
+    let mut run = Run {
+        nats,
+        opts,
+        undecided: state.len(),
+        bar: report::progress_bar(opts.progress, state.len() as u64),
+        batch,
+        state,
+        cpu: Arc::new(lockstep_kernels::cpu::CpuBackend::new(opts.threads)?),
+        faults: Vec::new(),
+        verdicts: [0; 4],
+        live: Vec::new(),
+        live_at: Instant::now() - Duration::from_secs(60),
+        waiting_note: false,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while run.undecided > 0 {
+        if opts.deadline.is_some_and(|d| t_start.elapsed() > d) {
+            tracing::warn!("deadline reached; undecided jobs are left unresolved");
+            break;
+        }
+        tokio::select! {
+            m = results.next() => match m {
+                None => anyhow::bail!("the results stream ended"),
+                Some(Err(e)) => {
+                    tracing::warn!("reading results: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Some(Ok(m)) => run.on_results(&m.payload).await?,
+            },
+            _ = tick.tick() => run.on_tick().await,
+        }
+    }
+    run.bar.finish_and_clear();
+    report::finish(
+        nats, opts, run.batch, &order, run.state, run.faults, t_start,
+    )
+    .await
+}
+
+/// Puts each job's inputs on the wire (small ones inline, large ones as
+/// objects named by digest) and derives its output shapes from its op.
+async fn load_jobs(
+    nats: &Nats,
+    jobs: Vec<BatchJob>,
+    redundancy: usize,
+) -> Result<BTreeMap<String, JobState>> {
+    let mut state = BTreeMap::new();
     for j in jobs {
         let mut inputs = Vec::with_capacity(j.inputs.len());
         for t in &j.inputs {
@@ -119,11 +185,11 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
             .with_context(|| format!("job `{}`", j.id))?
             .output_shapes();
         state.insert(
-            j.id.clone(),
+            j.id,
             JobState {
                 spec,
                 shapes,
-                assignments: vec![None; r],
+                assignments: vec![None; redundancy],
                 results: BTreeMap::new(),
                 excluded: HashSet::new(),
                 decided: None,
@@ -131,151 +197,111 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
             },
         );
     }
+    Ok(state)
+}
 
-    // Resume: the durable plan of an earlier run of this batch.
-    if plan::resume(nats, &batch, opts.redundancy, &mut state).await? > 0 {
-        for js in state.values_mut() {
-            js.dispatched = Some(Instant::now());
-        }
-    }
+/// A batch in progress: the jobs, the live workers, and the tallies.
+struct Run<'a> {
+    nats: &'a Nats,
+    opts: &'a SubmitOptions,
+    batch: String,
+    state: BTreeMap<String, JobState>,
+    /// The coordinator's own backend, for disputes.
+    cpu: Arc<lockstep_kernels::cpu::CpuBackend>,
+    faults: Vec<FaultRecord>,
+    /// Kept as counters: a batch may hold many thousands of jobs, and these
+    /// are needed after every result.
+    undecided: usize,
+    verdicts: [usize; 4],
+    bar: indicatif::ProgressBar,
+    live: Vec<WorkerRecord>,
+    live_at: Instant,
+    waiting_note: bool,
+}
 
-    // Every result of this batch, from the beginning (a restart replays them).
-    let results_consumer = nats
-        .results
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: result_subject(&batch),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .context("cannot read results")?;
-    let mut results = results_consumer
-        .messages()
-        .await
-        .context("cannot read results")?;
-
-    let bar = report::progress_bar(opts.progress, state.len() as u64);
-    let cpu = std::sync::Arc::new(lockstep_kernels::cpu::CpuBackend::new(opts.threads)?);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut live: Vec<WorkerRecord> = Vec::new();
-    let mut live_at = Instant::now() - Duration::from_secs(60);
-    let mut faults: Vec<FaultRecord> = Vec::new();
-    let mut waiting_note = false;
-    // Kept as counters: a batch may hold many thousands of jobs, and these are
-    // needed after every result.
-    let mut undecided = state.len();
-    let mut verdicts = [0usize; 4];
-
-    while undecided > 0 {
-        if opts.deadline.is_some_and(|d| t_start.elapsed() > d) {
-            tracing::warn!("deadline reached; undecided jobs are left unresolved");
-            break;
-        }
-        tokio::select! {
-            m = results.next() => {
-                let Some(m) = m else { anyhow::bail!("the results stream ended") };
-                let m = match m {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!("reading results: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
-                let answers: Vec<ResultMessage> = if let Ok(b) = serde_json::from_slice::<ResultBundle>(&m.payload) {
-                    b.results
-                } else if let Ok(r) = serde_json::from_slice::<ResultMessage>(&m.payload) {
-                    vec![r]
-                } else {
-                    tracing::warn!("ignoring a malformed result message");
-                    continue;
-                };
-                for res in answers {
-                    let Some(js) = state.get_mut(&res.job) else { continue };
-                    if js.decided.is_some() || js.results.contains_key(&res.worker) {
-                        continue; // at most one result per job and worker
-                    }
-                    if let Outcome::Error { code, message } = &res.outcome {
-                        if !code.is_job_fault() {
-                            tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
-                            js.excluded.insert(res.worker.clone());
-                        }
-                    }
-                    js.results.insert(res.worker.clone(), res.clone());
-                    let id = res.job.clone();
-                    if let Some(report) = verdict::evaluate(nats, &batch, &id, js, r, &cpu, &mut faults).await? {
-                        bar.inc(1);
-                        undecided -= 1;
-                        verdicts[report.verdict as usize] += 1;
-                        state.get_mut(&id).unwrap().decided = Some(report);
-                        bar.set_message(report::summary_line(&verdicts));
-                    }
+impl Run<'_> {
+    /// One message from the results stream: a result bundle or a single
+    /// result. At most one result per job and worker counts.
+    async fn on_results(&mut self, payload: &[u8]) -> Result<()> {
+        let answers: Vec<ResultMessage> =
+            if let Ok(b) = serde_json::from_slice::<ResultBundle>(payload) {
+                b.results
+            } else if let Ok(r) = serde_json::from_slice::<ResultMessage>(payload) {
+                vec![r]
+            } else {
+                tracing::warn!("ignoring a malformed result message");
+                return Ok(());
+            };
+        let r = self.opts.redundancy as usize;
+        for res in answers {
+            let Some(js) = self.state.get_mut(&res.job) else {
+                continue;
+            };
+            if js.decided.is_some() || js.results.contains_key(&res.worker) {
+                continue;
+            }
+            if let Outcome::Error { code, message } = &res.outcome {
+                if !code.is_job_fault() {
+                    tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
+                    js.excluded.insert(res.worker.clone());
                 }
             }
-            _ = tick.tick() => {
-                if live_at.elapsed() > Duration::from_millis(500) {
-                    match live_workers(nats, opts.worker_timeout).await {
-                        Ok(l) => live = l,
-                        Err(e) => tracing::warn!("cannot read the worker registry: {e}"),
-                    }
-                    live_at = Instant::now();
-                }
-                let assigned = match schedule::schedule(nats, &batch, &mut state, &live, opts).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!("dispatch failed, will retry: {e:#}");
-                        0
-                    }
-                };
-                let stuck = state.values().any(|j| j.decided.is_none() && j.assignments.iter().any(|a| a.is_none()));
-                if stuck && !waiting_note {
-                    bar.set_message(format!("waiting for workers ({} live)", live.len()));
-                    waiting_note = true;
-                } else if assigned > 0 {
-                    waiting_note = false;
-                    bar.set_message(report::summary_line(&verdicts));
-                }
+            let id = res.job.clone();
+            js.results.insert(res.worker.clone(), res);
+            let decided = verdict::evaluate(
+                self.nats,
+                &self.batch,
+                &id,
+                js,
+                r,
+                &self.cpu,
+                &mut self.faults,
+            )
+            .await?;
+            if let Some(report) = decided {
+                self.bar.inc(1);
+                self.undecided -= 1;
+                self.verdicts[report.verdict as usize] += 1;
+                js.decided = Some(report);
+                self.bar.set_message(report::summary_line(&self.verdicts));
             }
         }
+        Ok(())
     }
-    bar.finish_and_clear();
 
-    let mut reports = Vec::new();
-    for id in &order {
-        let js = state.remove(id).unwrap();
-        reports.push(js.decided.clone().unwrap_or_else(|| JobReport {
-            job: id.clone(),
-            op: js.spec.op.name().into(),
-            verdict: Verdict::Unresolved,
-            digest: None,
-            shapes: js.shapes.clone(),
-            results: report::replica_reports(&js),
-            faulty_workers: vec![],
-            reassigned_from: report::reassigned_from(&js),
-            reason: Some("no decision before the deadline".into()),
-            latency_ms: 0.0,
-        }));
-        if let (Some(dir), Some(rep)) = (&opts.out_dir, &js.decided) {
-            report::write_output(nats, dir, &js, rep).await?;
+    /// Every 100 ms: refresh the live workers (at most every 500 ms) and
+    /// give every replica that needs one a worker.
+    async fn on_tick(&mut self) {
+        if self.live_at.elapsed() > Duration::from_millis(500) {
+            match live_workers(self.nats, self.opts.worker_timeout).await {
+                Ok(l) => self.live = l,
+                Err(e) => tracing::warn!("cannot read the worker registry: {e}"),
+            }
+            self.live_at = Instant::now();
+        }
+        let assigned = schedule::schedule(
+            self.nats,
+            &self.batch,
+            &mut self.state,
+            &self.live,
+            self.opts,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!("dispatch failed, will retry: {e:#}");
+            0
+        });
+        let stuck = self
+            .state
+            .values()
+            .any(|j| j.decided.is_none() && j.assignments.iter().any(|a| a.is_none()));
+        if stuck && !self.waiting_note {
+            self.bar
+                .set_message(format!("waiting for workers ({} live)", self.live.len()));
+            self.waiting_note = true;
+        } else if assigned > 0 {
+            self.waiting_note = false;
+            self.bar.set_message(report::summary_line(&self.verdicts));
         }
     }
-    let count = |v: Verdict| reports.iter().filter(|j| j.verdict == v).count();
-    let report = Report {
-        protocol: PROTOCOL_VERSION,
-        contract_version: CONTRACT_VERSION,
-        batch,
-        redundancy: opts.redundancy,
-        verified: count(Verdict::Verified),
-        resolved: count(Verdict::Resolved),
-        failed: count(Verdict::Failed),
-        unresolved: count(Verdict::Unresolved),
-        jobs: reports,
-        faults,
-        elapsed_s: t_start.elapsed().as_secs_f64(),
-    };
-    if let Some(dir) = &opts.out_dir {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
-    }
-    Ok(report)
 }

@@ -1,14 +1,15 @@
 //! What a batch comes to: the report (written as report.json), the verdict
 //! table `submit` and `demo` print, and the accepted outputs.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use lockstep_kernels::{outputs_digest, tensor_digest_f32, Digest};
+use lockstep_kernels::{outputs_digest, tensor_digest_f32, Digest, CONTRACT_VERSION};
 use serde::Serialize;
 
 use super::verdict::load_tensor;
-use super::JobState;
+use super::{JobState, SubmitOptions};
 use crate::nats::Nats;
 use crate::protocol::*;
 
@@ -78,6 +79,57 @@ impl Report {
     pub fn all_accepted(&self) -> bool {
         self.failed == 0 && self.unresolved == 0
     }
+}
+
+/// The report of a finished (or timed-out) batch, in the batch's job order;
+/// writes report.json and the accepted outputs when `opts.out_dir` is set.
+pub(super) async fn finish(
+    nats: &Nats,
+    opts: &SubmitOptions,
+    batch: String,
+    order: &[String],
+    mut state: BTreeMap<String, JobState>,
+    faults: Vec<FaultRecord>,
+    t_start: Instant,
+) -> Result<Report> {
+    let mut reports = Vec::new();
+    for id in order {
+        let js = state.remove(id).expect("every job has a state");
+        reports.push(js.decided.clone().unwrap_or_else(|| JobReport {
+            job: id.clone(),
+            op: js.spec.op.name().into(),
+            verdict: Verdict::Unresolved,
+            digest: None,
+            shapes: js.shapes.clone(),
+            results: replica_reports(&js),
+            faulty_workers: vec![],
+            reassigned_from: reassigned_from(&js),
+            reason: Some("no decision before the deadline".into()),
+            latency_ms: 0.0,
+        }));
+        if let (Some(dir), Some(rep)) = (&opts.out_dir, &js.decided) {
+            write_output(nats, dir, &js, rep).await?;
+        }
+    }
+    let count = |v: Verdict| reports.iter().filter(|j| j.verdict == v).count();
+    let report = Report {
+        protocol: PROTOCOL_VERSION,
+        contract_version: CONTRACT_VERSION,
+        batch,
+        redundancy: opts.redundancy,
+        verified: count(Verdict::Verified),
+        resolved: count(Verdict::Resolved),
+        failed: count(Verdict::Failed),
+        unresolved: count(Verdict::Unresolved),
+        jobs: reports,
+        faults,
+        elapsed_s: t_start.elapsed().as_secs_f64(),
+    };
+    if let Some(dir) = &opts.out_dir {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(report)
 }
 
 pub(super) fn reassigned_from(js: &JobState) -> Vec<String> {
@@ -209,7 +261,7 @@ pub(super) fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
 /// tensor per output, named as the op names them), taken from a worker whose
 /// digest matches, re-checked; if none matches (a resolved job where every
 /// worker was wrong), nothing is written and a warning is logged.
-pub(super) async fn write_output(
+async fn write_output(
     nats: &Nats,
     dir: &std::path::Path,
     js: &JobState,
