@@ -21,6 +21,13 @@ pub struct Nats {
     pub blobs: object_store::ObjectStore,
 }
 
+impl Nats {
+    /// The largest message the server accepts, from its INFO.
+    pub fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+}
+
 /// How long job and result messages are kept.
 const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -164,8 +171,14 @@ pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f3
         return Ok(());
     }
     let bytes = f32_bytes(data);
+    // Chunks are messages too: at most 128 KiB, and within the server's limit.
+    let meta = object_store::ObjectMetadata {
+        name: digest.to_hex(),
+        chunk_size: Some((128 << 10).min(message_limit(nats.max_payload()))),
+        ..Default::default()
+    };
     nats.blobs
-        .put(digest.to_hex().as_str(), &mut bytes.as_slice())
+        .put(meta, &mut bytes.as_slice())
         .await
         .map_err(|e| anyhow::anyhow!("object store put: {e}"))?;
     Ok(())

@@ -64,7 +64,27 @@ pub struct TensorRef {
 }
 
 /// Tensors up to this many bytes travel inline; larger ones as objects.
+/// On a server with a small `max_payload` the limit is lower: see
+/// [`inline_limit`].
 pub const INLINE_MAX_BYTES: usize = 64 * 1024;
+
+/// Bytes of a message kept free for headers (the message id) and the
+/// envelope around what was measured.
+pub const PAYLOAD_HEADROOM: usize = 4096;
+
+/// The largest tensor (raw bytes) that travels inline on a connection whose
+/// server accepts messages of `max_payload` bytes: [`INLINE_MAX_BYTES`], or
+/// an eighth of the payload limit if that is less, so a message holding a
+/// few inline tensors (base64 adds a third) still fits.
+pub fn inline_limit(max_payload: usize) -> usize {
+    INLINE_MAX_BYTES.min(max_payload / 8)
+}
+
+/// The most bytes one message may carry on a connection whose server accepts
+/// `max_payload`, leaving [`PAYLOAD_HEADROOM`].
+pub fn message_limit(max_payload: usize) -> usize {
+    max_payload.saturating_sub(PAYLOAD_HEADROOM).max(1024)
+}
 
 pub fn encode_f32(data: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(f32_bytes(data))
@@ -248,9 +268,20 @@ pub enum ErrorCode {
     Backend,
     /// Delivered too many times without completing (the worker kept dying).
     Redelivered,
+    /// The result could not be stored (e.g. it exceeds the server's payload
+    /// limit even after splitting); a failure of the system, not the worker.
+    Unpublishable,
 }
 
 impl ErrorCode {
+    /// A failure of the system rather than of the job or the worker
+    /// (redelivery exhausted, a message the server will not take): it is
+    /// retried, on any worker, up to a limit, and never counted against the
+    /// worker that reported it.
+    pub fn is_system_fault(self) -> bool {
+        matches!(self, ErrorCode::Redelivered | ErrorCode::Unpublishable)
+    }
+
     /// Would any honest worker fail the same way?
     pub fn is_job_fault(self) -> bool {
         matches!(

@@ -85,9 +85,17 @@ struct JobState {
     results: BTreeMap<String, ResultMessage>,
     /// Workers that must not get this job again (dead, errored, timed out).
     excluded: HashSet<String>,
+    /// Replicas the system failed (see [`ErrorCode::is_system_fault`]), to
+    /// be sent again, to any worker.
+    retry: HashSet<usize>,
+    /// What the system failures were, in order.
+    system_failures: Vec<String>,
     decided: Option<JobReport>,
     dispatched: Option<Instant>,
 }
+
+/// System failures of one job before it fails (each is retried first).
+pub const MAX_SYSTEM_FAILURES: usize = 3;
 
 /// Runs a batch to completion (or to the deadline) and returns the report.
 pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> Result<Report> {
@@ -192,6 +200,8 @@ async fn load_jobs(
                 assignments: vec![None; redundancy],
                 results: BTreeMap::new(),
                 excluded: HashSet::new(),
+                retry: HashSet::new(),
+                system_failures: Vec::new(),
                 decided: None,
                 dispatched: None,
             },
@@ -241,6 +251,25 @@ impl Run<'_> {
                 continue;
             }
             if let Outcome::Error { code, message } = &res.outcome {
+                if code.is_system_fault() {
+                    // Not the worker's fault: retry the replica (the same
+                    // worker may take it), and fail the job only if the
+                    // system keeps failing it.
+                    tracing::warn!(job = %res.job, worker = %res.worker, "system failure ({message}); retrying");
+                    js.system_failures
+                        .push(format!("{code:?} on {}: {message}", res.worker));
+                    if let Some(i) = js.assignments.iter().position(|a| {
+                        a.as_ref()
+                            .is_some_and(|a| a.worker == res.worker && a.attempt == res.attempt)
+                    }) {
+                        js.retry.insert(i);
+                    }
+                    if js.system_failures.len() >= MAX_SYSTEM_FAILURES {
+                        let report = verdict::system_failed(&res.job, js);
+                        self.decide(&res.job, report);
+                    }
+                    continue;
+                }
                 if !code.is_job_fault() {
                     tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
                     js.excluded.insert(res.worker.clone());
@@ -259,14 +288,22 @@ impl Run<'_> {
             )
             .await?;
             if let Some(report) = decided {
-                self.bar.inc(1);
-                self.undecided -= 1;
-                self.verdicts[report.verdict as usize] += 1;
-                js.decided = Some(report);
-                self.bar.set_message(report::summary_line(&self.verdicts));
+                self.decide(&id, report);
             }
         }
         Ok(())
+    }
+
+    /// Records a job's verdict.
+    fn decide(&mut self, id: &str, report: JobReport) {
+        let Some(js) = self.state.get_mut(id) else {
+            return;
+        };
+        self.bar.inc(1);
+        self.undecided -= 1;
+        self.verdicts[report.verdict as usize] += 1;
+        js.decided = Some(report);
+        self.bar.set_message(report::summary_line(&self.verdicts));
     }
 
     /// Every 100 ms: refresh the live workers (at most every 500 ms) and

@@ -22,6 +22,8 @@ pub(super) struct NewReplica {
     pub redundancy: u32,
     pub spec: JobSpec,
     pub assignment: Assignment,
+    /// Expected size of its result in a result bundle.
+    pub result_bytes: usize,
 }
 
 /// The batch id derived from the jobs' content.
@@ -149,7 +151,7 @@ pub(super) async fn to_ref(nats: &Nats, t: &Tensor) -> Result<TensorRef> {
                 .with_context(|| format!("object {digest} is not in the object store"))?;
             TensorRef::object(shape.clone(), *digest)
         }
-        Tensor::Data { shape, data } if data.len() * 4 <= INLINE_MAX_BYTES => {
+        Tensor::Data { shape, data } if data.len() * 4 <= inline_limit(nats.max_payload()) => {
             TensorRef::inline(shape.clone(), data)
         }
         Tensor::Data { shape, data } => {

@@ -17,10 +17,31 @@ use crate::protocol::*;
 /// A replica of a job: (job id, replica index).
 type ReplicaKey = (String, usize);
 
-/// Largest bundle: replicas per message, and estimated bytes per message
-/// (NATS's default maximum payload is 1 MiB).
+/// Most replicas in one bundle. Its bytes are bounded too: both the job
+/// bundle and the result bundle a worker will answer with must fit the
+/// server's `max_payload` (see [`result_bytes`]).
 const BUNDLE_MAX_JOBS: usize = 64;
-const BUNDLE_MAX_BYTES: usize = 512 * 1024;
+
+/// Bytes a replica's job message takes in a bundle (inline inputs as base64).
+fn job_bytes(spec: &JobSpec) -> usize {
+    512 + spec.inline_bytes()
+}
+
+/// Bytes a replica's result is expected to take in a result bundle: outputs
+/// up to the inline limit travel as base64, larger ones as object names.
+fn result_bytes(shapes: &[Vec<usize>], inline: usize) -> usize {
+    600 + shapes
+        .iter()
+        .map(|s| {
+            let bytes = s.iter().product::<usize>().saturating_mul(4);
+            if bytes <= inline {
+                bytes.div_ceil(3) * 4 + 64
+            } else {
+                200
+            }
+        })
+        .sum::<usize>()
+}
 
 /// Gives every unassigned or abandoned replica a live worker that holds no
 /// other replica of the job; returns how many were assigned.
@@ -42,6 +63,8 @@ pub(super) async fn schedule(
         }
     }
     let now = now_ms();
+    let limit = message_limit(nats.max_payload());
+    let inline = inline_limit(nats.max_payload());
     let mut assigned = 0;
     let mut to_send = Vec::new();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
@@ -57,17 +80,23 @@ pub(super) async fn schedule(
                             > opts.worker_timeout.as_millis() as u64;
                     let late =
                         now.saturating_sub(a.assigned_ms) > opts.job_timeout.as_millis() as u64;
-                    !answered_ok && (errored || dead || late)
+                    !answered_ok && (errored || dead || late || js.retry.contains(&replica))
                 }
             };
             if !needs {
                 continue;
             }
-            // Candidates: live, never excluded for this job, holding no replica of it, no result yet.
+            // A replica the system failed (not its worker) may go back to
+            // the same worker; any other reassignment takes it off that worker.
+            let system_retry = js.retry.contains(&replica);
+            // Candidates: live, never excluded for this job, holding no other
+            // replica of it (nor this one, unless a system retry), no result yet.
             let holding: HashSet<&str> = js
                 .assignments
                 .iter()
-                .flatten()
+                .enumerate()
+                .filter(|(i, _)| !(system_retry && *i == replica))
+                .filter_map(|(_, a)| a.as_ref())
                 .map(|a| a.worker.as_str())
                 .collect();
             let candidates: Vec<&WorkerRecord> = live
@@ -94,7 +123,7 @@ pub(super) async fn schedule(
                 .as_ref()
                 .map(|a| a.abandoned.clone())
                 .unwrap_or_default();
-            if let Some(p) = &previous {
+            if let Some(p) = previous.as_ref().filter(|_| !system_retry) {
                 tracing::info!(job = %id, replica, from = %p.worker, to = %w.id, "reassigning");
                 abandoned.push(p.worker.clone());
                 js.excluded.insert(p.worker.clone());
@@ -106,12 +135,14 @@ pub(super) async fn schedule(
                 abandoned,
             };
             *load.entry(w.id.clone()).or_default() += 1;
+            js.retry.remove(&replica);
             to_send.push(NewReplica {
                 job: id.clone(),
                 replica,
                 redundancy: js.assignments.len() as u32,
                 spec: js.spec.clone(),
                 assignment: a.clone(),
+                result_bytes: result_bytes(&js.shapes, inline),
             });
             js.assignments[replica] = Some(a);
             js.dispatched.get_or_insert_with(Instant::now);
@@ -132,15 +163,16 @@ pub(super) async fn schedule(
     let mut sends: Vec<Vec<NewReplica>> = Vec::new();
     for (_, replicas) in by_worker {
         let mut cur: Vec<NewReplica> = Vec::new();
-        let mut bytes = 0;
+        let (mut jobs, mut results) = (0, 0);
         for nr in replicas {
-            let size = 512 + nr.spec.inline_bytes();
-            if !cur.is_empty() && (cur.len() >= BUNDLE_MAX_JOBS || bytes + size > BUNDLE_MAX_BYTES)
+            let (j, r) = (job_bytes(&nr.spec), nr.result_bytes);
+            if !cur.is_empty()
+                && (cur.len() >= BUNDLE_MAX_JOBS || jobs + j > limit || results + r > limit)
             {
                 sends.push(std::mem::take(&mut cur));
-                bytes = 0;
+                (jobs, results) = (0, 0);
             }
-            bytes += size;
+            (jobs, results) = (jobs + j, results + r);
             cur.push(nr);
         }
         if !cur.is_empty() {

@@ -98,6 +98,29 @@ pub(super) async fn evaluate(
     Ok(Some(report))
 }
 
+/// A job the system kept failing (redeliveries exhausted, results the server
+/// would not store): failed, with every reason, and no worker blamed.
+pub(super) fn system_failed(id: &str, js: &JobState) -> JobReport {
+    JobReport {
+        job: id.into(),
+        op: js.spec.op.name().into(),
+        verdict: Verdict::Failed,
+        digest: None,
+        shapes: js.shapes.clone(),
+        results: replica_reports(js),
+        faulty_workers: vec![],
+        reassigned_from: reassigned_from(js),
+        reason: Some(format!(
+            "the system failed this job {} times (no worker is at fault): {}",
+            js.system_failures.len(),
+            js.system_failures.join("; ")
+        )),
+        latency_ms: js
+            .dispatched
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+    }
+}
+
 pub(super) async fn load_tensor(nats: &Nats, t: &TensorRef) -> Result<Vec<f32>> {
     if let Some(b64) = &t.inline {
         return decode_f32(b64).map_err(anyhow::Error::msg);

@@ -5,5 +5,5 @@
 mod nats_server;
 mod worker_procs;
 
-pub use nats_server::{find_nats_server, NatsServer};
+pub use nats_server::{find_nats_server, NatsServer, ServerOptions};
 pub use worker_procs::WorkerProcs;

@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 pub struct NatsServer {
     child: Option<Child>,
     bin: PathBuf,
+    /// A config file for settings the command line lacks (max_payload).
+    config: Option<PathBuf>,
     pub port: u16,
     /// JetStream store; kept across [`NatsServer::restart`].
     pub store: PathBuf,
@@ -73,16 +75,37 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Settings of a local server beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ServerOptions {
+    /// The largest message the server accepts (its default is 1 MiB).
+    pub max_payload: Option<usize>,
+}
+
 impl NatsServer {
     /// Starts a server with a fresh temporary store.
     pub fn start() -> Result<Self> {
+        Self::start_with(&ServerOptions::default())
+    }
+
+    /// Starts a server with a fresh temporary store and these settings.
+    pub fn start_with(options: &ServerOptions) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("lockstep-nats-")
             .tempdir()?;
-        let store = tmp.path().to_path_buf();
+        let store = tmp.path().join("store");
+        let config = match options.max_payload {
+            Some(bytes) => {
+                let path = tmp.path().join("nats.conf");
+                std::fs::write(&path, format!("max_payload: {bytes}\n"))?;
+                Some(path)
+            }
+            None => None,
+        };
         let mut s = Self {
             child: None,
             bin: find_nats_server()?,
+            config,
             port: free_port()?,
             store,
             _tmp: Some(tmp),
@@ -96,6 +119,7 @@ impl NatsServer {
         let mut s = Self {
             child: None,
             bin: find_nats_server()?,
+            config: None,
             port: free_port()?,
             store: store.into(),
             _tmp: None,
@@ -109,7 +133,11 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let child = cmd
             .args([
                 "-a",
                 "127.0.0.1",

@@ -11,6 +11,7 @@ use lockstep_kernels::contract::views;
 use lockstep_kernels::{outputs_digest, BackendKind, ErrorKind, Op, CONTRACT_VERSION};
 
 use super::cache::{fetch, put_blob};
+use super::publish::{publish_then_ack, Answer};
 use super::{Ctx, MAX_DELIVER};
 use crate::protocol::*;
 
@@ -41,21 +42,13 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         } else {
             UNROUTABLE_RESULT_SUBJECT.to_string()
         };
-        let answer = ResultBundle {
-            protocol: PROTOCOL_VERSION,
-            batch: bundle.batch.clone(),
-            worker: ctx.opts.name.clone(),
-            results,
-        };
-        let id = format!("{}.{}.{}", bundle.batch, bundle.id, ctx.opts.name);
-        publish_then_ack(
-            ctx,
-            &msg,
+        let answer = Answer {
             subject,
-            serde_json::to_vec(&answer).expect("serialisable"),
-            id,
-        )
-        .await;
+            id: format!("{}.{}.{}", bundle.batch, bundle.id, ctx.opts.name),
+            batch: bundle.batch,
+            bundled: true,
+        };
+        publish_then_ack(ctx, &msg, answer, results).await;
         return;
     }
     let t0 = Instant::now();
@@ -105,18 +98,16 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         }
     };
     finish(ctx, &mut result, outcome, t0);
-    let id = format!(
-        "{}.{}.{}.{}.{}",
-        result.batch, result.job, result.replica, result.attempt, ctx.opts.name
-    );
-    publish_then_ack(
-        ctx,
-        &msg,
+    let answer = Answer {
         subject,
-        serde_json::to_vec(&result).expect("serialisable"),
-        id,
-    )
-    .await;
+        id: format!(
+            "{}.{}.{}.{}.{}",
+            result.batch, result.job, result.replica, result.attempt, ctx.opts.name
+        ),
+        batch: result.batch.clone(),
+        bundled: false,
+    };
+    publish_then_ack(ctx, &msg, answer, vec![result]).await;
 }
 
 async fn job_outcome(
@@ -148,49 +139,6 @@ fn finish(ctx: &Ctx, result: &mut ResultMessage, outcome: Result<Outcome, JobErr
         }
     };
     result.timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-}
-
-/// Stores the answer durably, then acks the job message. If the answer cannot
-/// be stored (the server may be restarting) it retries for 10 s, then leaves
-/// the job unacked so it comes back; the message id makes a repeated publish
-/// harmless.
-async fn publish_then_ack(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    subject: String,
-    payload: Vec<u8>,
-    id: String,
-) {
-    let payload: bytes::Bytes = payload.into();
-    for attempt in 0..40 {
-        let publish = ctx.nats.js.send_publish(
-            subject.clone(),
-            jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(id.clone()),
-        );
-        let stored = match publish.await {
-            Ok(ack) => ack.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match stored {
-            Ok(_) => {
-                // A plain ack: if it is lost, the job is redelivered and its
-                // answer, published again under the same id, is deduplicated.
-                if let Err(e) = msg.ack().await {
-                    tracing::warn!(
-                        "ack failed (job may be redelivered; results are deduplicated): {e}"
-                    );
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(attempt, "result not stored yet: {e}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-    tracing::error!(%id, "could not store the result; the job stays unacked and will come back");
 }
 
 fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -> ResultMessage {
@@ -316,9 +264,10 @@ async fn execute(
         f.apply(&job.job, &mut outputs);
     }
     let digests: Vec<_> = outputs.iter().map(|t| t.digest()).collect();
+    let inline = inline_limit(ctx.nats.max_payload());
     let mut refs = Vec::with_capacity(outputs.len());
     for (t, digest) in outputs.iter().zip(&digests) {
-        refs.push(if t.data.len() * 4 <= INLINE_MAX_BYTES {
+        refs.push(if t.data.len() * 4 <= inline {
             TensorRef::inline(t.shape.clone(), &t.data)
         } else {
             put_blob(ctx, digest, &t.data).await?;

@@ -8,13 +8,16 @@
 //!
 //! - [`backends`]: choosing and self-testing the backend;
 //! - `registry`: the registry record and heartbeats;
-//! - `handler`: one job message in, one result message out, for any op;
+//! - `handler`: one job message in, its results out, for any op;
+//! - `publish`: results sized to the server's payload limit, split, stored,
+//!   then the job acked;
 //! - `cache`: inputs and outputs, the object store and the local blob cache;
 //! - [`testing`]: test-only switches (fault injection, delays).
 
 pub mod backends;
 mod cache;
 mod handler;
+mod publish;
 mod registry;
 pub mod testing;
 

@@ -1,0 +1,243 @@
+//! Getting results onto the results stream: sized against the server's
+//! `max_payload` (read from the connection, not assumed), split into as many
+//! messages as needed, publish errors classified, and the job message acked
+//! only once every part is stored.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind};
+
+use super::cache::put_blob;
+use super::Ctx;
+use crate::protocol::*;
+
+/// How storing one message went.
+enum Stored {
+    Yes,
+    /// Will not heal by retrying (payload too large, permission denied).
+    Permanent(String),
+    /// Still failing after the retries (the server may be restarting).
+    Transient(String),
+}
+
+/// Publishes `payload` under `id`, retrying transient errors for 10 s.
+async fn store(ctx: &Ctx, subject: &str, payload: bytes::Bytes, id: &str) -> Stored {
+    let mut last = String::new();
+    for attempt in 0..40 {
+        let publish = ctx.nats.js.send_publish(
+            subject.to_string(),
+            jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id),
+        );
+        let result = match publish.await {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return Stored::Yes,
+            Err(e) => {
+                let text = e.to_string();
+                if e.kind() == PublishErrorKind::MaxPayloadExceeded
+                    || text.to_ascii_lowercase().contains("permission")
+                {
+                    return Stored::Permanent(text);
+                }
+                tracing::warn!(attempt, "result not stored yet: {text}");
+                last = text;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Stored::Transient(last)
+}
+
+/// The result as an error of the system: it could not be published.
+fn unpublishable(result: &mut ResultMessage, why: String) {
+    tracing::error!(job = %result.job, "result cannot be published: {why}");
+    result.outcome = Outcome::Error {
+        code: ErrorCode::Unpublishable,
+        message: why,
+    };
+}
+
+fn encoded_len<T: serde::Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
+/// Makes one result fit a message of `limit` bytes: first its inline outputs
+/// move to the object store; if it is still too large, it becomes an
+/// `unpublishable` error.
+async fn fit(ctx: &Ctx, result: &mut ResultMessage, limit: usize) {
+    if encoded_len(result) <= limit {
+        return;
+    }
+    if let Outcome::Ok { outputs, .. } = &mut result.outcome {
+        for t in outputs.iter_mut() {
+            let Some(b64) = &t.inline else { continue };
+            let Ok(data) = decode_f32(b64) else { continue };
+            let digest = TensorRef::digest_of(&t.shape, &data);
+            if let Err(super::handler::JobError(_, e)) = put_blob(ctx, &digest, &data).await {
+                tracing::warn!("cannot move an output to the object store: {e}");
+                continue;
+            }
+            *t = TensorRef::object(t.shape.clone(), digest);
+        }
+    }
+    let len = encoded_len(result);
+    if len > limit {
+        let why = format!(
+            "the result is {len} bytes, over the {limit} bytes a message may carry on this server"
+        );
+        unpublishable(result, why);
+    }
+}
+
+/// Splits results into groups whose bundles fit `limit` bytes, in order.
+fn split(results: Vec<ResultMessage>, limit: usize) -> Vec<Vec<ResultMessage>> {
+    const ENVELOPE: usize = 512;
+    let mut parts: Vec<Vec<ResultMessage>> = Vec::new();
+    let mut cur: Vec<ResultMessage> = Vec::new();
+    let mut bytes = ENVELOPE;
+    for r in results {
+        let size = encoded_len(&r) + 1;
+        if !cur.is_empty() && bytes + size > limit {
+            parts.push(std::mem::take(&mut cur));
+            bytes = ENVELOPE;
+        }
+        bytes += size;
+        cur.push(r);
+    }
+    if !cur.is_empty() {
+        parts.push(cur);
+    }
+    parts
+}
+
+/// Where a job message's answer goes, and under which message id.
+pub(super) struct Answer {
+    pub subject: String,
+    pub batch: String,
+    /// Message id of the answer (parts get `.p<i>` appended).
+    pub id: String,
+    /// Answer with a result bundle (the job came in a bundle) or a bare
+    /// result message.
+    pub bundled: bool,
+}
+
+/// Publishes the results of one job message, in as many messages as the
+/// server's payload limit needs, then acks the job. A permanent publish error
+/// turns that part's results into `unpublishable` errors (published instead,
+/// so the coordinator learns at once); a transient one that outlasts the
+/// retries leaves the job unacked, to come back.
+pub(super) async fn publish_then_ack(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    answer: Answer,
+    mut results: Vec<ResultMessage>,
+) {
+    let limit = message_limit(ctx.nats.max_payload());
+    for r in &mut results {
+        fit(ctx, r, limit.saturating_sub(512)).await;
+    }
+    let parts = if answer.bundled {
+        split(results, limit)
+    } else {
+        results.into_iter().map(|r| vec![r]).collect()
+    };
+    let many = parts.len() > 1;
+    for (i, mut part) in parts.into_iter().enumerate() {
+        let id = if many {
+            format!("{}.p{i}", answer.id)
+        } else {
+            answer.id.clone()
+        };
+        for round in 0..2 {
+            let payload = if answer.bundled {
+                serde_json::to_vec(&ResultBundle {
+                    protocol: PROTOCOL_VERSION,
+                    batch: answer.batch.clone(),
+                    worker: ctx.opts.name.clone(),
+                    results: part.clone(),
+                })
+            } else {
+                serde_json::to_vec(&part[0])
+            }
+            .expect("serialisable");
+            match store(ctx, &answer.subject, payload.into(), &id).await {
+                Stored::Yes => break,
+                Stored::Transient(e) => {
+                    tracing::error!(%id, "could not store the result ({e}); the job stays unacked and will come back");
+                    return;
+                }
+                Stored::Permanent(e) if round == 0 => {
+                    for r in &mut part {
+                        unpublishable(r, format!("the server refused the result: {e}"));
+                    }
+                }
+                Stored::Permanent(e) => {
+                    // Not even the error could be stored: the coordinator
+                    // reassigns the replicas when they time out.
+                    tracing::error!(%id, "the server refuses this worker's results ({e}); dropping them");
+                }
+            }
+        }
+    }
+    // A plain ack: if it is lost, the job is redelivered and its answer,
+    // published again under the same ids, is deduplicated.
+    if let Err(e) = msg.ack().await {
+        tracing::warn!("ack failed (job may be redelivered; results are deduplicated): {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(job: &str, bytes: usize) -> ResultMessage {
+        ResultMessage {
+            protocol: PROTOCOL_VERSION,
+            batch: "b".into(),
+            job: job.into(),
+            replica: 0,
+            attempt: 0,
+            worker: "w".into(),
+            backend: "cpu".into(),
+            device: "d".into(),
+            path: "p".into(),
+            contract_version: 1,
+            outcome: Outcome::Error {
+                code: ErrorCode::Backend,
+                message: "x".repeat(bytes),
+            },
+            timings: Timings::default(),
+        }
+    }
+
+    #[test]
+    fn split_keeps_order_and_fits_every_part() {
+        let results: Vec<ResultMessage> = (0..50).map(|i| result(&format!("j{i}"), 3000)).collect();
+        let limit = 20_000;
+        let parts = split(results, limit);
+        assert!(parts.len() > 1);
+        let mut seen = Vec::new();
+        for p in &parts {
+            let bundle = ResultBundle {
+                protocol: PROTOCOL_VERSION,
+                batch: "b".into(),
+                worker: "w".into(),
+                results: p.clone(),
+            };
+            assert!(encoded_len(&bundle) <= limit, "{}", encoded_len(&bundle));
+            seen.extend(p.iter().map(|r| r.job.clone()));
+        }
+        let want: Vec<String> = (0..50).map(|i| format!("j{i}")).collect();
+        assert_eq!(seen, want);
+        // One result larger than the limit still gets a part of its own.
+        let parts = split(
+            vec![result("a", 10), result("big", 50_000), result("c", 10)],
+            limit,
+        );
+        assert_eq!(parts.len(), 3);
+    }
+}
