@@ -21,9 +21,9 @@ struct Dims {
 @group(0) @binding(2) var<storage, read_write> c: array<u32>;
 @group(0) @binding(3) var<uniform> dims: Dims;
 
-const TILE: u32 = 64u;
+// MATMUL_TILE (64: 16x16 threads, 4x4 each) and K_CHUNK come from Rust.
+const TILE: u32 = MATMUL_TILE;
 const KT: u32 = 16u;
-
 
 var<workgroup> a_tile: array<u32, 1024>; // [KT][TILE], k-major
 var<workgroup> b_tile: array<u32, 1024>; // [KT][TILE]

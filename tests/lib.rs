@@ -52,7 +52,7 @@ pub fn matmul(
     b: &[f32],
     dims: lockstep_kernels::MatmulDims,
 ) -> lockstep_kernels::Result<Vec<f32>> {
-    lockstep_kernels::Matmul::run(backend, a, b, dims)
+    lockstep_kernels::backend::matmul(backend, a, b, dims)
 }
 
 /// A WGSL backend with the given options, or `None` where there is no device.

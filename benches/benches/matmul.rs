@@ -8,7 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lockstep::bench::random_matrix;
 use lockstep_kernels::cpu::CpuBackend;
-use lockstep_kernels::{Matmul, MatmulDims};
+use lockstep_kernels::MatmulDims;
 
 fn matmul(c: &mut Criterion) {
     let threads: usize = std::env::var("LOCKSTEP_BENCH_THREADS")
@@ -25,7 +25,7 @@ fn matmul(c: &mut Criterion) {
         let mut out = vec![0.0f32; s * s];
         group.throughput(Throughput::Elements(dims.flops() as u64));
         group.bench_with_input(BenchmarkId::new("lockstep", s), &s, |bench, _| {
-            bench.iter(|| Matmul::run(&cpu, &a, &b, dims).unwrap())
+            bench.iter(|| lockstep_kernels::backend::matmul(&cpu, &a, &b, dims).unwrap())
         });
         group.bench_with_input(BenchmarkId::new("faer", s), &s, |bench, _| {
             bench.iter(|| {
@@ -79,7 +79,7 @@ fn spec_vs_fast(c: &mut Criterion) {
         bench.iter(|| lockstep_kernels::matmul_spec(&a, &b, dims))
     });
     group.bench_function("fast", |bench| {
-        bench.iter(|| Matmul::run(&cpu, &a, &b, dims).unwrap())
+        bench.iter(|| lockstep_kernels::backend::matmul(&cpu, &a, &b, dims).unwrap())
     });
     group.finish();
 }

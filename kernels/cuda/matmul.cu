@@ -9,19 +9,25 @@
 // accumulators start at +0.0 and take one fma per k in increasing order, then
 // total = total + acc with one rounding.
 
-#define BM 128
-#define BN 128
-#define BK 16
-#ifndef K_CHUNK
-#error "K_CHUNK comes from Rust (kernels/src/contract: -DK_CHUNK=...)"
+// K_CHUNK, MATMUL_TILE and MATMUL_THREADS come from Rust as -D macros
+// (kernels/src/cuda/mod.rs `defines`), so the launch and the kernel agree.
+#if !defined(K_CHUNK) || !defined(MATMUL_TILE) || !defined(MATMUL_THREADS)
+#error "compile with the defines from kernels/src/cuda/mod.rs"
 #endif
+// The thread mapping below is written for 128x128 tiles and 256 threads.
+#if MATMUL_TILE != 128 || MATMUL_THREADS != 256
+#error "matmul.cu's thread mapping needs MATMUL_TILE=128 and MATMUL_THREADS=256"
+#endif
+#define BM MATMUL_TILE
+#define BN MATMUL_TILE
+#define BK 16
 #define CHUNK K_CHUNK
 
 __device__ __forceinline__ float lockstep_canon(float x) {
     return (x != x) ? __int_as_float(0x7FC00000) : x;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(MATMUL_THREADS)
 lockstep_matmul_f32(const float* __restrict__ A, const float* __restrict__ B,
                     float* __restrict__ C, int M, int K, int N)
 {

@@ -8,16 +8,18 @@
 //   lockstep_chunk_sums_f32: partial[c][i][j] = fma chain over chunk c, from +0.0
 //   lockstep_sum_chunks_f32: C[i][j] = (((+0 + partial[0]) + partial[1]) + ...)
 
-#ifndef K_CHUNK
-#error "K_CHUNK comes from Rust (kernels/src/contract: -DK_CHUNK=...)"
+// K_CHUNK and SPLITK_THREADS come from Rust as -D macros
+// (kernels/src/cuda/mod.rs `defines`), so the launch and the kernel agree.
+#if !defined(K_CHUNK) || !defined(SPLITK_THREADS)
+#error "compile with the defines from kernels/src/cuda/mod.rs"
 #endif
 #define CHUNK K_CHUNK
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(SPLITK_THREADS)
 lockstep_chunk_sums_f32(const float* __restrict__ A, const float* __restrict__ B,
                         float* __restrict__ partial, int M, int K, int N)
 {
-    // grid: (ceil(N/256), chunks, M); one thread per output column.
+    // grid: (ceil(N/SPLITK_THREADS), chunks, M); one thread per output column.
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     const int c = blockIdx.y;
     const int i = blockIdx.z;
@@ -35,7 +37,7 @@ lockstep_chunk_sums_f32(const float* __restrict__ A, const float* __restrict__ B
     partial[((size_t)c * M + i) * N + j] = acc;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(SPLITK_THREADS)
 lockstep_sum_chunks_f32(const float* __restrict__ partial, float* __restrict__ C,
                         int M, int N, int chunks)
 {

@@ -1,8 +1,8 @@
 //! The one interface every backend implements. Opening and detecting
 //! backends lives in [`crate::open`].
 
-use crate::contract::{Op, Plan, Tensor, TensorView};
-use crate::error::Result;
+use crate::contract::{Matmul, MatmulDims, Op, Plan, Tensor, TensorView};
+use crate::error::{Error, Result};
 
 /// Which implementation computes a result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -66,13 +66,52 @@ pub trait Backend: Send + Sync {
     fn info(&self) -> BackendInfo;
 
     /// Computes an op whose inputs [`Op::check`] has accepted (`plan` is its
-    /// answer). Returns the outputs, NaNs canonical.
-    fn launch(&self, op: &Op, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>>;
+    /// answer: the op's parameters and dimensions). Returns the data of each
+    /// output, in order, NaNs canonical; [`Backend::run`] gives them their
+    /// shapes.
+    fn launch(&self, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Vec<f32>>>;
 
     /// Checks the inputs against the op's contract module, then computes it.
     /// Bad inputs are `Shape` or `TooLarge` errors, never panics.
     fn run(&self, op: &Op, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
         let plan = op.check(inputs)?;
-        self.launch(op, &plan, inputs)
+        let shapes = plan.output_shapes();
+        let outputs = self.launch(&plan, inputs)?;
+        if outputs.len() != shapes.len() {
+            return Err(Error::device(format!(
+                "{} on {} returned {} outputs, not {}",
+                op.name(),
+                self.info().kind,
+                outputs.len(),
+                shapes.len()
+            )));
+        }
+        shapes
+            .into_iter()
+            .zip(outputs)
+            .map(|(shape, data)| {
+                if data.len() == shape.iter().product::<usize>() {
+                    Ok(Tensor::new(shape, data))
+                } else {
+                    Err(Error::device(format!(
+                        "{} on {} returned {} values for an output of shape {shape:?}",
+                        op.name(),
+                        self.info().kind,
+                        data.len()
+                    )))
+                }
+            })
+            .collect()
     }
+}
+
+/// `C = A·B` on any backend, for callers that hold plain slices: a
+/// shorthand for [`Backend::run`] with [`Op::Matmul`].
+pub fn matmul(backend: &dyn Backend, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>> {
+    let (sa, sb) = ([dims.m, dims.k], [dims.k, dims.n]);
+    let mut out = backend.run(
+        &Op::Matmul(Matmul {}),
+        &[TensorView::new(&sa, a), TensorView::new(&sb, b)],
+    )?;
+    Ok(out.remove(0).data)
 }

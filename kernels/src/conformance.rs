@@ -99,10 +99,11 @@ impl XorShift {
 }
 
 /// Random `(a, b, c)` triples aimed at the hard cases of fma, cycling
-/// through six classes: anything at all; `c ≈ −a·b` (cancellation, often
+/// through eight classes: anything at all; `c ≈ −a·b` (cancellation, often
 /// exact to ±0); results in and near the subnormal range; near overflow;
 /// short significands (exact results and exact ties); moderate magnitudes,
-/// as in real products.
+/// as in real products; `c = +0` (the product alone, rounded once); tiny
+/// products (`b` near 2^-79, `a` below 2^-60) against any `c`.
 #[derive(Clone, Debug)]
 pub struct RandomTriples {
     rng: XorShift,
@@ -125,7 +126,7 @@ impl Iterator for RandomTriples {
         let r = &mut self.rng;
         let x = r.next_u64();
         let (mut a, mut b) = (x as u32, (x >> 32) as u32);
-        let c = match self.i % 6 {
+        let c = match self.i % 8 {
             0 => r.next_u64() as u32,
             1 => {
                 (f32::from_bits(a) * f32::from_bits(b)).to_bits()
@@ -148,10 +149,16 @@ impl Iterator for RandomTriples {
                 b &= 0xFFFF_0000;
                 r.next_u64() as u32 & 0xFFFF_C000
             }
-            _ => {
+            5 => {
                 a = (a & 0x81FF_FFFF) | 0x3E00_0000;
                 b = (b & 0x81FF_FFFF) | 0x3E00_0000;
                 (r.next_u64() as u32 & 0x81FF_FFFF) | 0x3E00_0000
+            }
+            6 => 0,
+            _ => {
+                a &= 0x87FF_FFFF;
+                b = (b & 0x807F_FFFF) | 0x1800_0000;
+                r.next_u64() as u32
             }
         };
         self.i += 1;
@@ -229,14 +236,25 @@ pub fn matmul_self_test(
     Ok(true)
 }
 
+/// One op's self-test: `Ok(false)` when the backend differs from the spec.
+pub type SelfTest = fn(&dyn Backend) -> Result<bool>;
+
+/// The self-test of each op through [`Backend::run`], by op name: one line
+/// per op (ARCHITECTURE.md, "Adding an op").
+pub const SELF_TESTS: &[(&str, SelfTest)] = &[(Matmul::NAME, |backend| {
+    matmul_self_test(|a, b, dims| crate::backend::matmul(backend, a, b, dims))
+})];
+
 /// The conformance self-test of a whole backend (a worker runs it at start
-/// and advertises only backends that pass): every op through
-/// [`Backend::run`] against its spec.
+/// and advertises only backends that pass): every op of [`SELF_TESTS`]
+/// against its spec, bit for bit.
 pub fn self_test(backend: &dyn Backend) -> Result<()> {
-    let ok = matmul_self_test(|a, b, dims| Matmul::run(backend, a, b, dims))?;
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::device("matmul differs from the contract's spec"))
+    for (name, test) in SELF_TESTS {
+        if !test(backend)? {
+            return Err(Error::device(format!(
+                "{name} differs from the contract's spec"
+            )));
+        }
     }
+    Ok(())
 }

@@ -509,3 +509,74 @@ async fn sigterm_drains_in_flight_work_and_exits_cleanly() {
     assert_eq!(rec.state, WorkerState::Stopped);
     assert_eq!(rec.jobs_done, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_job_in_a_bundle_fails_alone() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(&server.url(), "bundled", "cpu", &[]);
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["bundled"]).await;
+    let mut results = nats
+        .results
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: result_subject("bun"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let a = TensorRef::inline(vec![1, 2], &[1.0, 2.0]);
+    let b = TensorRef::inline(vec![2, 1], &[3.0, 4.0]);
+    let job = |id: &str| JobMessage {
+        protocol: PROTOCOL_VERSION,
+        batch: "bun".into(),
+        job: id.into(),
+        replica: 0,
+        attempt: 0,
+        redundancy: 1,
+        contract_version: lockstep_kernels::CONTRACT_VERSION,
+        worker: "bundled".into(),
+        spec: JobSpec::matmul(a.clone(), b.clone()),
+    };
+    let mut bad = serde_json::to_value(job("bad")).unwrap();
+    bad["op"] = "conv3d".into();
+    let bundle = serde_json::json!({
+        "protocol": PROTOCOL_VERSION, "batch": "bun", "id": "b1", "worker": "bundled",
+        "jobs": [serde_json::to_value(job("good")).unwrap(), bad, serde_json::to_value(job("good2")).unwrap()],
+    });
+    nats.js
+        .publish(
+            job_subject("bundled"),
+            serde_json::to_vec(&bundle).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(60), results.next())
+        .await
+        .expect("a result bundle")
+        .unwrap()
+        .unwrap();
+    let r: ResultBundle = serde_json::from_slice(&m.payload).unwrap();
+    let by_job: std::collections::HashMap<&str, &Outcome> = r
+        .results
+        .iter()
+        .map(|r| (r.job.as_str(), &r.outcome))
+        .collect();
+    assert!(matches!(by_job["good"], Outcome::Ok { .. }), "{r:?}");
+    assert!(matches!(by_job["good2"], Outcome::Ok { .. }), "{r:?}");
+    assert!(
+        matches!(
+            by_job["bad"],
+            Outcome::Error {
+                code: ErrorCode::UnknownOp,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+}

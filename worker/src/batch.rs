@@ -18,10 +18,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use lockstep_kernels::contract::{elements, short_shape};
 use lockstep_kernels::{Digest, Matmul, Op};
 use serde::Deserialize;
 
-use crate::protocol::valid_token;
+use crate::protocol::{quote, valid_token};
 
 /// One line as written: the general form (`op`, `params`, `inputs`) or the
 /// matmul shorthand (`kind`, `a`, `b`).
@@ -48,8 +49,9 @@ struct Line {
 struct TensorSource {
     #[serde(default)]
     shape: Option<Vec<usize>>,
+    /// JSON numbers, read as f64 and checked to fit f32 (see [`to_f32`]).
     #[serde(default)]
-    data: Option<Vec<f32>>,
+    data: Option<Vec<f64>>,
     #[serde(default)]
     inline: Option<String>,
     #[serde(default)]
@@ -127,7 +129,11 @@ pub fn parse_batch_str(text: &str, base: &Path) -> Result<Vec<BatchJob>> {
 /// The op a line names, with its parameters.
 fn parse_op(name: &str, params: Option<serde_json::Value>) -> Result<Op> {
     if !Op::NAMES.contains(&name) {
-        bail!("unknown op `{name}` (known: {})", Op::NAMES.join(", "));
+        bail!(
+            "unknown op {} (known: {})",
+            quote(name),
+            Op::NAMES.join(", ")
+        );
     }
     let params = params.unwrap_or_else(|| serde_json::json!({}));
     serde_json::from_value(serde_json::json!({"op": name, "params": params}))
@@ -138,8 +144,8 @@ fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
     let l: Line = serde_json::from_str(line).context("not a valid job line")?;
     if !valid_token(&l.id) {
         bail!(
-            "job id `{}` must be 1-64 characters of A-Z a-z 0-9 _ -",
-            l.id
+            "job id {} must be 1-64 characters of A-Z a-z 0-9 _ -",
+            quote(&l.id)
         );
     }
     let (op, sources) = match (l.op, l.kind) {
@@ -157,8 +163,9 @@ fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
         (None, Some(kind)) => {
             if kind != Matmul::NAME {
                 bail!(
-                    "job `{}`: unknown kind `{kind}` (the `kind` shorthand is for matmul; other ops use `op` and `inputs`)",
-                    l.id
+                    "job `{}`: unknown kind {} (the `kind` shorthand is for matmul; other ops use `op` and `inputs`)",
+                    l.id,
+                    quote(&kind)
                 );
             }
             if l.inputs.is_some() || l.params.is_some() {
@@ -209,23 +216,48 @@ fn tensor(s: &TensorSource, base: &Path) -> Result<Tensor> {
         return Ok(Tensor::Data { shape, data });
     }
     let shape = s.shape.clone().context("`shape` is required")?;
-    let n: usize = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .context("shape overflows")?;
+    let n = elements(&shape).map_err(|e| anyhow::anyhow!(e.message))?;
     if let Some(d) = &s.object {
-        let digest = Digest::parse(d).with_context(|| format!("`{d}` is not a sha3-256 digest"))?;
+        let digest =
+            Digest::parse(d).with_context(|| format!("{} is not a sha3-256 digest", quote(d)))?;
         return Ok(Tensor::Object { shape, digest });
     }
     let data = match (&s.data, &s.inline) {
-        (Some(d), _) => d.clone(),
+        (Some(d), _) => to_f32(d)?,
         (_, Some(b64)) => crate::protocol::decode_f32(b64).map_err(anyhow::Error::msg)?,
         _ => unreachable!("checked above"),
     };
     if data.len() != n {
-        bail!("shape {shape:?} needs {n} values, got {}", data.len());
+        bail!(
+            "shape {} needs {n} values, got {}",
+            short_shape(&shape),
+            data.len()
+        );
     }
     Ok(Tensor::Data { shape, data })
+}
+
+/// JSON numbers to f32, refusing any that f32 cannot hold (they would
+/// silently become ±inf or ±0): magnitudes above `f32::MAX`, and non-zero
+/// ones below half the smallest subnormal.
+fn to_f32(values: &[f64]) -> Result<Vec<f32>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let x = v as f32;
+            if x.is_infinite() {
+                bail!(
+                    "`data` value {v:e} (index {i}) is outside f32's range (largest {:e})",
+                    f32::MAX
+                );
+            }
+            if x == 0.0 && v != 0.0 {
+                bail!("`data` value {v:e} (index {i}) is too small for f32 (it would become 0)");
+            }
+            Ok(x)
+        })
+        .collect()
 }
 
 #[cfg(test)]

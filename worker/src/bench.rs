@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lockstep_kernels::cpu::CpuBackend;
-use lockstep_kernels::{Backend, BackendKind, Matmul, MatmulDims};
+use lockstep_kernels::{Backend, BackendKind, MatmulDims};
 use rand::{Rng, SeedableRng};
 
 /// One benchmark's outcome; `--json` prints it as one object.
@@ -81,7 +81,8 @@ pub fn bench_cpu(dims: MatmulDims, threads: usize, reps: usize) -> Result<Matmul
             "lockstep".into(),
             Box::new(move || {
                 std::hint::black_box(
-                    Matmul::run(cpu_ref, a_ref, b_ref, dims).expect("valid operands"),
+                    lockstep_kernels::backend::matmul(cpu_ref, a_ref, b_ref, dims)
+                        .expect("valid operands"),
                 );
             }),
         ),
@@ -182,13 +183,17 @@ pub fn bench_wgpu(dims: MatmulDims, reps: usize) -> Result<MatmulReport> {
         (
             "lockstep-wgpu".into(),
             Box::new(|| {
-                std::hint::black_box(Matmul::run(&*gpu, &a, &b, dims).expect("valid operands"));
+                std::hint::black_box(
+                    lockstep_kernels::backend::matmul(&*gpu, &a, &b, dims).expect("valid operands"),
+                );
             }),
         ),
         (
             "lockstep-cpu".into(),
             Box::new(|| {
-                std::hint::black_box(Matmul::run(&cpu, &a, &b, dims).expect("valid operands"));
+                std::hint::black_box(
+                    lockstep_kernels::backend::matmul(&cpu, &a, &b, dims).expect("valid operands"),
+                );
             }),
         ),
     ];

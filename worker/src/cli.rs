@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use crate::{bench, tensors};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lockstep_kernels::{tensor_digest_f32, BackendKind, Matmul, MatmulDims, CONTRACT_VERSION};
+use lockstep_kernels::{
+    outputs_digest, tensor_digest_f32, BackendKind, Matmul, MatmulDims, Op, TensorView,
+    CONTRACT_VERSION,
+};
 
 /// Verifiable inference: every backend computes the same bits.
 ///
@@ -100,7 +103,7 @@ struct WorkerArgs {
     /// Largest tensor a job may name, in elements.
     #[arg(long, env = "LOCKSTEP_MAX_ELEMENTS", default_value_t = 1 << 26)]
     max_elements: usize,
-    /// Largest matmul a job may ask for, in multiply-adds (M·K·N).
+    /// Largest job accepted, in multiply-adds or comparable steps (M·K·N for matmul).
     #[arg(long, default_value_t = 1 << 36)]
     max_macs: u64,
     /// Folder for cached input blobs (default: $XDG_CACHE_HOME/lockstep/blobs).
@@ -325,22 +328,34 @@ fn matmul(
     output: &std::path::Path,
     threads: usize,
 ) -> Result<()> {
-    let (a, b, dims) = tensors::read_operands(input)?;
+    let op = Op::Matmul(Matmul {});
+    let tensors = tensors::read_f32_tensors(input, op.input_names())?;
+    let views: Vec<TensorView<'_>> = tensors.iter().map(|(s, d)| TensorView::new(s, d)).collect();
+    let plan = op
+        .check(&views)
+        .with_context(|| format!("in {}", input.display()))?;
     let backend = open(kind, threads)?;
     let t = std::time::Instant::now();
-    let c = Matmul::run(&*backend, &a.data, &b.data, dims)?;
+    let outputs = backend.run(&op, &views)?;
     let secs = t.elapsed().as_secs_f64();
-    tensors::write_f32(output, &[("c", &[dims.m, dims.n], &c)])?;
+    let named: Vec<(&str, &[usize], &[f32])> = op
+        .output_names()
+        .iter()
+        .zip(&outputs)
+        .map(|(n, t)| (*n, t.shape.as_slice(), t.data.as_slice()))
+        .collect();
+    tensors::write_f32(output, &named)?;
     let info = backend.info();
     println!("backend: {kind} ({}, {})", info.device, info.path);
+    let c = &outputs[0];
     println!(
-        "c: [{}, {}] in {:.3} s ({:.1} GFLOP/s), contract v{CONTRACT_VERSION}",
-        dims.m,
-        dims.n,
+        "c: {:?} in {:.3} s ({:.1} GFLOP/s), contract v{CONTRACT_VERSION}",
+        c.shape,
         secs,
-        dims.flops() / secs / 1e9
+        2.0 * plan.work() as f64 / secs / 1e9
     );
-    println!("{}", tensor_digest_f32(&[dims.m, dims.n], &c));
+    let digests: Vec<_> = outputs.iter().map(|t| t.digest()).collect();
+    println!("{}", outputs_digest(&digests));
     Ok(())
 }
 
@@ -365,7 +380,7 @@ fn demo_local(size: usize) -> Result<()> {
         match r {
             Ok(backend) => {
                 let info = backend.info();
-                let c = Matmul::run(&*backend, &a, &b, dims)?;
+                let c = lockstep_kernels::backend::matmul(&*backend, &a, &b, dims)?;
                 let d = tensor_digest_f32(&[dims.m, dims.n], &c);
                 ran += 1;
                 agree += (d == want) as usize;

@@ -120,7 +120,10 @@ pub async fn live_workers(nats: &Nats, timeout: Duration) -> Result<Vec<WorkerRe
         let Ok(k) = k else { continue };
         if let Ok(Some(v)) = nats.workers.get(&k).await {
             if let Ok(rec) = serde_json::from_slice::<WorkerRecord>(&v) {
+                // Only workers that speak this protocol and contract.
                 if rec.state == WorkerState::Up
+                    && rec.protocol == PROTOCOL_VERSION
+                    && rec.contract_version == lockstep_kernels::CONTRACT_VERSION
                     && now.saturating_sub(rec.heartbeat_ms) <= timeout.as_millis() as u64
                 {
                     out.push(rec);

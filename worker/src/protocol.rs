@@ -46,6 +46,20 @@ pub fn valid_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Quotes a value taken from input for an error message: in backticks, at
+/// most 48 characters (then `…` and the full length), control characters
+/// escaped. Error lines stay short whatever a batch or a message holds.
+pub fn quote(s: &str) -> String {
+    const MAX: usize = 48;
+    let n = s.chars().count();
+    let shown: String = s.chars().take(MAX).flat_map(char::escape_debug).collect();
+    if n > MAX {
+        format!("`{shown}…` ({n} characters)")
+    } else {
+        format!("`{shown}`")
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -119,12 +133,14 @@ pub fn f32_bytes(data: &[f32]) -> Vec<u8> {
 /// Decodes an object's bytes and checks them against the name they were
 /// stored under: the right length for `shape`, and the contract digest.
 pub fn decode_blob(shape: &[usize], digest: &Digest, bytes: &[u8]) -> Result<Vec<f32>, String> {
-    let n: usize = shape.iter().product();
-    if bytes.len() != n * 4 {
+    let n = lockstep_kernels::contract::elements(shape)
+        .ok()
+        .and_then(|n| n.checked_mul(4));
+    if Some(bytes.len()) != n {
         return Err(format!(
-            "object {digest} has {} bytes, but shape {shape:?} needs {}",
+            "object {digest} has {} bytes, which shape {} does not fit",
             bytes.len(),
-            n * 4
+            lockstep_kernels::contract::short_shape(shape)
         ));
     }
     let data = f32_from_le_bytes(bytes);
@@ -152,10 +168,9 @@ impl TensorRef {
         }
     }
 
+    /// Elements of the tensor, `None` when the count overflows.
     pub fn elements(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        lockstep_kernels::contract::elements(&self.shape).ok()
     }
 
     pub fn digest_of(shape: &[usize], data: &[f32]) -> Digest {
@@ -392,6 +407,29 @@ pub struct FaultRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_op_name_is_a_wire_name() {
+        for name in Op::NAMES {
+            let r = serde_json::from_value::<Op>(serde_json::json!({"op": name, "params": {}}));
+            match r {
+                Ok(op) => assert_eq!(op.name(), *name),
+                // An op whose params are required: known, but `{}` is not enough.
+                Err(e) => assert!(!e.to_string().contains("unknown variant"), "{name}: {e}"),
+            }
+        }
+        assert!(
+            serde_json::from_value::<Op>(serde_json::json!({"op": "nope", "params": {}})).is_err()
+        );
+    }
+
+    #[test]
+    fn quoting_keeps_messages_short() {
+        assert_eq!(quote("job-1"), "`job-1`");
+        let q = quote(&"x".repeat(100_000));
+        assert!(q.len() < 80 && q.contains("100000 characters"), "{q}");
+        assert_eq!(quote("a\nb"), "`a\\nb`");
+    }
 
     #[test]
     fn jobs_carry_op_params_and_inputs_and_digests_are_strings() {

@@ -1,130 +1,131 @@
-//! Matmul operands in safetensors files: `a` [M,K] and `b` [K,N] in, `c`
-//! [M,N] out, all F32.
+//! Tensors in safetensors files: named F32 tensors in (an op's inputs),
+//! named F32 tensors out (its outputs). Every way a file can be wrong is one
+//! clear error that names its cause once.
 
 use std::path::Path;
 
-use lockstep_kernels::MatmulDims;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+use crate::protocol::quote;
 
 /// Everything that can be wrong with a tensor file, said plainly.
 #[derive(Debug, thiserror::Error)]
 pub enum TensorFileError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid safetensors file ({source}); is it truncated?")]
+    #[error("cannot read {path}: {cause}")]
+    Read { path: String, cause: String },
+    #[error("cannot write {path}: {cause}")]
+    Write { path: String, cause: String },
+    #[error("{path} is not a valid safetensors file: {detail}{hint}")]
     Format {
         path: String,
-        source: safetensors::SafeTensorError,
+        detail: String,
+        /// "; is it truncated?" where the error suggests so, else empty.
+        hint: &'static str,
     },
-    #[error("{path} has no tensor named `{name}` (it has: {found})")]
+    #[error(
+        "{path} names tensor {} twice in its header; which one is meant is ambiguous",
+        quote(name)
+    )]
+    Duplicate { path: String, name: String },
+    #[error("{path} has no tensor named {} (it has: {found})", quote(name))]
     Missing {
         path: String,
         name: String,
         found: String,
     },
-    #[error("tensor `{name}` in {path} is {dtype:?}; lockstep matmul needs F32")]
+    #[error("tensor {} in {path} is {dtype:?}; lockstep needs F32", quote(name))]
     Dtype {
         path: String,
         name: String,
         dtype: Dtype,
     },
-    #[error("tensor `{name}` in {path} has shape {shape:?}; it must be a matrix (rank 2)")]
-    Rank {
-        path: String,
-        name: String,
-        shape: Vec<usize>,
-    },
-    #[error(
-        "shapes do not chain: a is {a:?} and b is {b:?}, but a's columns must equal b's rows (K)"
-    )]
-    Mismatch { a: Vec<usize>, b: Vec<usize> },
 }
 
-/// A matrix read from a file.
-pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-}
+/// A tensor read from a file: its shape and its values.
+pub type ShapedF32 = (Vec<usize>, Vec<f32>);
 
-/// Reads `a` and `b` from `path` and checks that they multiply.
-pub fn read_operands(path: &Path) -> Result<(Matrix, Matrix, MatmulDims), TensorFileError> {
-    with_file(path, |st, p| {
-        let a = matrix(st, p, "a")?;
-        let b = matrix(st, p, "b")?;
-        if a.cols != b.rows {
-            return Err(TensorFileError::Mismatch {
-                a: vec![a.rows, a.cols],
-                b: vec![b.rows, b.cols],
-            });
-        }
-        let dims = MatmulDims::new(a.rows, a.cols, b.cols);
-        Ok((a, b, dims))
-    })
-}
-
-/// Reads and parses a safetensors file, then hands it to `f` with the path
-/// as it appears in messages.
-fn with_file<T>(
-    path: &Path,
-    f: impl FnOnce(&SafeTensors<'_>, &str) -> Result<T, TensorFileError>,
-) -> Result<T, TensorFileError> {
+/// Reads the named F32 tensors (any rank) from one safetensors file, in
+/// order.
+pub fn read_f32_tensors(path: &Path, names: &[&str]) -> Result<Vec<ShapedF32>, TensorFileError> {
     let p = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| TensorFileError::Read {
+    let bytes = std::fs::read(path).map_err(|e| TensorFileError::Read {
         path: p.clone(),
-        source,
+        cause: e.to_string(),
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|source| TensorFileError::Format {
-        path: p.clone(),
-        source,
-    })?;
-    f(&st, &p)
-}
-
-fn matrix(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<Matrix, TensorFileError> {
-    let (shape, data) = f32_tensor(st, path, name)?;
-    if shape.len() != 2 {
-        return Err(TensorFileError::Rank {
-            path: path.into(),
-            name: name.into(),
-            shape,
-        });
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format_error(&p, e))?;
+    if let Some(name) = duplicate_name(&bytes) {
+        return Err(TensorFileError::Duplicate { path: p, name });
     }
-    Ok(Matrix {
-        rows: shape[0],
-        cols: shape[1],
-        data,
-    })
+    names.iter().map(|name| f32_tensor(&st, &p, name)).collect()
 }
 
 /// Reads one F32 tensor (any rank) from a safetensors file.
-pub fn read_f32_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>), TensorFileError> {
-    with_file(path, |st, p| f32_tensor(st, p, name))
+pub fn read_f32_tensor(path: &Path, name: &str) -> Result<ShapedF32, TensorFileError> {
+    Ok(read_f32_tensors(path, &[name])?.remove(0))
 }
 
-fn f32_tensor(
-    st: &SafeTensors<'_>,
-    path: &str,
-    name: &str,
-) -> Result<(Vec<usize>, Vec<f32>), TensorFileError> {
+fn format_error(path: &str, e: safetensors::SafeTensorError) -> TensorFileError {
+    use safetensors::SafeTensorError as E;
+    let hint = match e {
+        E::HeaderTooSmall
+        | E::InvalidHeaderLength
+        | E::MetadataIncompleteBuffer
+        | E::InvalidOffset(_)
+        | E::TensorInvalidInfo => "; is it truncated?",
+        _ => "",
+    };
+    let mut detail = e.to_string();
+    if detail.len() > 200 {
+        detail = format!("{}…", detail.chars().take(200).collect::<String>());
+    }
+    TensorFileError::Format {
+        path: path.into(),
+        detail,
+        hint,
+    }
+}
+
+/// A tensor name the header lists twice (safetensors itself keeps the last
+/// one silently). The header is valid JSON here: `deserialize` accepted it.
+fn duplicate_name(bytes: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(k.clone()) {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(Keys).ok().flatten()
+}
+
+fn f32_tensor(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<ShapedF32, TensorFileError> {
     let t = st.tensor(name).map_err(|_| {
-        let mut names: Vec<_> = st.names().into_iter().map(|s| s.to_string()).collect();
+        let mut names: Vec<_> = st.names().into_iter().map(quote).collect();
         names.sort();
+        let count = names.len();
+        names.truncate(8);
         TensorFileError::Missing {
             path: path.into(),
             name: name.into(),
-            found: if names.is_empty() {
-                "nothing".into()
-            } else {
-                names.join(", ")
+            found: match count {
+                0 => "nothing".into(),
+                n if n > 8 => format!("{}, … ({n} in all)", names.join(", ")),
+                _ => names.join(", "),
             },
         }
     })?;
@@ -159,9 +160,12 @@ pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
             )
         })
         .collect();
-    let out = safetensors::serialize(views, None).map_err(|source| TensorFileError::Format {
+    let out = safetensors::serialize(views, None).map_err(|e| TensorFileError::Write {
         path: p.clone(),
-        source,
+        cause: e.to_string(),
     })?;
-    std::fs::write(path, out).map_err(|source| TensorFileError::Write { path: p, source })
+    std::fs::write(path, out).map_err(|e| TensorFileError::Write {
+        path: p,
+        cause: e.to_string(),
+    })
 }

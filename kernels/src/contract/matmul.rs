@@ -1,8 +1,7 @@
 //! Matmul, `C[M,N] = A[M,K] · B[K,N]` (CONTRACT.md §4): parameters (none),
 //! input validation, output shape and the scalar spec.
 
-use crate::backend::Backend;
-use crate::contract::{canonicalize, elements, short_shape, Op, TensorView, K_CHUNK};
+use crate::contract::{canonicalize, elements, short_shape, K_CHUNK};
 use crate::error::{Error, Result};
 
 /// The matmul op. It has no parameters: `"params": {}` on the wire.
@@ -19,12 +18,10 @@ impl Matmul {
 
     /// Checks that `a` and `b` are matrices that chain, and that no size
     /// overflows.
+    /// ([`crate::Op::plan`] has checked the input count.)
     pub fn plan(&self, shapes: &[&[usize]]) -> Result<MatmulDims> {
         let [a, b] = shapes else {
-            return Err(Error::shape(format!(
-                "matmul takes 2 inputs (a, b), got {}",
-                shapes.len()
-            )));
+            return Err(Error::shape("matmul takes 2 inputs (a, b)"));
         };
         for (name, s) in [("a", a), ("b", b)] {
             if s.len() != 2 {
@@ -44,17 +41,6 @@ impl Matmul {
         elements(b)?;
         elements(&dims.output_shape())?;
         Ok(dims)
-    }
-
-    /// `C = A·B` on any backend, for callers that hold plain slices: a
-    /// shorthand for [`Backend::run`] with this op.
-    pub fn run(backend: &dyn Backend, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>> {
-        let (sa, sb) = ([dims.m, dims.k], [dims.k, dims.n]);
-        let out = backend.run(
-            &Op::Matmul(Matmul {}),
-            &[TensorView::new(&sa, a), TensorView::new(&sb, b)],
-        )?;
-        Ok(out.into_iter().next().map(|t| t.data).unwrap_or_default())
     }
 }
 

@@ -109,7 +109,7 @@ pub fn short_shape(shape: &[usize]) -> String {
 /// all go through it.
 ///
 /// On the wire an op is `"op": "<name>", "params": {…}`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", content = "params", rename_all = "snake_case")]
 pub enum Op {
     /// `c = a·b` ([`matmul`]).
@@ -117,8 +117,10 @@ pub enum Op {
 }
 
 /// An op whose inputs were checked: everything a kernel needs to launch
-/// (dimensions), and the shapes of its outputs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// (the op's parameters, if it has any, and its dimensions), and the shapes
+/// of its outputs. An op with parameters carries them here, e.g.
+/// `Plan::Rmsnorm(Rmsnorm, RmsnormDims)`.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
     Matmul(MatmulDims),
 }
@@ -188,12 +190,15 @@ impl Op {
     /// slow and obvious way.
     pub fn spec(&self, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
         let plan = self.check(inputs)?;
-        Ok(match plan {
-            Plan::Matmul(dims) => vec![Tensor::new(
-                dims.output_shape(),
-                matmul_spec(inputs[0].data, inputs[1].data, dims),
-            )],
-        })
+        let outputs = match plan {
+            Plan::Matmul(dims) => vec![matmul_spec(inputs[0].data, inputs[1].data, dims)],
+        };
+        Ok(plan
+            .output_shapes()
+            .into_iter()
+            .zip(outputs)
+            .map(|(shape, data)| Tensor::new(shape, data))
+            .collect())
     }
 }
 

@@ -12,6 +12,15 @@ use crate::error::{Error, Result};
 /// Products with at most this many rows use the split-K kernels.
 const SPLITK_MAX_M: usize = 8;
 
+/// Launch geometry, passed to NVRTC as macros (see [`super::defines`]), so
+/// the kernels and their launches cannot disagree.
+/// `matmul.cu`: a block of `MATMUL_THREADS` threads computes a
+/// `MATMUL_TILE`² tile of C.
+pub(super) const MATMUL_TILE: usize = 128;
+pub(super) const MATMUL_THREADS: usize = 256;
+/// `matmul_splitk.cu`: threads per block (one output column each).
+pub(super) const SPLITK_THREADS: usize = 256;
+
 impl CudaBackend {
     /// `C = A·B` from host slices (already checked against `dims`).
     pub(super) fn matmul_host(&self, a: &[f32], b: &[f32], dims: MatmulDims) -> Result<Vec<f32>> {
@@ -61,8 +70,8 @@ impl CudaBackend {
                 .alloc_zeros::<f32>(chunks * m * n)
                 .map_err(dev_err("alloc"))?;
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(256) as u32, chunks as u32, m as u32),
-                block_dim: (256, 1, 1),
+                grid_dim: (n.div_ceil(SPLITK_THREADS) as u32, chunks as u32, m as u32),
+                block_dim: (SPLITK_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let chunk_sums = self.kernel("lockstep_chunk_sums_f32")?;
@@ -73,8 +82,8 @@ impl CudaBackend {
             let ci = chunks as i32;
             let cfg = LaunchConfig::for_num_elems((m * n) as u32);
             let cfg = LaunchConfig {
-                block_dim: (256, 1, 1),
-                grid_dim: ((m * n).div_ceil(256) as u32, 1, 1),
+                block_dim: (SPLITK_THREADS as u32, 1, 1),
+                grid_dim: ((m * n).div_ceil(SPLITK_THREADS) as u32, 1, 1),
                 ..cfg
             };
             let sum_chunks = self.kernel("lockstep_sum_chunks_f32")?;
@@ -84,8 +93,12 @@ impl CudaBackend {
             unsafe { l.launch(cfg) }.map_err(dev_err("launch lockstep_sum_chunks_f32"))?;
         } else {
             let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (
+                    n.div_ceil(MATMUL_TILE) as u32,
+                    m.div_ceil(MATMUL_TILE) as u32,
+                    1,
+                ),
+                block_dim: (MATMUL_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let tiled = self.kernel("lockstep_matmul_f32")?;

@@ -17,7 +17,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::backend::{Backend, BackendInfo, BackendKind};
-use crate::contract::{Op, Plan, Tensor, TensorView, K_CHUNK};
+use crate::contract::{Plan, TensorView, K_CHUNK};
 use crate::error::{Error, Result};
 
 /// One CUDA source file, `kernels/cuda/<name>.cu`, and the kernels it defines.
@@ -42,19 +42,32 @@ pub const SOURCES: &[Source] = &[
     },
 ];
 
+/// Constants every source gets as macros (`-DNAME=value`): the contract's
+/// chunk length and the launch geometry the launch code uses, so no source
+/// retypes them.
+pub fn defines() -> Vec<(&'static str, usize)> {
+    vec![
+        ("K_CHUNK", K_CHUNK),
+        ("MATMUL_TILE", matmul::MATMUL_TILE),
+        ("MATMUL_THREADS", matmul::MATMUL_THREADS),
+        ("SPLITK_THREADS", matmul::SPLITK_THREADS),
+    ]
+}
+
 /// The NVRTC options every source is compiled with: no contraction of a*b+c
 /// into fma, no flush-to-zero, IEEE division and square root; and the
-/// contract's constants as macros, so no source retypes them.
+/// [`defines`].
 pub fn nvrtc_options(arch: &str) -> Vec<String> {
-    vec![
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
-        format!("-DK_CHUNK={K_CHUNK}"),
         "--fmad=false".into(),
         "--ftz=false".into(),
         "--prec-div=true".into(),
         "--prec-sqrt=true".into(),
         "--std=c++17".into(),
-    ]
+    ];
+    options.extend(defines().into_iter().map(|(k, v)| format!("-D{k}={v}")));
+    options
 }
 
 /// Is the NVRTC library loadable? (It is needed to compile the kernels.)
@@ -137,7 +150,9 @@ impl CudaBackend {
         // Compile every source now, so a broken toolchain shows at open
         // rather than in the first job.
         for src in SOURCES {
-            this.kernel(src.kernels[0])?;
+            if let Some(k) = src.kernels.first() {
+                this.kernel(k)?;
+            }
         }
         tracing::info!(device = %this.name, arch = %this.arch, "cuda backend ready");
         Ok(this)
@@ -206,12 +221,9 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn launch(&self, _op: &Op, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>> {
+    fn launch(&self, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Vec<f32>>> {
         Ok(match *plan {
-            Plan::Matmul(dims) => vec![Tensor::new(
-                dims.output_shape(),
-                self.matmul_host(inputs[0].data, inputs[1].data, dims)?,
-            )],
+            Plan::Matmul(dims) => vec![self.matmul_host(inputs[0].data, inputs[1].data, dims)?],
         })
     }
 }

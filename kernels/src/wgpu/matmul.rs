@@ -9,6 +9,10 @@ use super::{WgpuBackend, WgpuPath};
 use crate::contract::MatmulDims;
 use crate::error::{Error, Result};
 
+/// Rows and columns of C per workgroup (`MATMUL_TILE` in the shader, which
+/// gets it from [`super::generated_constants`]): 16×16 threads, 4×4 each.
+pub(super) const MATMUL_TILE: usize = 64;
+
 impl WgpuBackend {
     pub(super) fn matmul(
         &self,
@@ -31,10 +35,10 @@ impl WgpuBackend {
                 limit >> 20
             )));
         }
-        if n.div_ceil(64) > self.max_groups as usize {
+        if n.div_ceil(MATMUL_TILE) > self.max_groups as usize {
             return Err(Error::too_large(format!(
                 "N = {n} needs {} workgroups across, more than this device's {}",
-                n.div_ceil(64),
+                n.div_ceil(MATMUL_TILE),
                 self.max_groups
             )));
         }
@@ -43,7 +47,7 @@ impl WgpuBackend {
         // whatever else is in the batch.
         let row_bytes = (k.max(n) * 4) as u64;
         let rows_per_pass = ((limit / row_bytes) as usize)
-            .min(self.max_groups as usize * 64)
+            .min(self.max_groups as usize * MATMUL_TILE)
             .min(m);
         if rows_per_pass == 0 {
             return Err(Error::too_large(format!(
@@ -74,7 +78,11 @@ impl WgpuBackend {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind, &[]);
-                pass.dispatch_workgroups(n.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1);
+                pass.dispatch_workgroups(
+                    n.div_ceil(MATMUL_TILE) as u32,
+                    rows.div_ceil(MATMUL_TILE) as u32,
+                    1,
+                );
             }
             let words = self.read_back(enc, &c_buf, c_bytes)?;
             c.extend(words.into_iter().map(f32::from_bits));

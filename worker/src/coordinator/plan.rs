@@ -3,7 +3,6 @@
 //! restarted coordinator to resume a batch. Also how inputs reach the wire.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream;
@@ -26,13 +25,19 @@ pub(super) struct NewReplica {
     pub result_bytes: usize,
 }
 
-/// The batch id derived from the jobs' content.
+/// The batch id derived from the jobs' content: each job's id, its op with
+/// every parameter, and its inputs' digests, each part length-prefixed.
 pub fn batch_id_for(jobs: &[BatchJob]) -> String {
     use sha3::Digest as _;
     let mut h = sha3::Sha3_256::new();
+    let part = |h: &mut sha3::Sha3_256, bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
     for j in jobs {
-        h.update(j.id.as_bytes());
-        h.update(j.op.name().as_bytes());
+        part(&mut h, j.id.as_bytes());
+        part(&mut h, &serde_json::to_vec(&j.op).expect("serialisable"));
+        h.update((j.inputs.len() as u64).to_le_bytes());
         for t in &j.inputs {
             match t {
                 Tensor::Data { shape, data } => h.update(tensor_digest_f32(shape, data).0),
@@ -133,9 +138,6 @@ pub(super) async fn resume(
                 let worker = first.worker.clone();
                 publish_bundle(nats, batch, bundle_id, &worker, current).await?;
             }
-        }
-        for js in state.values_mut() {
-            js.dispatched = Some(Instant::now());
         }
     }
 

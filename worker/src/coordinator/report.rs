@@ -95,17 +95,11 @@ pub(super) async fn finish(
     let mut reports = Vec::new();
     for id in order {
         let js = state.remove(id).expect("every job has a state");
-        reports.push(js.decided.clone().unwrap_or_else(|| JobReport {
-            job: id.clone(),
-            op: js.spec.op.name().into(),
-            verdict: Verdict::Unresolved,
-            digest: None,
-            shapes: js.shapes.clone(),
-            results: replica_reports(&js),
-            faulty_workers: vec![],
-            reassigned_from: reassigned_from(&js),
-            reason: Some("no decision before the deadline".into()),
-            latency_ms: 0.0,
+        reports.push(js.decided.clone().unwrap_or_else(|| {
+            let mut r = JobReport::new(id, &js, Verdict::Unresolved);
+            r.reason = Some("no decision before the deadline".into());
+            r.latency_ms = 0.0;
+            r
         }));
         if let (Some(dir), Some(rep)) = (&opts.out_dir, &js.decided) {
             write_output(nats, dir, &js, rep).await?;
@@ -130,6 +124,27 @@ pub(super) async fn finish(
         std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(report)
+}
+
+impl JobReport {
+    /// A report of the job as it stands, with this verdict and no digest,
+    /// faults or reason yet.
+    pub(super) fn new(id: &str, js: &JobState, verdict: Verdict) -> Self {
+        JobReport {
+            job: id.into(),
+            op: js.spec.op.name().into(),
+            verdict,
+            digest: None,
+            shapes: js.shapes.clone(),
+            results: replica_reports(js),
+            faulty_workers: vec![],
+            reassigned_from: reassigned_from(js),
+            reason: None,
+            latency_ms: js
+                .dispatched
+                .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+        }
+    }
 }
 
 pub(super) fn reassigned_from(js: &JobState) -> Vec<String> {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use lockstep_kernels::contract::views;
 use lockstep_kernels::{outputs_digest, Backend, Digest};
 
-use super::report::{reassigned_from, replica_reports, JobReport, Verdict};
+use super::report::{JobReport, Verdict};
 use super::JobState;
 use crate::nats::Nats;
 use crate::protocol::*;
@@ -22,21 +22,7 @@ pub(super) async fn evaluate(
     cpu: &std::sync::Arc<lockstep_kernels::cpu::CpuBackend>,
     faults: &mut Vec<FaultRecord>,
 ) -> Result<Option<JobReport>> {
-    let latency_ms = js
-        .dispatched
-        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-    let mut report = JobReport {
-        job: id.into(),
-        op: js.spec.op.name().into(),
-        verdict: Verdict::Failed,
-        digest: None,
-        shapes: js.shapes.clone(),
-        results: replica_reports(js),
-        faulty_workers: vec![],
-        reassigned_from: reassigned_from(js),
-        reason: None,
-        latency_ms,
-    };
+    let mut report = JobReport::new(id, js, Verdict::Failed);
     // A job-level error means the job itself is bad.
     if let Some((code, message)) = js.results.values().find_map(|res| match &res.outcome {
         Outcome::Error { code, message } if code.is_job_fault() => Some((*code, message.clone())),
@@ -101,24 +87,13 @@ pub(super) async fn evaluate(
 /// A job the system kept failing (redeliveries exhausted, results the server
 /// would not store): failed, with every reason, and no worker blamed.
 pub(super) fn system_failed(id: &str, js: &JobState) -> JobReport {
-    JobReport {
-        job: id.into(),
-        op: js.spec.op.name().into(),
-        verdict: Verdict::Failed,
-        digest: None,
-        shapes: js.shapes.clone(),
-        results: replica_reports(js),
-        faulty_workers: vec![],
-        reassigned_from: reassigned_from(js),
-        reason: Some(format!(
-            "the system failed this job {} times (no worker is at fault): {}",
-            js.system_failures.len(),
-            js.system_failures.join("; ")
-        )),
-        latency_ms: js
-            .dispatched
-            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
-    }
+    let mut report = JobReport::new(id, js, Verdict::Failed);
+    report.reason = Some(format!(
+        "the system failed this job {} times (no worker is at fault): {}",
+        js.system_failures.len(),
+        js.system_failures.join("; ")
+    ));
+    report
 }
 
 pub(super) async fn load_tensor(nats: &Nats, t: &TensorRef) -> Result<Vec<f32>> {

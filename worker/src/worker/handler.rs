@@ -25,17 +25,22 @@ pub(super) fn job_err(code: ErrorCode, msg: impl Into<String>) -> JobError {
     JobError(code, msg.into())
 }
 
+/// A job bundle as received: each job is read on its own, so one bad job
+/// (an unknown op, bad params) gets its own error result and the others run.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    batch: String,
+    id: String,
+    jobs: Vec<serde_json::Value>,
+}
+
 pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    if let Ok(bundle) = serde_json::from_slice::<JobBundle>(&msg.payload) {
-        // Several replicas in one message: compute each, answer with one message.
+    if let Ok(bundle) = serde_json::from_slice::<Envelope>(&msg.payload) {
+        // Several replicas in one message: compute each, answer together.
         let mut results = Vec::with_capacity(bundle.jobs.len());
-        for job in &bundle.jobs {
-            let t0 = Instant::now();
-            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
-            let outcome = job_outcome(ctx, &msg, job, delivered, &mut result.timings).await;
-            finish(ctx, &mut result, outcome, t0);
-            results.push(result);
+        for value in bundle.jobs {
+            results.push(answer_one(ctx, &msg, delivered, Some(value)).await);
         }
         let subject = if valid_token(&bundle.batch) {
             result_subject(&bundle.batch)
@@ -51,53 +56,13 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         publish_then_ack(ctx, &msg, answer, results).await;
         return;
     }
-    let t0 = Instant::now();
-    let parsed: Result<JobMessage, _> = serde_json::from_slice(&msg.payload);
-    let (subject, mut result, outcome) = match parsed {
-        Ok(job) => {
-            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
-            let outcome = job_outcome(ctx, &msg, &job, delivered, &mut result.timings).await;
-            (result_subject(&job.batch), result, outcome)
-        }
-        Err(e) => {
-            // Read what we can: route the error to the batch if the message
-            // names a valid one, and say so if it names an unknown kind.
-            let v: Option<serde_json::Value> = serde_json::from_slice(&msg.payload).ok();
-            let field = |k: &str| {
-                v.as_ref()
-                    .and_then(|v| v.get(k))
-                    .and_then(|b| b.as_str())
-                    .map(str::to_string)
-            };
-            let batch = field("batch").filter(|b| valid_token(b));
-            let subject = batch
-                .as_deref()
-                .map_or(UNROUTABLE_RESULT_SUBJECT.to_string(), result_subject);
-            let result = blank_result(
-                ctx,
-                batch.as_deref().unwrap_or(""),
-                &field("job").unwrap_or_default(),
-                0,
-                0,
-            );
-            let outcome = match field("op") {
-                Some(k) if !Op::NAMES.contains(&k.as_str()) => Err(job_err(
-                    ErrorCode::UnknownOp,
-                    format!(
-                        "unknown op `{}` (this worker knows: {})",
-                        k.chars().take(64).collect::<String>(),
-                        Op::NAMES.join(", ")
-                    ),
-                )),
-                _ => Err(job_err(
-                    ErrorCode::BadMessage,
-                    format!("not a valid job message: {e}"),
-                )),
-            };
-            (subject, result, outcome)
-        }
+    let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
+    let result = answer_one(ctx, &msg, delivered, value).await;
+    let subject = if valid_token(&result.batch) {
+        result_subject(&result.batch)
+    } else {
+        UNROUTABLE_RESULT_SUBJECT.to_string()
     };
-    finish(ctx, &mut result, outcome, t0);
     let answer = Answer {
         subject,
         id: format!(
@@ -108,6 +73,70 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         bundled: false,
     };
     publish_then_ack(ctx, &msg, answer, vec![result]).await;
+}
+
+/// The result for one job message (`None`: not even JSON).
+async fn answer_one(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    delivered: i64,
+    value: Option<serde_json::Value>,
+) -> ResultMessage {
+    let t0 = Instant::now();
+    let parsed = match &value {
+        Some(v) => serde_json::from_value::<JobMessage>(v.clone()).map_err(|e| e.to_string()),
+        None => Err("not JSON".to_string()),
+    };
+    let (mut result, outcome) = match parsed {
+        Ok(job) => {
+            let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
+            let outcome = job_outcome(ctx, msg, &job, delivered, &mut result.timings).await;
+            (result, outcome)
+        }
+        Err(e) => unreadable(ctx, value.as_ref(), e),
+    };
+    finish(ctx, &mut result, outcome, t0);
+    result
+}
+
+/// A job message that does not parse: read what can be read, so the error
+/// reaches the batch (if the message names a valid one) under the job's id,
+/// and say so if it names an unknown op.
+fn unreadable(
+    ctx: &Ctx,
+    v: Option<&serde_json::Value>,
+    e: String,
+) -> (ResultMessage, Result<Outcome, JobError>) {
+    let field = |k: &str| v.and_then(|v| v.get(k));
+    let text = |k: &str| field(k).and_then(|b| b.as_str()).map(str::to_string);
+    let number = |k: &str| field(k).and_then(|n| n.as_u64()).unwrap_or(0) as u32;
+    let batch = text("batch").filter(|b| valid_token(b)).unwrap_or_default();
+    let job = text("job").filter(|j| valid_token(j)).unwrap_or_default();
+    let result = blank_result(ctx, &batch, &job, number("replica"), number("attempt"));
+    let outcome = match text("op") {
+        Some(k) if !Op::NAMES.contains(&k.as_str()) => Err(job_err(
+            ErrorCode::UnknownOp,
+            format!(
+                "unknown op {} (this worker knows: {})",
+                quote(&k),
+                Op::NAMES.join(", ")
+            ),
+        )),
+        _ => Err(job_err(
+            ErrorCode::BadMessage,
+            format!("not a valid job message: {}", shorten(&e)),
+        )),
+    };
+    (result, outcome)
+}
+
+/// An error text from a parser, cut to a readable length.
+fn shorten(e: &str) -> String {
+    if e.chars().count() > 200 {
+        format!("{}…", e.chars().take(200).collect::<String>())
+    } else {
+        e.to_string()
+    }
 }
 
 async fn job_outcome(
@@ -190,6 +219,9 @@ async fn execute(
     }
     let spec = &job.spec;
     let t = Instant::now();
+    // This worker's limits on every input first (a huge input is refused
+    // before anything else looks at it), then the op's contract module
+    // (counts, ranks, agreeing shapes).
     let names = spec.op.input_names();
     for (i, input) in spec.inputs.iter().enumerate() {
         check_input(

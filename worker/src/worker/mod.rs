@@ -51,7 +51,8 @@ pub struct WorkerOptions {
     pub heartbeat: Duration,
     /// Largest tensor (elements) a job may name.
     pub max_elements: usize,
-    /// Largest matmul (M·K·N) a job may ask for.
+    /// Largest job a worker accepts, in multiply-adds or comparable steps
+    /// (`Plan::work`; M·K·N for matmul).
     pub max_macs: u64,
     /// CPU threads for the CPU backend (0 = all cores).
     pub threads: usize,
