@@ -580,3 +580,44 @@ async fn a_bad_job_in_a_bundle_fails_alone() {
         "{r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_takes_its_unfinished_jobs_back_at_once() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let slow = [("LOCKSTEP_TEST_DELAY_MS", "250")];
+    procs.worker(&server.url(), "phoenix", "cpu", &slow);
+    procs.worker(&server.url(), "steady", "cpu", &slow);
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["phoenix", "steady"]).await;
+    // No third worker, and a long worker timeout: the replicas of the killed
+    // worker can only be finished by that worker itself after its restart.
+    let o = SubmitOptions {
+        worker_timeout: Duration::from_secs(25),
+        ..opts("phoenix")
+    };
+    let n = 12;
+    let task = {
+        let nats = nats.clone();
+        tokio::spawn(async move { submit(&nats, small_jobs(n, 9), &o).await })
+    };
+    // Mid-bundle (12 replicas of 250 ms each): SIGKILL, then start again
+    // under the same name.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    procs.kill("phoenix");
+    procs.worker(&server.url(), "phoenix", "cpu", &slow);
+    let report = task.await.unwrap().unwrap();
+    eprintln!("restart test: batch took {:.1} s", report.elapsed_s);
+    assert_eq!(report.verified, n, "{report:#?}");
+    assert_distinct(&report);
+    assert!(
+        report.jobs.iter().all(|j| j.reassigned_from.is_empty()),
+        "nothing should have been reassigned: {report:#?}"
+    );
+    // Without the take-over the bundle would wait out the 30 s ack wait.
+    assert!(
+        report.elapsed_s < 20.0,
+        "the restarted worker took {:.1} s to finish the batch",
+        report.elapsed_s
+    );
+}

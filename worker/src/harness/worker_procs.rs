@@ -53,6 +53,14 @@ impl WorkerProcs {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start worker {name}"))?;
+        // Starting a name again (a restart after `kill`) replaces the old entry.
+        self.procs.retain_mut(|(n, c)| {
+            n != name || {
+                let _ = c.kill();
+                let _ = c.wait();
+                false
+            }
+        });
         self.procs.push((name.to_string(), child));
         Ok(())
     }

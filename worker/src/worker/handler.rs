@@ -35,12 +35,25 @@ struct Envelope {
 }
 
 pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let (seq, server_count) = msg
+        .info()
+        .map(|i| (i.stream_sequence, i.delivered))
+        .unwrap_or((0, 1));
+    // The server's count restarts when a restarted worker takes its messages
+    // back; the worker's own count does not.
+    let delivered = server_count.max(ctx.inflight.start(seq));
+    if handle_counted(ctx, &msg, delivered).await {
+        ctx.inflight.done(seq);
+    }
+}
+
+/// Answers one job message; whether it was answered and acked.
+async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> bool {
     if let Ok(bundle) = serde_json::from_slice::<Envelope>(&msg.payload) {
         // Several replicas in one message: compute each, answer together.
         let mut results = Vec::with_capacity(bundle.jobs.len());
         for value in bundle.jobs {
-            results.push(answer_one(ctx, &msg, delivered, Some(value)).await);
+            results.push(answer_one(ctx, msg, delivered, Some(value)).await);
         }
         let subject = if valid_token(&bundle.batch) {
             result_subject(&bundle.batch)
@@ -53,11 +66,10 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
             batch: bundle.batch,
             bundled: true,
         };
-        publish_then_ack(ctx, &msg, answer, results).await;
-        return;
+        return publish_then_ack(ctx, msg, answer, results).await;
     }
     let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
-    let result = answer_one(ctx, &msg, delivered, value).await;
+    let result = answer_one(ctx, msg, delivered, value).await;
     let subject = if valid_token(&result.batch) {
         result_subject(&result.batch)
     } else {
@@ -72,7 +84,7 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         batch: result.batch.clone(),
         bundled: false,
     };
-    publish_then_ack(ctx, &msg, answer, vec![result]).await;
+    publish_then_ack(ctx, msg, answer, vec![result]).await
 }
 
 /// The result for one job message (`None`: not even JSON).

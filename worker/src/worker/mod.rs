@@ -17,6 +17,7 @@
 pub mod backends;
 mod cache;
 mod handler;
+mod inflight;
 mod publish;
 mod registry;
 pub mod testing;
@@ -113,6 +114,8 @@ struct Ctx {
     backend: Arc<dyn Backend>,
     info: BackendInfo,
     cache: PathBuf,
+    /// Job messages started and not yet acked, on disk.
+    inflight: inflight::Inflight,
     done: AtomicU64,
     failed: AtomicU64,
 }
@@ -143,6 +146,7 @@ pub async fn run(
         opts: opts.clone(),
         backend,
         info,
+        inflight: inflight::Inflight::new(&cache, &opts.name),
         cache,
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -155,21 +159,7 @@ pub async fn run(
             registry::publish_record(ctx.clone(), infos.clone(), started, state)
         }
     };
-    let consumer = nats
-        .jobs
-        .get_or_create_consumer(
-            &format!("w-{}", opts.name),
-            pull::Config {
-                durable_name: Some(format!("w-{}", opts.name)),
-                filter_subject: job_subject(&opts.name),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_deliver: MAX_DELIVER,
-                ..Default::default()
-            },
-        )
-        .await
-        .context("cannot create this worker's consumer")?;
+    let consumer = take_over_consumer(&nats, &opts.name).await?;
     put_record(WorkerState::Up).await;
     // Heartbeats run on their own task, so a worker waiting for jobs (or busy
     // with a long one) still shows it is alive.
@@ -243,4 +233,41 @@ pub async fn run(
     ctx.nats.client.flush().await.ok();
     tracing::info!(done = ctx.done.load(Ordering::Relaxed), "worker stopped");
     Ok(())
+}
+
+/// This worker's durable consumer. If a previous run of this worker left
+/// messages delivered but unacked (it was killed mid-job), the consumer is
+/// re-created so they come back at once rather than after the 30 s ack
+/// wait; the work queue keeps every unacked message, so nothing is lost, and
+/// [`inflight`] keeps the per-message start counts the server forgets.
+async fn take_over_consumer(
+    nats: &Nats,
+    name: &str,
+) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+    let durable = format!("w-{name}");
+    let config = pull::Config {
+        durable_name: Some(durable.clone()),
+        filter_subject: job_subject(name),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: MAX_DELIVER,
+        ..Default::default()
+    };
+    if let Ok(mut existing) = nats.jobs.get_consumer::<pull::Config>(&durable).await {
+        let pending = existing.info().await.map_or(0, |i| i.num_ack_pending);
+        if pending > 0 {
+            tracing::info!(
+                pending,
+                "taking over the job messages a previous run of this worker left unacked"
+            );
+            nats.jobs
+                .delete_consumer(&durable)
+                .await
+                .context("cannot reset this worker's consumer")?;
+        }
+    }
+    nats.jobs
+        .get_or_create_consumer(&durable, config)
+        .await
+        .context("cannot create this worker's consumer")
 }

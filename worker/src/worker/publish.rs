@@ -129,13 +129,14 @@ pub(super) struct Answer {
 /// server's payload limit needs, then acks the job. A permanent publish error
 /// turns that part's results into `unpublishable` errors (published instead,
 /// so the coordinator learns at once); a transient one that outlasts the
-/// retries leaves the job unacked, to come back.
+/// retries leaves the job unacked, to come back. Returns whether the job
+/// message was answered (and acked).
 pub(super) async fn publish_then_ack(
     ctx: &Ctx,
     msg: &jetstream::Message,
     answer: Answer,
     mut results: Vec<ResultMessage>,
-) {
+) -> bool {
     let limit = message_limit(ctx.nats.max_payload());
     for r in &mut results {
         fit(ctx, r, limit.saturating_sub(512)).await;
@@ -168,7 +169,7 @@ pub(super) async fn publish_then_ack(
                 Stored::Yes => break,
                 Stored::Transient(e) => {
                     tracing::error!(%id, "could not store the result ({e}); the job stays unacked and will come back");
-                    return;
+                    return false;
                 }
                 Stored::Permanent(e) if round == 0 => {
                     for r in &mut part {
@@ -188,6 +189,7 @@ pub(super) async fn publish_then_ack(
     if let Err(e) = msg.ack().await {
         tracing::warn!("ack failed (job may be redelivered; results are deduplicated): {e}");
     }
+    true
 }
 
 #[cfg(test)]
