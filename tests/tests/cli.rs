@@ -219,3 +219,148 @@ fn backends_lists_cpu_and_the_contract_version() {
         .unwrap();
     assert_eq!(cpu["present"], true);
 }
+
+/// One `error:` line under 300 characters, nothing else on stderr, and no
+/// part of the message said twice.
+fn assert_one_short_line(o: &Output, what: &str, needle: &str) {
+    let full = String::from_utf8_lossy(&o.stderr);
+    // Failure messages quote at most 600 characters of what was printed.
+    let err: String = full.chars().take(600).collect();
+    assert_eq!(o.status.code(), Some(1), "{what}: {err}");
+    let lines: Vec<&str> = full.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: one line expected:\n{err}");
+    let count = lines[0].chars().count();
+    let line = lines[0];
+    assert!(line.starts_with("error: "), "{what}: {err}");
+    assert!(count < 300, "{what}: {count} characters: {err}");
+    assert!(
+        line.contains(needle),
+        "{what}: should mention `{needle}`: {line}"
+    );
+    let parts: Vec<&str> = line.split(": ").filter(|p| p.len() > 12).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            !parts[i + 1..].contains(p),
+            "{what}: `{p}` said twice: {line}"
+        );
+    }
+    for cause in ["os error", "F16", "is it truncated"] {
+        assert!(
+            line.matches(cause).count() <= 1,
+            "{what}: `{cause}` twice: {line}"
+        );
+    }
+}
+
+#[test]
+fn every_error_line_for_bad_batches_and_tensors_is_short_and_says_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ok = r#"{"shape":[1,1],"data":[1]}"#;
+    // A safetensors file with a wrong dtype, and one that names a tensor twice.
+    write(
+        &d.join("f16.safetensors"),
+        &[("b", Dtype::F16, vec![1, 1], vec![0; 2])],
+    );
+    let header = br#"{"b":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}"#;
+    let mut dup = (header.len() as u64).to_le_bytes().to_vec();
+    dup.extend_from_slice(header);
+    dup.extend_from_slice(&1f32.to_le_bytes());
+    std::fs::write(d.join("dup.safetensors"), &dup).unwrap();
+    let long_id = "j".repeat(100_000);
+    let long_shape = format!("[{}]", vec!["1"; 5000].join(","));
+    let long_field = "f".repeat(50_000);
+    let batches: Vec<(&str, String, &str)> = vec![
+        (
+            "long job id",
+            format!(r#"{{"id":"{long_id}","op":"matmul","inputs":[{ok},{ok}]}}"#),
+            "100000 characters",
+        ),
+        (
+            "5000-dimension shape",
+            format!(
+                r#"{{"id":"s","op":"matmul","inputs":[{{"shape":{long_shape},"data":[1]}},{ok}]}}"#
+            ),
+            "rank 5000",
+        ),
+        (
+            "a value outside f32",
+            format!(
+                r#"{{"id":"v","op":"matmul","inputs":[{{"shape":[1,1],"data":[1e39]}},{ok}]}}"#
+            ),
+            "outside f32's range",
+        ),
+        (
+            "missing file",
+            format!(
+                r#"{{"id":"m","op":"matmul","inputs":[{ok},{{"file":"nope.safetensors","tensor":"b"}}]}}"#
+            ),
+            "No such file",
+        ),
+        (
+            "wrong dtype",
+            format!(
+                r#"{{"id":"d","op":"matmul","inputs":[{ok},{{"file":"f16.safetensors","tensor":"b"}}]}}"#
+            ),
+            "F16",
+        ),
+        (
+            "duplicate tensor name",
+            format!(
+                r#"{{"id":"t","op":"matmul","inputs":[{ok},{{"file":"dup.safetensors","tensor":"b"}}]}}"#
+            ),
+            "twice",
+        ),
+        (
+            "unknown op",
+            format!(r#"{{"id":"u","op":"{long_id}","inputs":[]}}"#),
+            "unknown op",
+        ),
+        (
+            "unknown field",
+            format!(r#"{{"id":"f","{long_field}":1}}"#),
+            "unknown field",
+        ),
+        ("not JSON", "{{{".to_string(), "not a valid job line"),
+    ];
+    for (what, line, needle) in &batches {
+        let path = d.join("batch.jsonl");
+        std::fs::write(&path, line).unwrap();
+        let o = std::process::Command::new(lockstep_bin())
+            .args(["submit", "--nats", "nats://127.0.0.1:1", "--quiet"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_one_short_line(&o, what, needle);
+    }
+    let o = run(&[
+        "submit",
+        "--nats",
+        "nats://127.0.0.1:1",
+        "/nonexistent/batch.jsonl",
+    ]);
+    assert_one_short_line(&o, "missing batch file", "No such file");
+    // lockstep matmul on bad tensor files.
+    write(
+        &d.join("ab16.safetensors"),
+        &[
+            ("a", Dtype::F32, vec![1, 1], f32_bytes(&[1.0])),
+            ("b", Dtype::F16, vec![1, 1], vec![0; 2]),
+        ],
+    );
+    for (what, file, needle) in [
+        ("missing input", "nope.safetensors", "No such file"),
+        ("wrong dtype", "ab16.safetensors", "F16"),
+        ("duplicate name", "dup.safetensors", "twice"),
+    ] {
+        let out = d.join("c.safetensors");
+        let o = run(&[
+            "matmul",
+            "--input",
+            d.join(file).to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert_one_short_line(&o, what, needle);
+    }
+}

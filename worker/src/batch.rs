@@ -22,7 +22,7 @@ use lockstep_kernels::contract::{elements, short_shape};
 use lockstep_kernels::{Digest, Matmul, Op};
 use serde::Deserialize;
 
-use crate::protocol::{quote, valid_token};
+use crate::protocol::{quote, shorten, valid_token};
 
 /// One line as written: the general form (`op`, `params`, `inputs`) or the
 /// matmul shorthand (`kind`, `a`, `b`).
@@ -141,7 +141,8 @@ fn parse_op(name: &str, params: Option<serde_json::Value>) -> Result<Op> {
 }
 
 fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
-    let l: Line = serde_json::from_str(line).context("not a valid job line")?;
+    let l: Line = serde_json::from_str(line)
+        .map_err(|e| anyhow::anyhow!("not a valid job line: {}", shorten(&e.to_string(), 160)))?;
     if !valid_token(&l.id) {
         bail!(
             "job id {} must be 1-64 characters of A-Z a-z 0-9 _ -",

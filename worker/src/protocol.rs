@@ -60,6 +60,16 @@ pub fn quote(s: &str) -> String {
     }
 }
 
+/// A message from a parser or library, cut to `max` characters: they may
+/// quote their input at any length.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() > max {
+        format!("{}…", text.chars().take(max).collect::<String>())
+    } else {
+        text.to_string()
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -74,13 +74,9 @@ fn format_error(path: &str, e: safetensors::SafeTensorError) -> TensorFileError 
         | E::TensorInvalidInfo => "; is it truncated?",
         _ => "",
     };
-    let mut detail = e.to_string();
-    if detail.len() > 200 {
-        detail = format!("{}…", detail.chars().take(200).collect::<String>());
-    }
     TensorFileError::Format {
         path: path.into(),
-        detail,
+        detail: crate::protocol::shorten(&e.to_string(), 160),
         hint,
     }
 }

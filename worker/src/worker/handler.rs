@@ -136,19 +136,10 @@ fn unreadable(
         )),
         _ => Err(job_err(
             ErrorCode::BadMessage,
-            format!("not a valid job message: {}", shorten(&e)),
+            format!("not a valid job message: {}", shorten(&e, 200)),
         )),
     };
     (result, outcome)
-}
-
-/// An error text from a parser, cut to a readable length.
-fn shorten(e: &str) -> String {
-    if e.chars().count() > 200 {
-        format!("{}…", e.chars().take(200).collect::<String>())
-    } else {
-        e.to_string()
-    }
 }
 
 async fn job_outcome(
