@@ -301,7 +301,7 @@ async fn malformed_and_oversized_messages_get_error_results() {
         .await
         .unwrap();
     let mut results = results.messages().await.unwrap();
-    let subject = job_subject("tough");
+    let subject = job_subject("tough", "bad");
     let job = |id: &str, a: TensorRef, b: TensorRef| {
         serde_json::to_vec(&JobMessage {
             protocol: PROTOCOL_VERSION,
@@ -549,7 +549,7 @@ async fn a_bad_job_in_a_bundle_fails_alone() {
     });
     nats.js
         .publish(
-            job_subject("bundled"),
+            job_subject("bundled", "bun"),
             serde_json::to_vec(&bundle).unwrap().into(),
         )
         .await

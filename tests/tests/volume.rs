@@ -26,9 +26,18 @@ fn job(id: &str, dims: MatmulDims, seed: u64) -> (BatchJob, lockstep_kernels::Di
     )
 }
 
-/// Runs the jobs with r = 2 on two CPU workers and checks every verdict,
-/// digest and written output against the spec.
-async fn run(server: &NatsServer, batch: &str, jobs: Vec<(BatchJob, lockstep_kernels::Digest)>) {
+/// Starts two CPU workers and submits the jobs with r = 2; returns the
+/// report and the output folder.
+async fn submit_on_two_workers(
+    server: &NatsServer,
+    batch: &str,
+    jobs: Vec<BatchJob>,
+    tweak: impl FnOnce(&mut SubmitOptions),
+) -> (
+    lockstep::coordinator::Report,
+    tempfile::TempDir,
+    lockstep::nats::Nats,
+) {
     let mut procs = Procs::default();
     let (w1, w2) = (format!("{batch}-1"), format!("{batch}-2"));
     procs.worker(&server.url(), &w1, "cpu", &[]);
@@ -38,7 +47,7 @@ async fn run(server: &NatsServer, batch: &str, jobs: Vec<(BatchJob, lockstep_ker
         .await
         .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let opts = SubmitOptions {
+    let mut opts = SubmitOptions {
         redundancy: 2,
         batch_id: Some(batch.into()),
         out_dir: Some(out.path().to_path_buf()),
@@ -47,10 +56,19 @@ async fn run(server: &NatsServer, batch: &str, jobs: Vec<(BatchJob, lockstep_ker
         deadline: Some(Duration::from_secs(240)),
         progress: false,
         threads: 1,
+        ..Default::default()
     };
+    tweak(&mut opts);
+    let report = submit(&nats, jobs, &opts).await.unwrap();
+    (report, out, nats)
+}
+
+/// Runs the jobs with r = 2 on two CPU workers and checks every verdict,
+/// digest and written output against the spec.
+async fn run(server: &NatsServer, batch: &str, jobs: Vec<(BatchJob, lockstep_kernels::Digest)>) {
     let (batch_jobs, wants): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
     let n = batch_jobs.len();
-    let report = submit(&nats, batch_jobs, &opts).await.unwrap();
+    let (report, out, _) = submit_on_two_workers(server, batch, batch_jobs, |_| {}).await;
     assert_eq!(report.verified, n, "{report:#?}");
     for (j, want) in report.jobs.iter().zip(&wants) {
         assert_eq!(j.digest, Some(*want), "{}", j.job);
@@ -71,6 +89,104 @@ async fn run(server: &NatsServer, batch: &str, jobs: Vec<(BatchJob, lockstep_ker
             "{} as written",
             j.job
         );
+    }
+}
+
+/// Messages the server holds on these subjects of a stream.
+async fn held(stream: &mut async_nats::jetstream::stream::Stream, filter: &str) -> usize {
+    use futures::StreamExt;
+    stream
+        .info_with_subjects(filter)
+        .await
+        .unwrap()
+        .collect::<Vec<_>>()
+        .await
+        .len()
+}
+
+/// A batch whose inputs and outputs travel as objects.
+fn object_jobs(prefix: &str, n: usize) -> Vec<BatchJob> {
+    (0..n)
+        .map(|i| {
+            job(
+                &format!("{prefix}{i}"),
+                MatmulDims::new(130, 140, 130),
+                500 + i as u64,
+            )
+            .0
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_batch_is_purged_from_the_server_unless_kept() {
+    let Some(server) = lockstep_tests::nats_server() else {
+        return;
+    };
+    let (report, _out, nats) =
+        submit_on_two_workers(&server, "gone", object_jobs("g", 4), |_| {}).await;
+    assert_eq!(report.verified, 4, "{report:#?}");
+    let purged = report.purged.expect("purged");
+    assert!(purged.results > 0 && purged.plans > 0, "{purged:?}");
+    // 4 inputs a and 4 b, 4 outputs: every blob was this batch's alone.
+    assert_eq!(purged.blobs, 12, "{purged:?}");
+    let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
+    assert_eq!(held(&mut results, "lockstep.result.gone").await, 0);
+    let mut plans = nats.js.get_stream("KV_lockstep_assign").await.unwrap();
+    assert_eq!(held(&mut plans, "$KV.lockstep_assign.gone.>").await, 0);
+    // No object left, and no chunk either (replicas store the same output
+    // at the same moment; that must not leave chunks behind).
+    let mut blobs = nats.js.get_stream("OBJ_lockstep_blobs").await.unwrap();
+    assert_eq!(held(&mut blobs, "$O.lockstep_blobs.C.>").await, 0);
+    // The same jobs again, kept: everything stays.
+    let (report, _out, nats) = submit_on_two_workers(&server, "kept", object_jobs("g", 4), |o| {
+        o.keep_batch = true
+    })
+    .await;
+    assert_eq!(report.verified, 4, "{report:#?}");
+    assert!(report.purged.is_none());
+    // Inputs and outputs were stored again after the first batch deleted
+    // them: every output could be fetched and written.
+    for j in &report.jobs {
+        let file = _out
+            .path()
+            .join("outputs")
+            .join(format!("{}.safetensors", j.job));
+        assert!(file.exists(), "{} not written", j.job);
+    }
+    let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
+    assert!(held(&mut results, "lockstep.result.kept").await > 0);
+    let mut blobs = nats.js.get_stream("OBJ_lockstep_blobs").await.unwrap();
+    assert!(held(&mut blobs, "$O.lockstep_blobs.C.>").await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_results_stream_fails_the_batch_clearly() {
+    let Some(server) = lockstep_tests::nats_server() else {
+        return;
+    };
+    // 128 results of about 22 KB each from each of two workers (5.6 MB),
+    // into a stream that holds 3 MiB.
+    let jobs = (0..128)
+        .map(|i| job(&format!("f{i:03}"), MatmulDims::new(64, 8, 64), i).0)
+        .collect();
+    let (report, _out, _) = submit_on_two_workers(&server, "full", jobs, |o| {
+        o.store_limits = Some(lockstep::store::StoreLimits::parse("results.bytes=3M").unwrap());
+    })
+    .await;
+    let why = report.stopped.clone().expect("the batch must stop");
+    assert!(
+        why.contains("results stream") && why.contains("full"),
+        "{why}"
+    );
+    assert!(report.failed > 0 && report.unresolved == 0, "{report:#?}");
+    for j in report
+        .jobs
+        .iter()
+        .filter(|j| j.verdict == lockstep::coordinator::Verdict::Failed)
+    {
+        assert_eq!(j.reason.as_deref(), Some(why.as_str()));
+        assert!(j.faulty_workers.is_empty());
     }
 }
 

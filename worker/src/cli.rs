@@ -148,6 +148,15 @@ struct SubmitArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Keep the batch's results, plan and blobs on the server afterwards
+    /// (by default they are purged once every job is decided).
+    #[arg(long)]
+    keep_batch: bool,
+    /// Limits of the server-side stores, set before the batch starts, e.g.
+    /// `results.bytes=2G,blobs.age=1d` (stores: jobs, results, plans, faults,
+    /// workers, blobs, refs; sizes K/M/G, ages s/m/h/d; see docs/PROTOCOL.md).
+    #[arg(long, env = "LOCKSTEP_STORE_LIMITS")]
+    store_limits: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -185,6 +194,27 @@ enum BenchCommand {
         /// Jobs (and raw messages) to send.
         #[arg(long, default_value_t = 500)]
         jobs: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Many batches in a row through a local nats-server and three worker
+    /// processes: verified jobs/s, resident memory of coordinator, workers
+    /// and server, and bytes held by the stores, batch after batch. They
+    /// must stay flat after the first batches (finished batches are purged).
+    ///
+    /// Example: lockstep bench soak --jobs 100000 --batch 2000
+    Soak {
+        /// Use this NATS server instead of starting one.
+        #[arg(long, env = "LOCKSTEP_NATS")]
+        nats: Option<String>,
+        /// Jobs in all.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Jobs per batch (r = 2; every 50th job large enough to use the
+        /// object store).
+        #[arg(long, default_value_t = 2000)]
+        batch: usize,
+        /// One JSON object at the end instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -243,6 +273,53 @@ fn run(cli: Cli) -> Result<()> {
                     println!("  {name:<16} {g:>9.1} GFLOP/s");
                 }
                 println!("  ratio lockstep / {} = {:.3}", r.baseline, r.ratio);
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Soak {
+            nats,
+            jobs,
+            batch,
+            json,
+        }) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            if !json {
+                println!(
+                    "{:>6} {:>9} {:>10} {:>12} {:>12} {:>11} {:>12}",
+                    "batch",
+                    "jobs",
+                    "verified/s",
+                    "coord MiB",
+                    "workers MiB",
+                    "server MiB",
+                    "store bytes"
+                );
+            }
+            let r = rt.block_on(bench::soak::bench_soak(nats, jobs, batch, |s| {
+                if !json {
+                    println!(
+                        "{:>6} {:>9} {:>10.0} {:>12.1} {:>12.1} {:>11} {:>12}",
+                        s.batch,
+                        s.jobs_done,
+                        s.verified_per_s,
+                        s.coordinator_rss_mib,
+                        s.workers_rss_mib,
+                        s.server_rss_mib.map_or("-".into(), |m| format!("{m:.1}")),
+                        s.store_bytes
+                    );
+                }
+            }))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "growth from batch 3 to the last: coordinator {:.2}x, workers {:.2}x, server {}; store bytes last {} (max {})",
+                    r.coordinator_rss_growth,
+                    r.workers_rss_growth,
+                    r.server_rss_growth.map_or("-".into(), |g| format!("{g:.2}x")),
+                    r.store_bytes_last,
+                    r.store_bytes_max
+                );
             }
             Ok(())
         }
@@ -458,6 +535,12 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
         deadline: args.deadline.map(Duration::from_secs_f64),
         progress: !args.quiet,
         threads: 0,
+        keep_batch: args.keep_batch,
+        store_limits: args
+            .store_limits
+            .as_deref()
+            .map(crate::store::StoreLimits::parse)
+            .transpose()?,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {

@@ -8,6 +8,8 @@
 //!   (docs/PROTOCOL.md).
 //! - [`nats`]: connecting, creating streams and buckets, the worker
 //!   registry, blobs.
+//! - [`store`]: limits of every stream, bucket and the object store, and the
+//!   clean-up of a finished batch.
 //! - [`batch`]: the JSON Lines batch format.
 //! - [`tensors`]: reading and writing tensors as safetensors files, with
 //!   clear errors for every way a file can be wrong.
@@ -30,5 +32,6 @@ pub mod demo;
 pub mod harness;
 pub mod nats;
 pub mod protocol;
+pub mod store;
 pub mod tensors;
 pub mod worker;

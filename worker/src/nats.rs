@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv, object_store, stream};
 
 use crate::protocol::*;
+use crate::store::{Limit, StoreLimits};
 
 /// Handles to everything lockstep uses on one NATS server.
 #[derive(Clone)]
@@ -18,7 +19,11 @@ pub struct Nats {
     pub workers: kv::Store,
     pub assign: kv::Store,
     pub faults: kv::Store,
+    /// Which batch uses which blob ([`crate::store`]).
+    pub refs: kv::Store,
     pub blobs: object_store::ObjectStore,
+    /// The stream behind `blobs`, for reads without consumers.
+    pub blobs_stream: stream::Stream,
 }
 
 impl Nats {
@@ -28,10 +33,15 @@ impl Nats {
     }
 }
 
-/// How long job and result messages are kept.
-const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-
+/// Connects and creates, where missing, every store with the default
+/// limits ([`StoreLimits::default`], changed by `$LOCKSTEP_STORE_LIMITS`).
 pub async fn connect(url: &str) -> Result<Nats> {
+    connect_with(url, &StoreLimits::from_env()?).await
+}
+
+/// Connects and creates, where missing, every store with these limits.
+/// Existing stores keep theirs (see [`crate::store::apply_limits`]).
+pub async fn connect_with(url: &str, limits: &StoreLimits) -> Result<Nats> {
     let client = async_nats::ConnectOptions::new()
         .name("lockstep")
         .retry_on_initial_connect()
@@ -40,45 +50,58 @@ pub async fn connect(url: &str) -> Result<Nats> {
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))?;
     let js = jetstream::new(client.clone());
+    let stream_config = |name: &str, subjects: String, retention, limit: Limit| stream::Config {
+        name: name.into(),
+        subjects: vec![subjects],
+        retention,
+        storage: stream::StorageType::File,
+        max_age: limit.max_age,
+        max_bytes: limit.max_bytes,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    };
     let jobs = js
-        .get_or_create_stream(stream::Config {
-            name: JOBS_STREAM.into(),
-            subjects: vec![format!("{JOB_SUBJECT_PREFIX}.>")],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            max_age: RETENTION,
-            duplicate_window: Duration::from_secs(600),
-            ..Default::default()
-        })
+        .get_or_create_stream(stream_config(
+            JOBS_STREAM,
+            format!("{JOB_SUBJECT_PREFIX}.>"),
+            stream::RetentionPolicy::WorkQueue,
+            limits.jobs,
+        ))
         .await
         .context("cannot create the jobs stream (is JetStream enabled? nats-server -js)")?;
     let results = js
-        .get_or_create_stream(stream::Config {
-            name: RESULTS_STREAM.into(),
-            subjects: vec![format!("{RESULT_SUBJECT_PREFIX}.>")],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            max_age: RETENTION,
-            duplicate_window: Duration::from_secs(600),
-            ..Default::default()
-        })
+        .get_or_create_stream(stream_config(
+            RESULTS_STREAM,
+            format!("{RESULT_SUBJECT_PREFIX}.>"),
+            stream::RetentionPolicy::Limits,
+            limits.results,
+        ))
         .await
         .context("cannot create the results stream")?;
-    let workers = kv_bucket(&js, WORKERS_BUCKET, 1, Duration::ZERO).await?;
-    let assign = kv_bucket(&js, ASSIGN_BUCKET, 1, RETENTION).await?;
-    let faults = kv_bucket(&js, FAULTS_BUCKET, 1, Duration::ZERO).await?;
+    let workers = kv_bucket(&js, WORKERS_BUCKET, limits.workers).await?;
+    let assign = kv_bucket(&js, ASSIGN_BUCKET, limits.plans).await?;
+    let faults = kv_bucket(&js, FAULTS_BUCKET, limits.faults).await?;
+    let refs = kv_bucket(&js, BLOB_REFS_BUCKET, limits.refs).await?;
     let blobs = match js.get_object_store(BLOBS_BUCKET).await {
         Ok(s) => s,
         Err(_) => js
             .create_object_store(object_store::Config {
                 bucket: BLOBS_BUCKET.into(),
                 storage: stream::StorageType::File,
+                max_age: limits.blobs.max_age,
+                max_bytes: limits.blobs.max_bytes,
                 ..Default::default()
             })
             .await
             .context("cannot create the blob object store")?,
     };
+    let blobs_stream = js
+        .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
+        .await
+        .context("cannot open the blob store's stream")?;
     Ok(Nats {
+        blobs_stream,
         client,
         js,
         jobs,
@@ -86,23 +109,20 @@ pub async fn connect(url: &str) -> Result<Nats> {
         workers,
         assign,
         faults,
+        refs,
         blobs,
     })
 }
 
-async fn kv_bucket(
-    js: &jetstream::Context,
-    name: &str,
-    history: i64,
-    max_age: Duration,
-) -> Result<kv::Store> {
+async fn kv_bucket(js: &jetstream::Context, name: &str, limit: Limit) -> Result<kv::Store> {
     if let Ok(kv) = js.get_key_value(name).await {
         return Ok(kv);
     }
     js.create_key_value(kv::Config {
         bucket: name.into(),
-        history,
-        max_age,
+        history: 1,
+        max_age: limit.max_age,
+        max_bytes: limit.max_bytes,
         storage: stream::StorageType::File,
         ..Default::default()
     })
@@ -155,22 +175,87 @@ pub async fn wait_for_workers(nats: &Nats, names: &[&str], timeout: Duration) ->
 /// The bytes of an object in the blob store (not yet checked: see
 /// [`decode_blob`]).
 pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let mut obj = nats
+    // Read chunk by chunk with direct gets: the object store's own `get`
+    // creates a consumer per read, and at thousands of reads a second those
+    // hit the server's consumer limit before they expire.
+    let info = nats
         .blobs
-        .get(digest.to_hex())
+        .info(digest.to_hex())
         .await
+        .ok()
+        .filter(|i| !i.deleted)
         .with_context(|| format!("object {digest} is not in the object store"))?;
-    let mut buf = Vec::new();
-    obj.read_to_end(&mut buf)
-        .await
-        .with_context(|| format!("cannot read object {digest}"))?;
+    let subject = format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid);
+    let mut buf = Vec::with_capacity(info.size);
+    let mut seq = 0;
+    for _ in 0..info.chunks {
+        let m = nats
+            .blobs_stream
+            .direct_get_next_for_subject(subject.as_str(), Some(seq + 1))
+            .await
+            .with_context(|| format!("cannot read object {digest}"))?;
+        seq = m.sequence;
+        buf.extend_from_slice(&m.payload);
+    }
+    anyhow::ensure!(
+        buf.len() == info.size,
+        "object {digest} has {} bytes of the {} its metadata promises",
+        buf.len(),
+        info.size
+    );
     Ok(buf)
 }
 
+/// Whether the object store holds this blob (an object deleted by a
+/// finished batch leaves a marker that `info` still returns).
+pub async fn blob_exists(nats: &Nats, digest: &lockstep_kernels::Digest) -> bool {
+    nats.blobs
+        .info(digest.to_hex())
+        .await
+        .is_ok_and(|i| !i.deleted)
+}
+
 /// Stores a tensor in the blob store under its digest (if absent).
+///
+/// Replicas of a job store the same output at the same moment, and two
+/// overlapping puts of one name would leave the first one's chunks behind
+/// for good; so a put holds a lock (a key created atomically in the
+/// references bucket) and the other writer waits for the object instead.
 pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]) -> Result<()> {
-    if nats.blobs.info(digest.to_hex()).await.is_ok() {
+    if blob_exists(nats, digest).await {
+        return Ok(());
+    }
+    let lock = format!("{}._put", digest.to_hex());
+    let t = std::time::Instant::now();
+    while nats.refs.create(&lock, bytes::Bytes::new()).await.is_err() {
+        // Someone else is storing it (or died doing so: after 10 s, store it
+        // anyway; the later put replaces the earlier one whole).
+        if blob_exists(nats, digest).await {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            drop_ref_key(nats, &lock).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stored = store_blob(nats, digest, data).await;
+    drop_ref_key(nats, &lock).await;
+    stored
+}
+
+/// Removes a key of the references bucket without a trace (a KV delete would
+/// leave a marker that still counts as a reference).
+pub(crate) async fn drop_ref_key(nats: &Nats, key: &str) {
+    if let Ok(stream) = nats.js.get_stream(format!("KV_{BLOB_REFS_BUCKET}")).await {
+        let _ = stream
+            .purge()
+            .filter(format!("$KV.{BLOB_REFS_BUCKET}.{key}"))
+            .await;
+    }
+}
+
+async fn store_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]) -> Result<()> {
+    if blob_exists(nats, digest).await {
         return Ok(());
     }
     let bytes = f32_bytes(data);

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 /// `outputs`; digests are `"sha3-256:<hex>"` strings.
 pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Stream of job replicas, one subject per worker: `lockstep.job.<worker>`.
+/// Stream of job replicas, one subject per worker and batch:
+/// `lockstep.job.<worker>.<batch>` (a worker consumes `lockstep.job.<worker>.>`;
+/// a finished batch's leftovers are purged by `lockstep.job.*.<batch>`).
 pub const JOBS_STREAM: &str = "LOCKSTEP_JOBS";
 pub const JOB_SUBJECT_PREFIX: &str = "lockstep.job";
 /// Stream of results, one subject per batch: `lockstep.result.<batch>`.
@@ -28,9 +30,18 @@ pub const ASSIGN_BUCKET: &str = "lockstep_assign";
 pub const FAULTS_BUCKET: &str = "lockstep_faults";
 /// Object store: tensors named by the hex of their contract digest.
 pub const BLOBS_BUCKET: &str = "lockstep_blobs";
+/// KV: `<digest hex>.<batch>` → empty: a batch still uses that blob. A
+/// finished batch deletes its references, and a blob nobody references.
+pub const BLOB_REFS_BUCKET: &str = "lockstep_blob_refs";
 
-pub fn job_subject(worker: &str) -> String {
-    format!("{JOB_SUBJECT_PREFIX}.{worker}")
+/// Where a replica of `batch` for `worker` is published.
+pub fn job_subject(worker: &str, batch: &str) -> String {
+    format!("{JOB_SUBJECT_PREFIX}.{worker}.{batch}")
+}
+
+/// What a worker's consumer takes: every batch's replicas for it.
+pub fn worker_filter(worker: &str) -> String {
+    format!("{JOB_SUBJECT_PREFIX}.{worker}.>")
 }
 
 pub fn result_subject(batch: &str) -> String {

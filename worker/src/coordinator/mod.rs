@@ -57,6 +57,12 @@ pub struct SubmitOptions {
     pub progress: bool,
     /// CPU threads for dispute resolution.
     pub threads: usize,
+    /// Keep the batch's results, plan and blobs on the server after its
+    /// report is written (by default they are purged once every job is
+    /// decided; a batch left unresolved is always kept, to be resumed).
+    pub keep_batch: bool,
+    /// Set these limits on every store before starting (None: leave them).
+    pub store_limits: Option<crate::store::StoreLimits>,
 }
 
 impl Default for SubmitOptions {
@@ -70,6 +76,8 @@ impl Default for SubmitOptions {
             deadline: None,
             progress: true,
             threads: 0,
+            keep_batch: false,
+            store_limits: None,
         }
     }
 }
@@ -110,8 +118,11 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         "batch id `{batch}` must be 1-64 of [A-Za-z0-9_-]"
     );
     tracing::info!(%batch, jobs = jobs.len(), redundancy = opts.redundancy, "submitting");
+    if let Some(limits) = &opts.store_limits {
+        crate::store::apply_limits(nats, limits).await?;
+    }
     let order: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-    let mut state = load_jobs(nats, jobs, opts.redundancy as usize).await?;
+    let mut state = load_jobs(nats, &batch, jobs, opts.redundancy as usize).await?;
 
     // Resume: the durable plan of an earlier run of this batch.
     if plan::resume(nats, &batch, opts.redundancy, &mut state).await? > 0 {
@@ -147,9 +158,11 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         live: Vec::new(),
         live_at: Instant::now() - Duration::from_secs(60),
         waiting_note: false,
+        full_at: Instant::now(),
+        abort: None,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    while run.undecided > 0 {
+    while run.undecided > 0 && run.abort.is_none() {
         if opts.deadline.is_some_and(|d| t_start.elapsed() > d) {
             tracing::warn!("deadline reached; undecided jobs are left unresolved");
             break;
@@ -167,8 +180,20 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         }
     }
     run.bar.finish_and_clear();
+    if let Some(why) = &run.abort {
+        tracing::error!("{why}");
+    }
     report::finish(
-        nats, opts, run.batch, &order, run.state, run.faults, t_start,
+        nats,
+        opts,
+        report::Finish {
+            batch: run.batch,
+            order: &order,
+            state: run.state,
+            faults: run.faults,
+            abort: run.abort,
+            t_start,
+        },
     )
     .await
 }
@@ -177,6 +202,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
 /// objects named by digest) and derives its output shapes from its op.
 async fn load_jobs(
     nats: &Nats,
+    batch: &str,
     jobs: Vec<BatchJob>,
     redundancy: usize,
 ) -> Result<BTreeMap<String, JobState>> {
@@ -184,7 +210,7 @@ async fn load_jobs(
     for j in jobs {
         let mut inputs = Vec::with_capacity(j.inputs.len());
         for t in &j.inputs {
-            inputs.push(plan::to_ref(nats, t).await?);
+            inputs.push(plan::to_ref(nats, batch, t).await?);
         }
         let spec = JobSpec { op: j.op, inputs };
         let shapes = spec
@@ -227,6 +253,11 @@ struct Run<'a> {
     live: Vec<WorkerRecord>,
     live_at: Instant,
     waiting_note: bool,
+    /// When the stores were last checked for room.
+    full_at: Instant,
+    /// Why the batch cannot go on (a store is full): its undecided jobs fail
+    /// with this reason.
+    abort: Option<String>,
 }
 
 impl Run<'_> {
@@ -306,6 +337,17 @@ impl Run<'_> {
         self.bar.set_message(report::summary_line(&self.verdicts));
     }
 
+    /// Results can only arrive while their stream has room: when it is full,
+    /// the batch fails with a message that says so, rather than waiting for
+    /// results the server would refuse.
+    async fn check_room(&mut self) {
+        if let Some((bytes, max)) = crate::store::full(self.nats, RESULTS_STREAM).await {
+            self.abort = Some(format!(
+                "the results stream {RESULTS_STREAM} is full ({bytes} of {max} bytes): results cannot be stored; raise its limit (--store-limits results.bytes=…) or purge old batches"
+            ));
+        }
+    }
+
     /// Every 100 ms: refresh the live workers (at most every 500 ms) and
     /// give every replica that needs one a worker.
     async fn on_tick(&mut self) {
@@ -325,9 +367,21 @@ impl Run<'_> {
         )
         .await
         .unwrap_or_else(|e| {
-            tracing::warn!("dispatch failed, will retry: {e:#}");
+            let text = format!("{e:#}");
+            if crate::store::is_store_full(&text) {
+                self.abort = Some(format!(
+                    "cannot dispatch: a store is full ({}); raise its limit with --store-limits or purge old batches",
+                    shorten(&text, 160)
+                ));
+            } else {
+                tracing::warn!("dispatch failed, will retry: {text}");
+            }
             0
         });
+        if self.full_at.elapsed() > Duration::from_secs(2) {
+            self.full_at = Instant::now();
+            self.check_room().await;
+        }
         let stuck = self
             .state
             .values()

@@ -144,13 +144,16 @@ pub(super) async fn resume(
     Ok(restored)
 }
 
-pub(super) async fn to_ref(nats: &Nats, t: &Tensor) -> Result<TensorRef> {
+/// An input as it travels: inline, or an object this batch now references
+/// (the reference is recorded before the object is stored or checked).
+pub(super) async fn to_ref(nats: &Nats, batch: &str, t: &Tensor) -> Result<TensorRef> {
     Ok(match t {
         Tensor::Object { shape, digest } => {
-            nats.blobs
-                .info(digest.to_hex())
-                .await
-                .with_context(|| format!("object {digest} is not in the object store"))?;
+            crate::store::add_ref(nats, digest, batch).await?;
+            anyhow::ensure!(
+                crate::nats::blob_exists(nats, digest).await,
+                "object {digest} is not in the object store"
+            );
             TensorRef::object(shape.clone(), *digest)
         }
         Tensor::Data { shape, data } if data.len() * 4 <= inline_limit(nats.max_payload()) => {
@@ -158,6 +161,7 @@ pub(super) async fn to_ref(nats: &Nats, t: &Tensor) -> Result<TensorRef> {
         }
         Tensor::Data { shape, data } => {
             let digest = tensor_digest_f32(shape, data);
+            crate::store::add_ref(nats, &digest, batch).await?;
             crate::nats::put_blob(nats, &digest, data).await?;
             TensorRef::object(shape.clone(), digest)
         }
@@ -242,7 +246,7 @@ pub(super) async fn publish_bundle(
     };
     nats.js
         .send_publish(
-            job_subject(worker),
+            job_subject(worker, batch),
             jetstream::message::PublishMessage::build()
                 .payload(serde_json::to_vec(&bundle)?.into())
                 .message_id(format!("{batch}.{bundle_id}")),

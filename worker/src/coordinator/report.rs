@@ -72,6 +72,13 @@ pub struct Report {
     pub unresolved: usize,
     pub faults: Vec<FaultRecord>,
     pub elapsed_s: f64,
+    /// Why the batch stopped before every job was decided, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+    /// What was removed from the server once the batch was done (absent with
+    /// `--keep-batch`, or while jobs are unresolved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purged: Option<crate::store::PurgeReport>,
 }
 
 impl Report {
@@ -81,25 +88,52 @@ impl Report {
     }
 }
 
-/// The report of a finished (or timed-out) batch, in the batch's job order;
-/// writes report.json and the accepted outputs when `opts.out_dir` is set.
-pub(super) async fn finish(
-    nats: &Nats,
-    opts: &SubmitOptions,
-    batch: String,
-    order: &[String],
-    mut state: BTreeMap<String, JobState>,
-    faults: Vec<FaultRecord>,
-    t_start: Instant,
-) -> Result<Report> {
+/// Where a batch ended.
+pub(super) struct Finish<'a> {
+    pub batch: String,
+    pub order: &'a [String],
+    pub state: BTreeMap<String, JobState>,
+    pub faults: Vec<FaultRecord>,
+    /// Why it stopped early, if it did (its undecided jobs fail with it).
+    pub abort: Option<String>,
+    pub t_start: Instant,
+}
+
+/// The report of a finished (or stopped) batch, in the batch's job order;
+/// writes report.json and the accepted outputs when `opts.out_dir` is set;
+/// then, once every job is decided, purges what the batch left on the
+/// server (unless `opts.keep_batch`).
+pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> Result<Report> {
+    let Finish {
+        batch,
+        order,
+        mut state,
+        faults,
+        abort,
+        t_start,
+    } = f;
     let mut reports = Vec::new();
+    let mut digests = std::collections::BTreeSet::new();
     for id in order {
         let js = state.remove(id).expect("every job has a state");
-        reports.push(js.decided.clone().unwrap_or_else(|| {
-            let mut r = JobReport::new(id, &js, Verdict::Unresolved);
-            r.reason = Some("no decision before the deadline".into());
-            r.latency_ms = 0.0;
-            r
+        digests.extend(js.spec.inputs.iter().filter_map(|t| t.object));
+        for res in js.results.values() {
+            if let Outcome::Ok { outputs, .. } = &res.outcome {
+                digests.extend(outputs.iter().filter_map(|t| t.object));
+            }
+        }
+        reports.push(js.decided.clone().unwrap_or_else(|| match &abort {
+            Some(why) => {
+                let mut r = JobReport::new(id, &js, Verdict::Failed);
+                r.reason = Some(why.clone());
+                r
+            }
+            None => {
+                let mut r = JobReport::new(id, &js, Verdict::Unresolved);
+                r.reason = Some("no decision before the deadline".into());
+                r.latency_ms = 0.0;
+                r
+            }
         }));
         if let (Some(dir), Some(rep)) = (&opts.out_dir, &js.decided) {
             write_output(nats, dir, &js, rep).await?;
@@ -118,7 +152,25 @@ pub(super) async fn finish(
         jobs: reports,
         faults,
         elapsed_s: t_start.elapsed().as_secs_f64(),
+        stopped: abort,
+        purged: None,
     };
+    let mut report = report;
+    if !opts.keep_batch && report.unresolved == 0 {
+        match crate::store::purge_batch(nats, &report.batch, &digests).await {
+            Ok(p) => {
+                tracing::info!(
+                    results = p.results,
+                    plans = p.plans,
+                    jobs = p.jobs,
+                    blobs = p.blobs,
+                    "purged the batch from the server"
+                );
+                report.purged = Some(p);
+            }
+            Err(e) => tracing::warn!("could not purge the batch from the server: {e:#}"),
+        }
+    }
     if let Some(dir) = &opts.out_dir {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;

@@ -74,6 +74,11 @@ impl WorkerProcs {
             .1
     }
 
+    /// Process ids of every worker started.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|(_, c)| c.id()).collect()
+    }
+
     /// SIGTERM: the worker drains and exits by itself.
     pub fn terminate(&mut self, name: &str) {
         // SAFETY: sending a signal to our own child.

@@ -48,8 +48,15 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
     Ok(data)
 }
 
+/// Stores an output in the object store. A failure there (a full store, a
+/// server going away) is the system's, not this worker's.
 pub(super) async fn put_blob(ctx: &Ctx, digest: &Digest, data: &[f32]) -> Result<(), JobError> {
     crate::nats::put_blob(&ctx.nats, digest, data)
         .await
-        .map_err(|e| job_err(ErrorCode::Backend, format!("cannot store output: {e}")))
+        .map_err(|e| {
+            job_err(
+                ErrorCode::Unpublishable,
+                format!("cannot store an output: {e:#}"),
+            )
+        })
 }

@@ -247,15 +247,24 @@ async fn take_over_consumer(
     let durable = format!("w-{name}");
     let config = pull::Config {
         durable_name: Some(durable.clone()),
-        filter_subject: job_subject(name),
+        filter_subject: worker_filter(name),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
         max_deliver: MAX_DELIVER,
         ..Default::default()
     };
     if let Ok(mut existing) = nats.jobs.get_consumer::<pull::Config>(&durable).await {
-        let pending = existing.info().await.map_or(0, |i| i.num_ack_pending);
-        if pending > 0 {
+        let info = existing.info().await.ok();
+        let pending = info.as_ref().map_or(0, |i| i.num_ack_pending);
+        let filter = info.as_ref().map(|i| i.config.filter_subject.clone());
+        if filter.is_some_and(|f| f != config.filter_subject) {
+            // A consumer of an older protocol (another subject scheme).
+            tracing::info!("re-creating this worker's consumer for the current subjects");
+            nats.jobs
+                .delete_consumer(&durable)
+                .await
+                .context("cannot reset this worker's consumer")?;
+        } else if pending > 0 {
             tracing::info!(
                 pending,
                 "taking over the job messages a previous run of this worker left unacked"

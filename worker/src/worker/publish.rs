@@ -43,7 +43,9 @@ async fn store(ctx: &Ctx, subject: &str, payload: bytes::Bytes, id: &str) -> Sto
                 {
                     return Stored::Permanent(text);
                 }
-                tracing::warn!(attempt, "result not stored yet: {text}");
+                if attempt % 8 == 0 {
+                    tracing::warn!(attempt, "result not stored yet: {text}");
+                }
                 last = text;
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

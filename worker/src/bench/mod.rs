@@ -3,6 +3,8 @@
 //! then each baseline, repeated) and each side's median is reported, so a
 //! noisy machine slows both sides alike and the ratio stays meaningful.
 
+pub mod soak;
+
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,346 @@
+//! What lockstep keeps on the server, and for how long: explicit limits on
+//! every stream, KV bucket and the object store (docs/PROTOCOL.md,
+//! "Retention"), and the clean-up of a finished batch.
+//!
+//! Every store refuses new messages when full (discard policy `new`), so
+//! nothing is ever dropped silently; a coordinator that meets a full store
+//! fails its batch with a message that names the store and the setting.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+
+use crate::nats::Nats;
+use crate::protocol::*;
+
+/// The bytes and age one store may reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub max_bytes: i64,
+    /// Zero: no age limit.
+    pub max_age: Duration,
+}
+
+/// Limits of every store, by the names `--store-limits` uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// `LOCKSTEP_JOBS`: replicas waiting for their workers.
+    pub jobs: Limit,
+    /// `LOCKSTEP_RESULTS`: results, purged when their batch is done.
+    pub results: Limit,
+    /// `lockstep_assign`: plans, purged when their batch is done.
+    pub plans: Limit,
+    /// `lockstep_faults`: the evidence against faulty workers.
+    pub faults: Limit,
+    /// `lockstep_workers`: one record per worker, rewritten every heartbeat.
+    pub workers: Limit,
+    /// `lockstep_blobs`: tensors too large to travel inline.
+    pub blobs: Limit,
+    /// `lockstep_blob_refs`: which running batch uses which blob.
+    pub refs: Limit,
+}
+
+const GIB: i64 = 1 << 30;
+const MIB: i64 = 1 << 20;
+const DAY: u64 = 24 * 3600;
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        let l = |bytes: i64, days: u64| Limit {
+            max_bytes: bytes,
+            max_age: Duration::from_secs(days * DAY),
+        };
+        Self {
+            jobs: l(GIB, 7),
+            results: l(GIB, 7),
+            plans: l(256 * MIB, 7),
+            faults: l(64 * MIB, 90),
+            workers: l(16 * MIB, 1),
+            blobs: l(4 * GIB, 7),
+            refs: l(16 * MIB, 7),
+        }
+    }
+}
+
+impl StoreLimits {
+    /// The names, as `--store-limits` spells them.
+    pub const NAMES: [&'static str; 7] = [
+        "jobs", "results", "plans", "faults", "workers", "blobs", "refs",
+    ];
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Limit> {
+        Some(match name {
+            "jobs" => &mut self.jobs,
+            "results" => &mut self.results,
+            "plans" => &mut self.plans,
+            "faults" => &mut self.faults,
+            "workers" => &mut self.workers,
+            "blobs" => &mut self.blobs,
+            "refs" => &mut self.refs,
+            _ => return None,
+        })
+    }
+
+    /// [`StoreLimits::parse`] of `$LOCKSTEP_STORE_LIMITS` (the defaults when
+    /// unset).
+    pub fn from_env() -> Result<Self> {
+        let spec = std::env::var("LOCKSTEP_STORE_LIMITS").unwrap_or_default();
+        Self::parse(&spec).context("in LOCKSTEP_STORE_LIMITS")
+    }
+
+    /// The defaults with changes: `results.bytes=2G,blobs.age=1d,…`. Sizes
+    /// take K, M, G (powers of 1024); ages s, m, h, d.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let mut limits = Self::default();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once('=').with_context(|| {
+                format!("{} is not NAME.bytes=SIZE or NAME.age=AGE", quote(item))
+            })?;
+            let (name, what) = key.split_once('.').unwrap_or((key, ""));
+            let limit = limits.get_mut(name).with_context(|| {
+                format!(
+                    "no store named {} (stores: {})",
+                    quote(name),
+                    Self::NAMES.join(", ")
+                )
+            })?;
+            match what {
+                "bytes" => limit.max_bytes = parse_size(value)?,
+                "age" => limit.max_age = parse_age(value)?,
+                _ => bail!("{} must end in .bytes or .age", quote(key)),
+            }
+        }
+        Ok(limits)
+    }
+}
+
+fn parse_size(v: &str) -> Result<i64> {
+    let (num, mult) = match v.chars().last() {
+        Some('K' | 'k') => (&v[..v.len() - 1], 1i64 << 10),
+        Some('M' | 'm') => (&v[..v.len() - 1], MIB),
+        Some('G' | 'g') => (&v[..v.len() - 1], GIB),
+        _ => (v, 1),
+    };
+    let n: i64 = num
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .with_context(|| format!("{} is not a size like 512M or 2G", quote(v)))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("{} is too large", quote(v)))
+}
+
+fn parse_age(v: &str) -> Result<Duration> {
+    let (num, secs) = match v.chars().last() {
+        Some('s') => (&v[..v.len() - 1], 1),
+        Some('m') => (&v[..v.len() - 1], 60),
+        Some('h') => (&v[..v.len() - 1], 3600),
+        Some('d') => (&v[..v.len() - 1], DAY),
+        _ => bail!("{} is not an age like 90m, 12h or 7d", quote(v)),
+    };
+    let n: u64 = num
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .with_context(|| format!("{} is not an age like 90m, 12h or 7d", quote(v)))?;
+    Ok(Duration::from_secs(n * secs))
+}
+
+/// The server's stream behind each store, for updates and reports.
+pub(crate) fn stream_names() -> [(&'static str, String); 7] {
+    [
+        ("jobs", JOBS_STREAM.to_string()),
+        ("results", RESULTS_STREAM.to_string()),
+        ("plans", format!("KV_{ASSIGN_BUCKET}")),
+        ("faults", format!("KV_{FAULTS_BUCKET}")),
+        ("workers", format!("KV_{WORKERS_BUCKET}")),
+        ("blobs", format!("OBJ_{BLOBS_BUCKET}")),
+        ("refs", format!("KV_{BLOB_REFS_BUCKET}")),
+    ]
+}
+
+/// Sets these limits on every existing store (the coordinator does this
+/// when given `--store-limits`; stores are created with them in any case).
+pub async fn apply_limits(nats: &Nats, limits: &StoreLimits) -> Result<()> {
+    let mut limits = limits.clone();
+    for (name, stream) in stream_names() {
+        let limit = *limits.get_mut(name).expect("every store has a limit");
+        let mut s = nats
+            .js
+            .get_stream(&stream)
+            .await
+            .with_context(|| format!("no stream {stream}"))?;
+        let mut config = s.info().await?.config.clone();
+        if config.max_bytes != limit.max_bytes || config.max_age != limit.max_age {
+            config.max_bytes = limit.max_bytes;
+            config.max_age = limit.max_age;
+            config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+            nats.js
+                .update_stream(config)
+                .await
+                .with_context(|| format!("cannot set the limits of {stream}"))?;
+            tracing::info!(
+                store = name,
+                bytes = limit.max_bytes,
+                age_s = limit.max_age.as_secs(),
+                "store limits set"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bytes each store holds now, by name.
+pub async fn usage(nats: &Nats) -> Result<Vec<(&'static str, u64)>> {
+    let mut out = Vec::new();
+    for (name, stream) in stream_names() {
+        let mut s = nats.js.get_stream(&stream).await?;
+        out.push((name, s.info().await?.state.bytes));
+    }
+    Ok(out)
+}
+
+/// Whether a store is full (within one message of its limit): what it holds,
+/// and what it may hold.
+pub(crate) async fn full(nats: &Nats, stream: &str) -> Option<(u64, i64)> {
+    let mut s = nats.js.get_stream(stream).await.ok()?;
+    let info = s.info().await.ok()?;
+    let max = info.config.max_bytes;
+    let headroom = nats.max_payload() as u64;
+    (max > 0 && info.state.bytes + headroom >= max as u64).then_some((info.state.bytes, max))
+}
+
+/// An error from the server that says a store is full.
+pub fn is_store_full(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    [
+        "maximum bytes exceeded",
+        "maximum messages exceeded",
+        "insufficient resources",
+        "resource limits exceeded",
+    ]
+    .iter()
+    .any(|s| e.contains(s))
+}
+
+/// The key of a blob reference.
+fn ref_key(digest: &lockstep_kernels::Digest, batch: &str) -> String {
+    format!("{}.{batch}", digest.to_hex())
+}
+
+/// Records that `batch` uses the blob `digest` (before it is stored, so a
+/// finishing batch never deletes a blob a starting one relies on).
+pub async fn add_ref(nats: &Nats, digest: &lockstep_kernels::Digest, batch: &str) -> Result<()> {
+    nats.refs
+        .put(ref_key(digest, batch), bytes::Bytes::new())
+        .await
+        .context("cannot record a blob reference")?;
+    Ok(())
+}
+
+/// Everything a finished batch leaves behind, removed: its results, its
+/// plan entries, replicas still queued for workers, its blob references,
+/// and every blob among `digests` that no other batch references.
+pub async fn purge_batch(
+    nats: &Nats,
+    batch: &str,
+    digests: &std::collections::BTreeSet<lockstep_kernels::Digest>,
+) -> Result<PurgeReport> {
+    let results = nats
+        .results
+        .purge()
+        .filter(result_subject(batch))
+        .await
+        .context("cannot purge the batch's results")?
+        .purged;
+    let assign = nats.js.get_stream(format!("KV_{ASSIGN_BUCKET}")).await?;
+    let plans = assign
+        .purge()
+        .filter(format!("$KV.{ASSIGN_BUCKET}.{batch}.>"))
+        .await
+        .context("cannot purge the batch's plan")?
+        .purged;
+    let jobs = nats
+        .jobs
+        .purge()
+        .filter(format!("{JOB_SUBJECT_PREFIX}.*.{batch}"))
+        .await
+        .context("cannot purge the batch's queued replicas")?
+        .purged;
+    let mut report = PurgeReport {
+        results,
+        plans,
+        jobs,
+        blobs: 0,
+    };
+    let refs = nats.js.get_stream(format!("KV_{BLOB_REFS_BUCKET}")).await?;
+    for d in digests {
+        refs.purge()
+            .filter(format!("$KV.{BLOB_REFS_BUCKET}.{}", ref_key(d, batch)))
+            .await
+            .context("cannot drop a blob reference")?;
+        let others = refs
+            .clone()
+            .info_with_subjects(format!("$KV.{BLOB_REFS_BUCKET}.{}.>", d.to_hex()))
+            .await?
+            .next()
+            .await
+            .is_some();
+        if !others && nats.blobs.delete(d.to_hex()).await.is_ok() {
+            report.blobs += 1;
+            // A delete leaves a marker under the object's name; drop it too,
+            // so deleted blobs cost nothing.
+            forget_object(nats, &d.to_hex()).await;
+        }
+    }
+    Ok(report)
+}
+
+/// Removes the metadata an object store keeps under a deleted name
+/// (`$O.<bucket>.M.<base64url of the name>`).
+async fn forget_object(nats: &Nats, name: &str) {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::URL_SAFE.encode(name);
+    if let Ok(stream) = nats.js.get_stream(format!("OBJ_{BLOBS_BUCKET}")).await {
+        let _ = stream
+            .purge()
+            .filter(format!("$O.{BLOBS_BUCKET}.M.{encoded}"))
+            .await;
+    }
+}
+
+/// What [`purge_batch`] removed.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PurgeReport {
+    pub results: u64,
+    pub plans: u64,
+    pub jobs: u64,
+    pub blobs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse_and_say_what_is_wrong() {
+        let l = StoreLimits::parse("results.bytes=2G, blobs.age=12h,jobs.bytes=512M").unwrap();
+        assert_eq!(l.results.max_bytes, 2 * GIB);
+        assert_eq!(l.blobs.max_age, Duration::from_secs(12 * 3600));
+        assert_eq!(l.jobs.max_bytes, 512 * MIB);
+        assert_eq!(l.plans, StoreLimits::default().plans);
+        assert_eq!(StoreLimits::parse("").unwrap(), StoreLimits::default());
+        for (bad, needle) in [
+            ("results", "NAME.bytes"),
+            ("cache.bytes=1G", "no store named"),
+            ("results.size=1G", ".bytes or .age"),
+            ("results.bytes=lots", "not a size"),
+            ("results.age=7", "not an age"),
+            ("results.bytes=-1", "not a size"),
+        ] {
+            let e = format!("{:#}", StoreLimits::parse(bad).unwrap_err());
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+}
