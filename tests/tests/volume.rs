@@ -249,3 +249,96 @@ async fn a_server_with_a_64_kib_payload_limit() {
     jobs.push(job("big", MatmulDims::new(100, 300, 90), 400));
     run(&server, "small", jobs).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_splits_a_result_bundle_of_several_mib() {
+    use futures::StreamExt;
+    use lockstep::protocol::*;
+    let Some(server) = lockstep_tests::nats_server() else {
+        return;
+    };
+    let mut procs = Procs::default();
+    procs.worker(&server.url(), "splitter", "cpu", &[]);
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    lockstep::nats::wait_for_workers(&nats, &["splitter"], Duration::from_secs(120))
+        .await
+        .unwrap();
+    let mut results = nats
+        .results
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: result_subject("many"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    // One bundle of 64 jobs whose outputs (64×200 f32, 51 KB each, inline)
+    // come to about 4.4 MB of results: far over one 1 MiB message. (The
+    // coordinator sizes its bundles so this does not happen; a worker must
+    // cope anyway.)
+    let dims = MatmulDims::new(64, 8, 200);
+    let mut wants = std::collections::HashMap::new();
+    let jobs: Vec<JobMessage> = (0..64)
+        .map(|i| {
+            let mut r = rng(700 + i);
+            let a = random_values(&mut r, dims.m * dims.k, Values::Plain);
+            let b = random_values(&mut r, dims.k * dims.n, Values::Plain);
+            wants.insert(
+                format!("s{i}"),
+                tensor_digest_f32(&[dims.m, dims.n], &matmul_spec(&a, &b, dims)),
+            );
+            JobMessage {
+                protocol: PROTOCOL_VERSION,
+                batch: "many".into(),
+                job: format!("s{i}"),
+                replica: 0,
+                attempt: 0,
+                redundancy: 1,
+                contract_version: lockstep_kernels::CONTRACT_VERSION,
+                worker: "splitter".into(),
+                spec: JobSpec::matmul(
+                    TensorRef::inline(vec![dims.m, dims.k], &a),
+                    TensorRef::inline(vec![dims.k, dims.n], &b),
+                ),
+            }
+        })
+        .collect();
+    let bundle = JobBundle {
+        protocol: PROTOCOL_VERSION,
+        batch: "many".into(),
+        id: "big".into(),
+        worker: "splitter".into(),
+        jobs,
+    };
+    nats.js
+        .publish(
+            job_subject("splitter", "many"),
+            serde_json::to_vec(&bundle).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut parts, mut seen) = (0, 0);
+    while seen < 64 {
+        let m = tokio::time::timeout(Duration::from_secs(60), results.next())
+            .await
+            .expect("all results")
+            .unwrap()
+            .unwrap();
+        assert!(m.payload.len() <= nats.max_payload());
+        let r: ResultBundle = serde_json::from_slice(&m.payload).unwrap();
+        parts += 1;
+        for res in r.results {
+            let Outcome::Ok { digest, .. } = res.outcome else {
+                panic!("{}: {:?}", res.job, res.outcome)
+            };
+            assert_eq!(Some(&digest), wants.get(&res.job), "{}", res.job);
+            seen += 1;
+        }
+    }
+    assert!(parts >= 4, "4.4 MB of results in {parts} messages");
+    assert!(procs.is_running("splitter"));
+}
