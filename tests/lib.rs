@@ -258,6 +258,24 @@ impl std::ops::DerefMut for Procs {
     }
 }
 
+/// Every result message published on `filter` from now on (an ordered
+/// consumer on the results stream), for tests that talk to workers directly.
+pub async fn watch_results(
+    nats: &lockstep::nats::Nats,
+    filter: &str,
+) -> async_nats::jetstream::consumer::pull::Ordered {
+    nats.results
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a results consumer")
+        .messages()
+        .await
+        .expect("results")
+}
+
 /// `n` small matmul jobs of varied shapes (K across the 256 boundary).
 pub fn small_jobs(n: usize, seed: u64) -> Vec<lockstep::batch::BatchJob> {
     let mut r = rng(seed);

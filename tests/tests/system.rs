@@ -292,15 +292,7 @@ async fn malformed_and_oversized_messages_get_error_results() {
     );
     let nats = lockstep::nats::connect(&server.url()).await.unwrap();
     wait_workers(&nats, &["tough"]).await;
-    let results = nats
-        .results
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: "lockstep.result.>".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut results = results.messages().await.unwrap();
+    let mut results = lockstep_tests::watch_results(&nats, "lockstep.result.>").await;
     let subject = job_subject("tough", "bad");
     let job = |id: &str, a: TensorRef, b: TensorRef| {
         serde_json::to_vec(&JobMessage {
@@ -517,17 +509,7 @@ async fn a_bad_job_in_a_bundle_fails_alone() {
     procs.worker(&server.url(), "bundled", "cpu", &[]);
     let nats = lockstep::nats::connect(&server.url()).await.unwrap();
     wait_workers(&nats, &["bundled"]).await;
-    let mut results = nats
-        .results
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: result_subject("bun"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
+    let mut results = lockstep_tests::watch_results(&nats, &result_subject("bun")).await;
     let a = TensorRef::inline(vec![1, 2], &[1.0, 2.0]);
     let b = TensorRef::inline(vec![2, 1], &[3.0, 4.0]);
     let job = |id: &str| JobMessage {

@@ -263,17 +263,7 @@ async fn a_worker_splits_a_result_bundle_of_several_mib() {
     lockstep::nats::wait_for_workers(&nats, &["splitter"], Duration::from_secs(120))
         .await
         .unwrap();
-    let mut results = nats
-        .results
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-            filter_subject: result_subject("many"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
+    let mut results = lockstep_tests::watch_results(&nats, &result_subject("many")).await;
     // One bundle of 64 jobs whose outputs (64×200 f32, 51 KB each, inline)
     // come to about 4.4 MB of results: far over one 1 MiB message. (The
     // coordinator sizes its bundles so this does not happen; a worker must
