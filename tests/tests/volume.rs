@@ -332,3 +332,43 @@ async fn a_worker_splits_a_result_bundle_of_several_mib() {
     assert!(parts >= 4, "4.4 MB of results in {parts} messages");
     assert!(procs.is_running("splitter"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_batch_runs_again_and_named_objects_survive_the_clean_up() {
+    let Some(server) = lockstep_tests::nats_server() else {
+        return;
+    };
+    // A tensor already in the object store, named by the batch (shared
+    // weights, say): the batch's clean-up must leave it there.
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let w = random_values(&mut rng(900), 140 * 130, Values::Plain);
+    let wd = tensor_digest_f32(&[140, 130], &w);
+    lockstep::nats::put_blob(&nats, &wd, &w).await.unwrap();
+    let jobs = || {
+        (0..3)
+            .map(|i| {
+                let (j, _) = job(&format!("w{i}"), MatmulDims::new(130, 140, 130), 910 + i);
+                let a = j.inputs[0].clone();
+                BatchJob::matmul(
+                    j.id,
+                    a,
+                    Tensor::Object {
+                        shape: vec![140, 130],
+                        digest: wd,
+                    },
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // The same batch twice in a row: the first run is purged, and the second
+    // must not be taken for a duplicate of it (same batch id, same jobs).
+    for run in 0..2 {
+        let (report, _out, nats) = submit_on_two_workers(&server, "again", jobs(), |_| {}).await;
+        assert_eq!(report.verified, 3, "run {run}: {report:#?}");
+        assert!(report.purged.is_some(), "run {run}");
+        assert!(
+            lockstep::nats::blob_exists(&nats, &wd).await,
+            "run {run}: the named object was deleted"
+        );
+    }
+}

@@ -100,10 +100,19 @@ impl BatchJob {
 /// Parses a whole batch file; any bad line is an error naming the line, and
 /// nothing is dispatched.
 pub fn parse_batch(path: &Path) -> Result<Vec<BatchJob>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read batch file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read batch file {}",
+            shorten(&path.display().to_string(), 120)
+        )
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse_batch_str(&text, base).with_context(|| format!("in batch file {}", path.display()))
+    parse_batch_str(&text, base).with_context(|| {
+        format!(
+            "in batch file {}",
+            shorten(&path.display().to_string(), 120)
+        )
+    })
 }
 
 pub fn parse_batch_str(text: &str, base: &Path) -> Result<Vec<BatchJob>> {
@@ -137,7 +146,7 @@ fn parse_op(name: &str, params: Option<serde_json::Value>) -> Result<Op> {
     }
     let params = params.unwrap_or_else(|| serde_json::json!({}));
     serde_json::from_value(serde_json::json!({"op": name, "params": params}))
-        .with_context(|| format!("bad params for {name}"))
+        .map_err(|e| anyhow::anyhow!("bad params for {name}: {}", shorten(&e.to_string(), 160)))
 }
 
 fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {

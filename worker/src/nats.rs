@@ -69,7 +69,10 @@ pub async fn connect_with(url: &str, limits: &StoreLimits) -> Result<Nats> {
             limits.jobs,
         ))
         .await
-        .context("cannot create the jobs stream (is JetStream enabled? nats-server -js)")?;
+        .context(
+            "cannot create the jobs stream (is JetStream enabled, nats-server -js? \
+             if the server lacks storage for the limits, lower them with LOCKSTEP_STORE_LIMITS)",
+        )?;
     let results = js
         .get_or_create_stream(stream_config(
             RESULTS_STREAM,
@@ -96,6 +99,7 @@ pub async fn connect_with(url: &str, limits: &StoreLimits) -> Result<Nats> {
             .await
             .context("cannot create the blob object store")?,
     };
+    crate::store::adopt_limits(&js, limits).await?;
     let blobs_stream = js
         .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
         .await
@@ -178,13 +182,13 @@ pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<
     // Read chunk by chunk with direct gets: the object store's own `get`
     // creates a consumer per read, and at thousands of reads a second those
     // hit the server's consumer limit before they expire.
-    let info = nats
-        .blobs
-        .info(digest.to_hex())
-        .await
-        .ok()
-        .filter(|i| !i.deleted)
-        .with_context(|| format!("object {digest} is not in the object store"))?;
+    use object_store::InfoErrorKind;
+    let info = match nats.blobs.info(digest.to_hex()).await {
+        Ok(i) if !i.deleted => i,
+        Ok(_) => anyhow::bail!(BlobMissing(*digest)),
+        Err(e) if e.kind() == InfoErrorKind::NotFound => anyhow::bail!(BlobMissing(*digest)),
+        Err(e) => anyhow::bail!("cannot look up object {digest}: {e}"),
+    };
     let subject = format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid);
     let mut buf = Vec::with_capacity(info.size);
     let mut seq = 0;
@@ -206,6 +210,17 @@ pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<
     Ok(buf)
 }
 
+/// The error of [`get_blob`] when the blob is not in the store.
+#[derive(Debug, thiserror::Error)]
+#[error("object {0} is not in the object store")]
+pub struct BlobMissing(pub lockstep_kernels::Digest);
+
+/// Whether an error of [`get_blob`] means the blob is absent (rather than
+/// the store failing).
+pub fn blob_missing(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<BlobMissing>().is_some()
+}
+
 /// Whether the object store holds this blob (an object deleted by a
 /// finished batch leaves a marker that `info` still returns).
 pub async fn blob_exists(nats: &Nats, digest: &lockstep_kernels::Digest) -> bool {
@@ -225,22 +240,54 @@ pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f3
     if blob_exists(nats, digest).await {
         return Ok(());
     }
+    use async_nats::jetstream::kv::CreateErrorKind;
     let lock = format!("{}._put", digest.to_hex());
+    let stamp = || bytes::Bytes::from(now_ms().to_string());
     let t = std::time::Instant::now();
-    while nats.refs.create(&lock, bytes::Bytes::new()).await.is_err() {
-        // Someone else is storing it (or died doing so: after 10 s, store it
-        // anyway; the later put replaces the earlier one whole).
+    loop {
+        let held = match nats.refs.create(&lock, stamp()).await {
+            Ok(revision) => Some(revision),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => None,
+            Err(e) => anyhow::bail!("cannot lock object {digest} to store it: {e}"),
+        };
+        if let Some(revision) = held {
+            let stored = store_blob(nats, digest, data).await;
+            release_lock(nats, &lock, revision).await;
+            return stored;
+        }
+        // Someone else is storing it: wait for the object.
         if blob_exists(nats, digest).await {
             return Ok(());
         }
-        if t.elapsed() > Duration::from_secs(10) {
-            drop_ref_key(nats, &lock).await;
+        // A lock older than a minute belongs to a writer that died: take it
+        // over (only if nobody else just did: the update names the revision).
+        if let Ok(Some(entry)) = nats.refs.entry(&lock).await {
+            let since: u64 = std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if now_ms().saturating_sub(since) > 60_000 {
+                if let Ok(revision) = nats.refs.update(&lock, stamp(), entry.revision).await {
+                    let stored = store_blob(nats, digest, data).await;
+                    release_lock(nats, &lock, revision).await;
+                    return stored;
+                }
+            }
+        }
+        if t.elapsed() > Duration::from_secs(180) {
+            anyhow::bail!("object {digest}: another writer has held its lock for 3 minutes");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let stored = store_blob(nats, digest, data).await;
-    drop_ref_key(nats, &lock).await;
-    stored
+}
+
+/// Drops a blob lock if it is still the one taken (at `revision`).
+async fn release_lock(nats: &Nats, lock: &str, revision: u64) {
+    if let Ok(Some(entry)) = nats.refs.entry(lock).await {
+        if entry.revision == revision {
+            drop_ref_key(nats, lock).await;
+        }
+    }
 }
 
 /// Removes a key of the references bucket without a trace (a KV delete would

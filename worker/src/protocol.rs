@@ -81,6 +81,23 @@ pub fn shorten(text: &str, max: usize) -> String {
     }
 }
 
+/// A message id from parts taken from messages: the parts joined by `.`
+/// when each is a valid token, else a hash of them (a header must never
+/// carry what a sender put in a field).
+pub fn message_id(parts: &[&str]) -> String {
+    if parts.iter().all(|p| valid_token(p)) {
+        parts.join(".")
+    } else {
+        use sha3::Digest as _;
+        let mut h = sha3::Sha3_256::new();
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p.as_bytes());
+        }
+        format!("h-{}", hex::encode(&h.finalize()[..16]))
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -163,21 +163,40 @@ pub(crate) fn stream_names() -> [(&'static str, String); 7] {
 /// Sets these limits on every existing store (the coordinator does this
 /// when given `--store-limits`; stores are created with them in any case).
 pub async fn apply_limits(nats: &Nats, limits: &StoreLimits) -> Result<()> {
+    set_limits(&nats.js, limits, false).await
+}
+
+/// Sets limits on the stores that have none at all (created by an older
+/// lockstep, which set none), leaving deliberate settings alone.
+pub(crate) async fn adopt_limits(
+    js: &async_nats::jetstream::Context,
+    limits: &StoreLimits,
+) -> Result<()> {
+    set_limits(js, limits, true).await
+}
+
+async fn set_limits(
+    js: &async_nats::jetstream::Context,
+    limits: &StoreLimits,
+    only_unlimited: bool,
+) -> Result<()> {
     let mut limits = limits.clone();
     for (name, stream) in stream_names() {
         let limit = *limits.get_mut(name).expect("every store has a limit");
-        let mut s = nats
-            .js
+        let mut s = js
             .get_stream(&stream)
             .await
             .with_context(|| format!("no stream {stream}"))?;
         let mut config = s.info().await?.config.clone();
+        let unlimited = config.max_bytes <= 0 && config.max_age.is_zero();
+        if only_unlimited && !unlimited {
+            continue;
+        }
         if config.max_bytes != limit.max_bytes || config.max_age != limit.max_age {
             config.max_bytes = limit.max_bytes;
             config.max_age = limit.max_age;
             config.discard = async_nats::jetstream::stream::DiscardPolicy::New;
-            nats.js
-                .update_stream(config)
+            js.update_stream(config)
                 .await
                 .with_context(|| format!("cannot set the limits of {stream}"))?;
             tracing::info!(
@@ -240,12 +259,14 @@ pub async fn add_ref(nats: &Nats, digest: &lockstep_kernels::Digest, batch: &str
 }
 
 /// Everything a finished batch leaves behind, removed: its results, its
-/// plan entries, replicas still queued for workers, its blob references,
-/// and every blob among `digests` that no other batch references.
+/// plan entries, replicas still queued for workers, its references to the
+/// `referenced` blobs, and every blob among `deletable` that no other batch
+/// references.
 pub async fn purge_batch(
     nats: &Nats,
     batch: &str,
-    digests: &std::collections::BTreeSet<lockstep_kernels::Digest>,
+    referenced: &std::collections::BTreeSet<lockstep_kernels::Digest>,
+    deletable: &std::collections::BTreeSet<lockstep_kernels::Digest>,
 ) -> Result<PurgeReport> {
     let results = nats
         .results
@@ -275,11 +296,13 @@ pub async fn purge_batch(
         blobs: 0,
     };
     let refs = nats.js.get_stream(format!("KV_{BLOB_REFS_BUCKET}")).await?;
-    for d in digests {
+    for d in referenced.union(deletable) {
         refs.purge()
             .filter(format!("$KV.{BLOB_REFS_BUCKET}.{}", ref_key(d, batch)))
             .await
             .context("cannot drop a blob reference")?;
+    }
+    for d in deletable {
         let others = refs
             .clone()
             .info_with_subjects(format!("$KV.{BLOB_REFS_BUCKET}.{}.>", d.to_hex()))

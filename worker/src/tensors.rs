@@ -47,7 +47,7 @@ pub type ShapedF32 = (Vec<usize>, Vec<f32>);
 /// Reads the named F32 tensors (any rank) from one safetensors file, in
 /// order.
 pub fn read_f32_tensors(path: &Path, names: &[&str]) -> Result<Vec<ShapedF32>, TensorFileError> {
-    let p = path.display().to_string();
+    let p = shown(path);
     let bytes = std::fs::read(path).map_err(|e| TensorFileError::Read {
         path: p.clone(),
         cause: e.to_string(),
@@ -114,14 +114,26 @@ fn f32_tensor(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<ShapedF32,
         let mut names: Vec<_> = st.names().into_iter().map(quote).collect();
         names.sort();
         let count = names.len();
-        names.truncate(8);
+        // As many names as fit in about 120 characters.
+        let mut found = String::new();
+        let mut shown = 0;
+        for n in &names {
+            if !found.is_empty() && found.len() + n.len() > 120 {
+                break;
+            }
+            if !found.is_empty() {
+                found.push_str(", ");
+            }
+            found.push_str(n);
+            shown += 1;
+        }
         TensorFileError::Missing {
             path: path.into(),
             name: name.into(),
             found: match count {
                 0 => "nothing".into(),
-                n if n > 8 => format!("{}, … ({n} in all)", names.join(", ")),
-                _ => names.join(", "),
+                n if n > shown => format!("{found}, … ({n} in all)"),
+                _ => found,
             },
         }
     })?;
@@ -139,9 +151,21 @@ fn f32_tensor(st: &SafeTensors<'_>, path: &str, name: &str) -> Result<ShapedF32,
     ))
 }
 
+/// A path for a message: at most 120 characters (its end, which names the
+/// file, is kept).
+fn shown(path: &Path) -> String {
+    let p = path.display().to_string();
+    let n = p.chars().count();
+    if n > 120 {
+        format!("…{}", p.chars().skip(n - 119).collect::<String>())
+    } else {
+        p
+    }
+}
+
 /// Writes f32 tensors to a safetensors file.
 pub fn write_f32(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<(), TensorFileError> {
-    let p = path.display().to_string();
+    let p = shown(path);
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, data)| crate::protocol::f32_bytes(data))

@@ -98,6 +98,9 @@ struct JobState {
     retry: HashSet<usize>,
     /// What the system failures were, in order.
     system_failures: Vec<String>,
+    /// Inputs this batch put in the object store itself (its clean-up may
+    /// delete them; objects the batch file named are only dereferenced).
+    uploaded: Vec<lockstep_kernels::Digest>,
     decided: Option<JobReport>,
     dispatched: Option<Instant>,
 }
@@ -159,6 +162,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         live_at: Instant::now() - Duration::from_secs(60),
         waiting_note: false,
         full_at: Instant::now(),
+        last_result: Instant::now(),
         abort: None,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -174,7 +178,10 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                     tracing::warn!("reading results: {e}; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Some(Ok(m)) => run.on_results(&m.payload).await?,
+                Some(Ok(m)) => {
+                    run.last_result = Instant::now();
+                    run.on_results(&m.payload).await?
+                }
             },
             _ = tick.tick() => run.on_tick().await,
         }
@@ -209,8 +216,13 @@ async fn load_jobs(
     let mut state = BTreeMap::new();
     for j in jobs {
         let mut inputs = Vec::with_capacity(j.inputs.len());
+        let mut uploaded = Vec::new();
         for t in &j.inputs {
-            inputs.push(plan::to_ref(nats, batch, t).await?);
+            let r = plan::to_ref(nats, batch, t).await?;
+            if let (crate::batch::Tensor::Data { .. }, Some(d)) = (t, r.object) {
+                uploaded.push(d);
+            }
+            inputs.push(r);
         }
         let spec = JobSpec { op: j.op, inputs };
         let shapes = spec
@@ -228,6 +240,7 @@ async fn load_jobs(
                 excluded: HashSet::new(),
                 retry: HashSet::new(),
                 system_failures: Vec::new(),
+                uploaded,
                 decided: None,
                 dispatched: None,
             },
@@ -255,6 +268,8 @@ struct Run<'a> {
     waiting_note: bool,
     /// When the stores were last checked for room.
     full_at: Instant,
+    /// When the last result message arrived.
+    last_result: Instant,
     /// Why the batch cannot go on (a store is full): its undecided jobs fail
     /// with this reason.
     abort: Option<String>,
@@ -337,10 +352,14 @@ impl Run<'_> {
         self.bar.set_message(report::summary_line(&self.verdicts));
     }
 
-    /// Results can only arrive while their stream has room: when it is full,
-    /// the batch fails with a message that says so, rather than waiting for
-    /// results the server would refuse.
+    /// Results can only arrive while their stream has room: when it is full
+    /// and nothing has arrived for 5 s (every stored result read), the batch
+    /// stops with a message that says so, rather than waiting for results
+    /// the server would refuse.
     async fn check_room(&mut self) {
+        if self.last_result.elapsed() < Duration::from_secs(5) {
+            return;
+        }
         if let Some((bytes, max)) = crate::store::full(self.nats, RESULTS_STREAM).await {
             self.abort = Some(format!(
                 "the results stream {RESULTS_STREAM} is full ({bytes} of {max} bytes): results cannot be stored; raise its limit (--store-limits results.bytes=…) or purge old batches"
@@ -368,11 +387,17 @@ impl Run<'_> {
         .await
         .unwrap_or_else(|e| {
             let text = format!("{e:#}");
-            if crate::store::is_store_full(&text) {
+            if crate::store::is_store_full(&text) && text.contains("assignment") {
                 self.abort = Some(format!(
-                    "cannot dispatch: a store is full ({}); raise its limit with --store-limits or purge old batches",
+                    "cannot dispatch: the plan store is full ({}); raise its limit (--store-limits plans.bytes=…) or purge old batches",
                     shorten(&text, 160)
                 ));
+            } else if crate::store::is_store_full(&text) {
+                // The jobs stream is full: replicas wait there for their
+                // workers, and make room as workers take them.
+                tracing::debug!("the jobs stream is full; dispatch waits for room");
+                self.bar
+                    .set_message("jobs stream full: waiting for workers to make room");
             } else {
                 tracing::warn!("dispatch failed, will retry: {text}");
             }

@@ -194,9 +194,18 @@ pub(super) async fn send_bundle(nats: &Nats, batch: &str, replicas: Vec<NewRepli
     use sha3::Digest as _;
     let worker = replicas[0].assignment.worker.clone();
     let mut h = sha3::Sha3_256::new();
+    // The assignment time makes the id new for every run: a batch submitted
+    // again after it was purged must not collide with its earlier bundles in
+    // the jobs stream's duplicate window.
     for r in &replicas {
         let a = &r.assignment;
-        h.update(format!("{}.{}.{}.{}\n", r.job, r.replica, a.attempt, a.worker).as_bytes());
+        h.update(
+            format!(
+                "{}.{}.{}.{}.{}\n",
+                r.job, r.replica, a.attempt, a.worker, a.assigned_ms
+            )
+            .as_bytes(),
+        );
     }
     let bundle_id = hex::encode(&h.finalize()[..8]);
     let entries: Vec<PlanEntry> = replicas

@@ -1,7 +1,7 @@
 //! What a batch comes to: the report (written as report.json), the verdict
 //! table `submit` and `demo` print, and the accepted outputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -113,13 +113,18 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
         t_start,
     } = f;
     let mut reports = Vec::new();
-    let mut digests = std::collections::BTreeSet::new();
+    // Blobs the batch references, and those of them it may delete: inputs it
+    // uploaded and outputs, never objects the batch file named.
+    let (mut referenced, mut deletable) = (BTreeSet::new(), BTreeSet::new());
     for id in order {
         let js = state.remove(id).expect("every job has a state");
-        digests.extend(js.spec.inputs.iter().filter_map(|t| t.object));
+        referenced.extend(js.spec.inputs.iter().filter_map(|t| t.object));
+        deletable.extend(js.uploaded.iter().copied());
         for res in js.results.values() {
             if let Outcome::Ok { outputs, .. } = &res.outcome {
-                digests.extend(outputs.iter().filter_map(|t| t.object));
+                let outs = outputs.iter().filter_map(|t| t.object);
+                referenced.extend(outs.clone());
+                deletable.extend(outs);
             }
         }
         reports.push(js.decided.clone().unwrap_or_else(|| match &abort {
@@ -156,8 +161,19 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
         purged: None,
     };
     let mut report = report;
-    if !opts.keep_batch && report.unresolved == 0 {
-        match crate::store::purge_batch(nats, &report.batch, &digests).await {
+    let write = |report: &Report| -> Result<()> {
+        if let Some(dir) = &opts.out_dir {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(report)?)?;
+        }
+        Ok(())
+    };
+    write(&report)?;
+    // Only a batch that is done is purged: not one left unresolved (to be
+    // resumed) nor one stopped early (its results are kept, for a look and
+    // for a resume once the store has room).
+    if !opts.keep_batch && report.unresolved == 0 && report.stopped.is_none() {
+        match crate::store::purge_batch(nats, &report.batch, &referenced, &deletable).await {
             Ok(p) => {
                 tracing::info!(
                     results = p.results,
@@ -167,13 +183,10 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
                     "purged the batch from the server"
                 );
                 report.purged = Some(p);
+                write(&report)?;
             }
             Err(e) => tracing::warn!("could not purge the batch from the server: {e:#}"),
         }
-    }
-    if let Some(dir) = &opts.out_dir {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(report)
 }

@@ -32,7 +32,16 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
         Ok(b) => b,
         Err(_) => crate::nats::get_blob(&ctx.nats, &digest)
             .await
-            .map_err(|e| job_err(ErrorCode::MissingBlob, format!("input {e:#}")))?,
+            .map_err(|e| {
+                // Absent: the job names a blob nobody stored (its fault). Any
+                // other failure to read it is the system's.
+                let code = if crate::nats::blob_missing(&e) {
+                    ErrorCode::MissingBlob
+                } else {
+                    ErrorCode::Unpublishable
+                };
+                job_err(code, format!("input {}", shorten(&format!("{e:#}"), 200)))
+            })?,
     };
     let data = decode_blob(&t.shape, &digest, &bytes).map_err(|e| {
         let _ = std::fs::remove_file(&cached);
@@ -48,15 +57,27 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
     Ok(data)
 }
 
-/// Stores an output in the object store. A failure there (a full store, a
-/// server going away) is the system's, not this worker's.
-pub(super) async fn put_blob(ctx: &Ctx, digest: &Digest, data: &[f32]) -> Result<(), JobError> {
-    crate::nats::put_blob(&ctx.nats, digest, data)
-        .await
-        .map_err(|e| {
-            job_err(
-                ErrorCode::Unpublishable,
-                format!("cannot store an output: {e:#}"),
-            )
-        })
+/// Stores an output of `batch` in the object store, after recording that the
+/// batch references it (so no other batch's clean-up deletes it). A failure
+/// there (a full store, a server going away) is the system's, not this
+/// worker's.
+pub(super) async fn put_blob(
+    ctx: &Ctx,
+    batch: &str,
+    digest: &Digest,
+    data: &[f32],
+) -> Result<(), JobError> {
+    let stored = async {
+        crate::store::add_ref(&ctx.nats, digest, batch).await?;
+        crate::nats::put_blob(&ctx.nats, digest, data).await
+    };
+    stored.await.map_err(|e| {
+        job_err(
+            ErrorCode::Unpublishable,
+            format!(
+                "cannot store an output: {}",
+                shorten(&format!("{e:#}"), 200)
+            ),
+        )
+    })
 }

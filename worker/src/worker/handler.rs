@@ -42,7 +42,20 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
     // The server's count restarts when a restarted worker takes its messages
     // back; the worker's own count does not.
     let delivered = server_count.max(ctx.inflight.start(seq));
-    if handle_counted(ctx, &msg, delivered).await {
+    // However long the bundle takes (fetching, computing, storing, the
+    // publish retries), tell the server every 10 s that it is in hand, so
+    // it is not redelivered to this worker meanwhile.
+    let work = handle_counted(ctx, &msg, delivered);
+    tokio::pin!(work);
+    let mut progress = tokio::time::interval(Duration::from_secs(10));
+    progress.tick().await;
+    let answered = loop {
+        tokio::select! {
+            answered = &mut work => break answered,
+            _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
+        }
+    };
+    if answered {
         ctx.inflight.done(seq);
     }
 }
@@ -53,7 +66,7 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
         // Several replicas in one message: compute each, answer together.
         let mut results = Vec::with_capacity(bundle.jobs.len());
         for value in bundle.jobs {
-            results.push(answer_one(ctx, msg, delivered, Some(value)).await);
+            results.push(answer_one(ctx, delivered, Some(value)).await);
         }
         let subject = if valid_token(&bundle.batch) {
             result_subject(&bundle.batch)
@@ -62,14 +75,14 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
         };
         let answer = Answer {
             subject,
-            id: format!("{}.{}.{}", bundle.batch, bundle.id, ctx.opts.name),
+            id: message_id(&[&bundle.batch, &bundle.id, &ctx.opts.name]),
             batch: bundle.batch,
             bundled: true,
         };
         return publish_then_ack(ctx, msg, answer, results).await;
     }
     let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
-    let result = answer_one(ctx, msg, delivered, value).await;
+    let result = answer_one(ctx, delivered, value).await;
     let subject = if valid_token(&result.batch) {
         result_subject(&result.batch)
     } else {
@@ -77,10 +90,13 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
     };
     let answer = Answer {
         subject,
-        id: format!(
-            "{}.{}.{}.{}.{}",
-            result.batch, result.job, result.replica, result.attempt, ctx.opts.name
-        ),
+        id: message_id(&[
+            &result.batch,
+            &result.job,
+            &result.replica.to_string(),
+            &result.attempt.to_string(),
+            &ctx.opts.name,
+        ]),
         batch: result.batch.clone(),
         bundled: false,
     };
@@ -88,12 +104,7 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
 }
 
 /// The result for one job message (`None`: not even JSON).
-async fn answer_one(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    delivered: i64,
-    value: Option<serde_json::Value>,
-) -> ResultMessage {
+async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<serde_json::Value>) -> ResultMessage {
     let t0 = Instant::now();
     let parsed = match &value {
         Some(v) => serde_json::from_value::<JobMessage>(v.clone()).map_err(|e| e.to_string()),
@@ -102,7 +113,7 @@ async fn answer_one(
     let (mut result, outcome) = match parsed {
         Ok(job) => {
             let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
-            let outcome = job_outcome(ctx, msg, &job, delivered, &mut result.timings).await;
+            let outcome = job_outcome(ctx, &job, delivered, &mut result.timings).await;
             (result, outcome)
         }
         Err(e) => unreadable(ctx, value.as_ref(), e),
@@ -144,7 +155,6 @@ fn unreadable(
 
 async fn job_outcome(
     ctx: &Ctx,
-    msg: &jetstream::Message,
     job: &JobMessage,
     delivered: i64,
     timings: &mut Timings,
@@ -155,7 +165,7 @@ async fn job_outcome(
             format!("delivered {delivered} times without completing; giving up"),
         ));
     }
-    execute(ctx, msg, job, timings).await
+    execute(ctx, job, timings).await
 }
 
 fn finish(ctx: &Ctx, result: &mut ResultMessage, outcome: Result<Outcome, JobError>, t0: Instant) {
@@ -173,11 +183,20 @@ fn finish(ctx: &Ctx, result: &mut ResultMessage, outcome: Result<Outcome, JobErr
     result.timings.total_ms = t0.elapsed().as_secs_f64() * 1e3;
 }
 
+/// A result for a job, its outcome still to fill in. Ids that are not valid
+/// tokens are not echoed (such a job is answered `bad_message`, unroutable).
 fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -> ResultMessage {
+    let token = |s: &str| {
+        if valid_token(s) {
+            s.to_string()
+        } else {
+            String::new()
+        }
+    };
     ResultMessage {
         protocol: PROTOCOL_VERSION,
-        batch: batch.into(),
-        job: job.into(),
+        batch: token(batch),
+        job: token(job),
         replica,
         attempt,
         worker: ctx.opts.name.clone(),
@@ -193,12 +212,7 @@ fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -
     }
 }
 
-async fn execute(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    job: &JobMessage,
-    timings: &mut Timings,
-) -> Result<Outcome, JobError> {
+async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<Outcome, JobError> {
     if job.protocol != PROTOCOL_VERSION {
         return Err(job_err(
             ErrorCode::BadMessage,
@@ -277,17 +291,8 @@ async fn execute(
         // Tiny jobs: a thread hop would cost more than the arithmetic.
         run()
     } else {
-        let mut compute = tokio::task::spawn_blocking(run);
-        // Long jobs: tell the server we are alive so the job is not redelivered.
-        let mut progress = tokio::time::interval(Duration::from_secs(10));
-        progress.tick().await;
-        loop {
-            tokio::select! {
-                r = &mut compute => break r,
-                _ = progress.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
-            }
-        }
-        .unwrap_or_else(|e| {
+        // (`handle` keeps the message alive with progress acks meanwhile.)
+        tokio::task::spawn_blocking(run).await.unwrap_or_else(|e| {
             Err(lockstep_kernels::Error::device(format!(
                 "backend task failed: {e}"
             )))
@@ -305,7 +310,7 @@ async fn execute(
         refs.push(if t.data.len() * 4 <= inline {
             TensorRef::inline(t.shape.clone(), &t.data)
         } else {
-            put_blob(ctx, digest, &t.data).await?;
+            put_blob(ctx, &job.batch, digest, &t.data).await?;
             TensorRef::object(t.shape.clone(), *digest)
         });
     }

@@ -159,6 +159,7 @@ pub async fn run(
             registry::publish_record(ctx.clone(), infos.clone(), started, state)
         }
     };
+    ensure_name_is_free(&nats, &opts.name, opts.heartbeat).await?;
     let consumer = take_over_consumer(&nats, &opts.name).await?;
     put_record(WorkerState::Up).await;
     // Heartbeats run on their own task, so a worker waiting for jobs (or busy
@@ -182,7 +183,15 @@ pub async fn run(
     tracing::info!(worker = %opts.name, backend = %ctx.info.kind, device = %ctx.info.device, "worker up");
 
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let mut messages = consumer.messages().await.context("cannot pull jobs")?;
+    // Pull no more than can be worked on: a message waiting in a buffer has
+    // its ack timer running.
+    let pull = || {
+        consumer
+            .stream()
+            .max_messages_per_batch(opts.concurrency.max(1))
+            .messages()
+    };
+    let mut messages = pull().await.context("cannot pull jobs")?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -208,7 +217,7 @@ pub async fn run(
                     None => {
                         tracing::warn!("job stream ended; reconnecting");
                         tokio::time::sleep(Duration::from_millis(500)).await;
-                        messages = consumer.messages().await.context("cannot pull jobs")?;
+                        messages = pull().await.context("cannot pull jobs")?;
                     }
                 }
             }
@@ -232,6 +241,40 @@ pub async fn run(
     put_record(WorkerState::Stopped).await;
     ctx.nats.client.flush().await.ok();
     tracing::info!(done = ctx.done.load(Ordering::Relaxed), "worker stopped");
+    Ok(())
+}
+
+/// Refuses to start under a name a live worker is using: its record is up
+/// or draining and its heartbeat still advances. (A record left by a worker
+/// that was killed stops advancing; then this one takes over.)
+async fn ensure_name_is_free(nats: &Nats, name: &str, heartbeat: Duration) -> Result<()> {
+    let read = || async {
+        nats.workers
+            .get(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice::<WorkerRecord>(&v).ok())
+    };
+    let Some(first) = read().await else {
+        return Ok(());
+    };
+    let fresh = now_ms().saturating_sub(first.heartbeat_ms) < 10_000;
+    if first.state == WorkerState::Stopped || !fresh {
+        return Ok(());
+    }
+    // It may have died a moment ago: watch for a heartbeat (theirs come at
+    // their own period; wait for two of ours, and at least 2.5 s).
+    tokio::time::sleep((heartbeat * 2).max(Duration::from_millis(2500))).await;
+    if let Some(second) = read().await {
+        if second.heartbeat_ms != first.heartbeat_ms && second.state != WorkerState::Stopped {
+            bail!(
+                "a live worker named {} is already running (heartbeat {} ms ago); choose another --name",
+                quote(name),
+                now_ms().saturating_sub(second.heartbeat_ms)
+            );
+        }
+    }
     Ok(())
 }
 

@@ -79,7 +79,9 @@ async fn fit(ctx: &Ctx, result: &mut ResultMessage, limit: usize) {
             let Some(b64) = &t.inline else { continue };
             let Ok(data) = decode_f32(b64) else { continue };
             let digest = TensorRef::digest_of(&t.shape, &data);
-            if let Err(super::handler::JobError(_, e)) = put_blob(ctx, &digest, &data).await {
+            if let Err(super::handler::JobError(_, e)) =
+                put_blob(ctx, &result.batch, &digest, &data).await
+            {
                 tracing::warn!("cannot move an output to the object store: {e}");
                 continue;
             }
@@ -149,9 +151,16 @@ pub(super) async fn publish_then_ack(
         results.into_iter().map(|r| vec![r]).collect()
     };
     let many = parts.len() > 1;
-    for (i, mut part) in parts.into_iter().enumerate() {
+    for mut part in parts {
+        // A part is named by what it holds, so a redelivered bundle that
+        // splits differently publishes new parts rather than duplicates.
         let id = if many {
-            format!("{}.p{i}", answer.id)
+            use sha3::Digest as _;
+            let mut h = sha3::Sha3_256::new();
+            for r in &part {
+                h.update(format!("{}.{}.{}\n", r.job, r.replica, r.attempt).as_bytes());
+            }
+            format!("{}.p{}", answer.id, hex::encode(&h.finalize()[..8]))
         } else {
             answer.id.clone()
         };
