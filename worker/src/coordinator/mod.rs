@@ -301,15 +301,21 @@ impl Run<'_> {
                     // Not the worker's fault: retry the replica (the same
                     // worker may take it), and fail the job only if the
                     // system keeps failing it.
-                    tracing::warn!(job = %res.job, worker = %res.worker, "system failure ({message}); retrying");
-                    js.system_failures
-                        .push(format!("{code:?} on {}: {message}", res.worker));
-                    if let Some(i) = js.assignments.iter().position(|a| {
+                    // Only a failure of a current assignment counts (an
+                    // older attempt's was already dealt with).
+                    let Some(i) = js.assignments.iter().position(|a| {
                         a.as_ref()
                             .is_some_and(|a| a.worker == res.worker && a.attempt == res.attempt)
-                    }) {
-                        js.retry.insert(i);
-                    }
+                    }) else {
+                        continue;
+                    };
+                    tracing::warn!(job = %res.job, worker = %res.worker, "system failure ({message}); retrying");
+                    js.system_failures.push(format!(
+                        "{code:?} on {}: {}",
+                        res.worker,
+                        shorten(message, 200)
+                    ));
+                    js.retry.insert(i);
                     if js.system_failures.len() >= MAX_SYSTEM_FAILURES {
                         let report = verdict::system_failed(&res.job, js);
                         self.decide(&res.job, report);

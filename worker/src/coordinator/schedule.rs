@@ -99,7 +99,7 @@ pub(super) async fn schedule(
                 .filter_map(|(_, a)| a.as_ref())
                 .map(|a| a.worker.as_str())
                 .collect();
-            let candidates: Vec<&WorkerRecord> = live
+            let mut candidates: Vec<&WorkerRecord> = live
                 .iter()
                 .filter(|w| {
                     !js.excluded.contains(&w.id)
@@ -107,6 +107,14 @@ pub(super) async fn schedule(
                         && !js.results.contains_key(&w.id)
                 })
                 .collect();
+            // A system retry goes to another worker when there is one (the
+            // previous one is not excluded: it is not at fault).
+            if system_retry {
+                let previous = js.assignments[replica].as_ref().map(|a| a.worker.clone());
+                if candidates.iter().any(|w| Some(&w.id) != previous.as_ref()) {
+                    candidates.retain(|w| Some(&w.id) != previous.as_ref());
+                }
+            }
             let min_load = candidates
                 .iter()
                 .map(|w| load.get(&w.id).copied().unwrap_or(0))
