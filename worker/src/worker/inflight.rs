@@ -5,7 +5,9 @@
 //!
 //! Taking the messages back means re-creating the worker's consumer, which
 //! resets the server's delivery count; the count kept here (one small file
-//! per stream sequence, under `<cache>/.inflight/<worker>/`) survives that.
+//! per stream sequence, under `<cache>/.inflight/<worker>/<stream>/`, where
+//! `<stream>` names the jobs stream by its creation time, since sequence
+//! numbers start again in a new stream) survives that.
 
 use std::path::PathBuf;
 
@@ -16,8 +18,21 @@ pub(super) struct Inflight {
 }
 
 impl Inflight {
-    pub fn new(cache: &std::path::Path, worker: &str) -> Self {
-        let dir = cache.join(".inflight").join(worker);
+    /// The records of `worker` for the jobs stream identified by `stream`
+    /// (anything that differs between streams, e.g. its creation time).
+    /// Records for other streams (a server since re-created) are removed.
+    pub fn new(cache: &std::path::Path, worker: &str, stream: &str) -> Self {
+        use sha3::Digest as _;
+        let tag = hex::encode(&sha3::Sha3_256::digest(stream.as_bytes())[..8]);
+        let base = cache.join(".inflight").join(worker);
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy() != tag {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = base.join(tag);
         let _ = std::fs::create_dir_all(&dir);
         Self { dir }
     }
@@ -45,15 +60,20 @@ mod tests {
     #[test]
     fn starts_are_counted_across_restarts_until_done() {
         let dir = tempfile::tempdir().unwrap();
-        let a = super::Inflight::new(dir.path(), "w");
+        let a = super::Inflight::new(dir.path(), "w", "s1");
         assert_eq!(a.start(7), 1);
         // A restarted worker (a new Inflight over the same folder) sees the count.
-        let b = super::Inflight::new(dir.path(), "w");
+        let b = super::Inflight::new(dir.path(), "w", "s1");
         assert_eq!(b.start(7), 2);
         assert_eq!(b.start(8), 1);
         b.done(7);
         assert_eq!(b.start(7), 1);
         // Another worker's counts are its own.
-        assert_eq!(super::Inflight::new(dir.path(), "v").start(8), 1);
+        assert_eq!(super::Inflight::new(dir.path(), "v", "s1").start(8), 1);
+        // A new stream (sequence numbers start again) starts from nothing,
+        // and the old stream's records are gone.
+        let c = super::Inflight::new(dir.path(), "w", "s2");
+        assert_eq!(c.start(8), 1);
+        assert_eq!(super::Inflight::new(dir.path(), "w", "s1").start(8), 1);
     }
 }

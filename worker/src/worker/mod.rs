@@ -146,7 +146,11 @@ pub async fn run(
         opts: opts.clone(),
         backend,
         info,
-        inflight: inflight::Inflight::new(&cache, &opts.name),
+        inflight: inflight::Inflight::new(
+            &cache,
+            &opts.name,
+            &format!("{:?}", nats.jobs.cached_info().created),
+        ),
         cache,
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
