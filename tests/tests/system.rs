@@ -624,3 +624,47 @@ async fn a_restarted_worker_takes_its_unfinished_jobs_back_at_once() {
         report.elapsed_s
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_under_a_live_name_is_refused() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(&server.url(), "twin", "cpu", &[]);
+    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    wait_workers(&nats, &["twin"]).await;
+    let tmp = std::env::temp_dir();
+    let out = tokio::process::Command::new(lockstep_bin())
+        .args([
+            "worker",
+            "--nats",
+            &server.url(),
+            "--name",
+            "twin",
+            "--backend",
+            "cpu",
+        ])
+        .args(["--threads", "1", "--heartbeat-ms", "250"])
+        .env("XDG_CACHE_HOME", tmp.join("lockstep-test-cache"))
+        .env("XDG_RUNTIME_DIR", &tmp)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the second worker exits by itself")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("already running") && err.contains("twin"),
+        "{err}"
+    );
+    // The first one was not disturbed.
+    assert!(procs.is_running("twin"));
+    let report = submit(&nats, small_jobs(2, 3), &{
+        let mut o = opts("twin");
+        o.redundancy = 1;
+        o
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.verified, 2, "{report:#?}");
+}
