@@ -244,16 +244,11 @@ pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f3
     let lock = format!("{}._put", digest.to_hex());
     let stamp = || bytes::Bytes::from(now_ms().to_string());
     let t = std::time::Instant::now();
-    loop {
-        let held = match nats.refs.create(&lock, stamp()).await {
-            Ok(revision) => Some(revision),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => None,
+    let revision = loop {
+        match nats.refs.create(&lock, stamp()).await {
+            Ok(revision) => break revision,
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => anyhow::bail!("cannot lock object {digest} to store it: {e}"),
-        };
-        if let Some(revision) = held {
-            let stored = store_blob(nats, digest, data).await;
-            release_lock(nats, &lock, revision).await;
-            return stored;
         }
         // Someone else is storing it: wait for the object.
         if blob_exists(nats, digest).await {
@@ -268,9 +263,7 @@ pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f3
                 .unwrap_or(0);
             if now_ms().saturating_sub(since) > 60_000 {
                 if let Ok(revision) = nats.refs.update(&lock, stamp(), entry.revision).await {
-                    let stored = store_blob(nats, digest, data).await;
-                    release_lock(nats, &lock, revision).await;
-                    return stored;
+                    break revision;
                 }
             }
         }
@@ -278,7 +271,10 @@ pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f3
             anyhow::bail!("object {digest}: another writer has held its lock for 3 minutes");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    let stored = store_blob(nats, digest, data).await;
+    release_lock(nats, &lock, revision).await;
+    stored
 }
 
 /// Drops a blob lock if it is still the one taken (at `revision`).
@@ -293,12 +289,12 @@ async fn release_lock(nats: &Nats, lock: &str, revision: u64) {
 /// Removes a key of the references bucket without a trace (a KV delete would
 /// leave a marker that still counts as a reference).
 pub(crate) async fn drop_ref_key(nats: &Nats, key: &str) {
-    if let Ok(stream) = nats.js.get_stream(format!("KV_{BLOB_REFS_BUCKET}")).await {
-        let _ = stream
-            .purge()
-            .filter(format!("$KV.{BLOB_REFS_BUCKET}.{key}"))
-            .await;
-    }
+    let _ = nats
+        .refs
+        .stream
+        .purge()
+        .filter(format!("$KV.{BLOB_REFS_BUCKET}.{key}"))
+        .await;
 }
 
 async fn store_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]) -> Result<()> {

@@ -222,9 +222,11 @@ pub async fn usage(nats: &Nats) -> Result<Vec<(&'static str, u64)>> {
 
 /// Whether a store is full (within one message of its limit): what it holds,
 /// and what it may hold.
-pub(crate) async fn full(nats: &Nats, stream: &str) -> Option<(u64, i64)> {
-    let mut s = nats.js.get_stream(stream).await.ok()?;
-    let info = s.info().await.ok()?;
+pub(crate) async fn full(
+    nats: &Nats,
+    stream: &async_nats::jetstream::stream::Stream,
+) -> Option<(u64, i64)> {
+    let info = stream.clone().info().await.ok()?.clone();
     let max = info.config.max_bytes;
     let headroom = nats.max_payload() as u64;
     (max > 0 && info.state.bytes + headroom >= max as u64).then_some((info.state.bytes, max))
@@ -275,8 +277,9 @@ pub async fn purge_batch(
         .await
         .context("cannot purge the batch's results")?
         .purged;
-    let assign = nats.js.get_stream(format!("KV_{ASSIGN_BUCKET}")).await?;
-    let plans = assign
+    let plans = nats
+        .assign
+        .stream
         .purge()
         .filter(format!("$KV.{ASSIGN_BUCKET}.{batch}.>"))
         .await
@@ -295,7 +298,7 @@ pub async fn purge_batch(
         jobs,
         blobs: 0,
     };
-    let refs = nats.js.get_stream(format!("KV_{BLOB_REFS_BUCKET}")).await?;
+    let refs = &nats.refs.stream;
     for d in referenced.union(deletable) {
         refs.purge()
             .filter(format!("$KV.{BLOB_REFS_BUCKET}.{}", ref_key(d, batch)))
@@ -325,12 +328,11 @@ pub async fn purge_batch(
 async fn forget_object(nats: &Nats, name: &str) {
     use base64::Engine as _;
     let encoded = base64::engine::general_purpose::URL_SAFE.encode(name);
-    if let Ok(stream) = nats.js.get_stream(format!("OBJ_{BLOBS_BUCKET}")).await {
-        let _ = stream
-            .purge()
-            .filter(format!("$O.{BLOBS_BUCKET}.M.{encoded}"))
-            .await;
-    }
+    let _ = nats
+        .blobs_stream
+        .purge()
+        .filter(format!("$O.{BLOBS_BUCKET}.M.{encoded}"))
+        .await;
 }
 
 /// What [`purge_batch`] removed.

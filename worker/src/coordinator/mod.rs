@@ -366,7 +366,7 @@ impl Run<'_> {
         if self.last_result.elapsed() < Duration::from_secs(5) {
             return;
         }
-        if let Some((bytes, max)) = crate::store::full(self.nats, RESULTS_STREAM).await {
+        if let Some((bytes, max)) = crate::store::full(self.nats, &self.nats.results).await {
             self.abort = Some(format!(
                 "the results stream {RESULTS_STREAM} is full ({bytes} of {max} bytes): results cannot be stored; raise its limit (--store-limits results.bytes=…) or purge old batches"
             ));

@@ -61,13 +61,11 @@ pub(super) async fn resume(
     // one bundle; for a replica, the entry with the highest attempt wins.
     // Only this batch's keys are listed (from the bucket's stream info), so a
     // new batch costs no scan of older batches' plans.
-    let kv_stream = format!("KV_{ASSIGN_BUCKET}");
     let kv_prefix = format!("$KV.{ASSIGN_BUCKET}.");
     let mut subjects = nats
-        .js
-        .get_stream(&kv_stream)
-        .await
-        .context("reading assignments")?
+        .assign
+        .stream
+        .clone()
         .info_with_subjects(format!("{kv_prefix}{batch}.>"))
         .await
         .context("reading assignments")?;
