@@ -25,15 +25,6 @@ pub(super) fn job_err(code: ErrorCode, msg: impl Into<String>) -> JobError {
     JobError(code, msg.into())
 }
 
-/// A job bundle as received: each job is read on its own, so one bad job
-/// (an unknown op, bad params) gets its own error result and the others run.
-#[derive(serde::Deserialize)]
-struct Envelope {
-    batch: String,
-    id: String,
-    jobs: Vec<serde_json::Value>,
-}
-
 pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
     let (seq, server_count) = msg
         .info()
@@ -62,34 +53,31 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
 
 /// Answers one job message; whether it was answered and acked.
 async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> bool {
-    if let Ok(bundle) = serde_json::from_slice::<Envelope>(&msg.payload) {
+    // The message is read once. A job bundle (`batch`, `id`, `jobs`) has
+    // each job read on its own, so one bad job (an unknown op, bad params)
+    // gets its own error result and the others run.
+    let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
+    let bundle = value.as_ref().and_then(|v| {
+        let text = |k: &str| v.get(k).and_then(|s| s.as_str());
+        Some((text("batch")?, text("id")?, v.get("jobs")?.as_array()?))
+    });
+    if let Some((batch, id, jobs)) = bundle {
         // Several replicas in one message: compute each, answer together.
-        let mut results = Vec::with_capacity(bundle.jobs.len());
-        for value in bundle.jobs {
-            results.push(answer_one(ctx, delivered, Some(value)).await);
+        let mut results = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            results.push(answer_one(ctx, delivered, Some(job)).await);
         }
-        let subject = if valid_token(&bundle.batch) {
-            result_subject(&bundle.batch)
-        } else {
-            UNROUTABLE_RESULT_SUBJECT.to_string()
-        };
         let answer = Answer {
-            subject,
-            id: message_id(&[&bundle.batch, &bundle.id, &ctx.opts.name]),
-            batch: bundle.batch,
+            subject: answer_subject(batch),
+            id: message_id(&[batch, id, &ctx.opts.name]),
+            batch: batch.to_string(),
             bundled: true,
         };
         return publish_then_ack(ctx, msg, answer, results).await;
     }
-    let value = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
-    let result = answer_one(ctx, delivered, value).await;
-    let subject = if valid_token(&result.batch) {
-        result_subject(&result.batch)
-    } else {
-        UNROUTABLE_RESULT_SUBJECT.to_string()
-    };
+    let result = answer_one(ctx, delivered, value.as_ref()).await;
     let answer = Answer {
-        subject,
+        subject: answer_subject(&result.batch),
         id: message_id(&[
             &result.batch,
             &result.job,
@@ -103,11 +91,22 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
     publish_then_ack(ctx, msg, answer, vec![result]).await
 }
 
+/// Where the answer for `batch` goes: its results subject, or the
+/// unroutable one when the message named no valid batch.
+fn answer_subject(batch: &str) -> String {
+    if valid_token(batch) {
+        result_subject(batch)
+    } else {
+        UNROUTABLE_RESULT_SUBJECT.to_string()
+    }
+}
+
 /// The result for one job message (`None`: not even JSON).
-async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<serde_json::Value>) -> ResultMessage {
+async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<&serde_json::Value>) -> ResultMessage {
+    use serde::Deserialize as _;
     let t0 = Instant::now();
-    let parsed = match &value {
-        Some(v) => serde_json::from_value::<JobMessage>(v.clone()).map_err(|e| e.to_string()),
+    let parsed = match value {
+        Some(v) => JobMessage::deserialize(v).map_err(|e| e.to_string()),
         None => Err("not JSON".to_string()),
     };
     let (mut result, outcome) = match parsed {
@@ -116,7 +115,7 @@ async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<serde_json::Value>)
             let outcome = job_outcome(ctx, &job, delivered, &mut result.timings).await;
             (result, outcome)
         }
-        Err(e) => unreadable(ctx, value.as_ref(), e),
+        Err(e) => unreadable(ctx, value, e),
     };
     finish(ctx, &mut result, outcome, t0);
     result
@@ -133,9 +132,14 @@ fn unreadable(
     let field = |k: &str| v.and_then(|v| v.get(k));
     let text = |k: &str| field(k).and_then(|b| b.as_str()).map(str::to_string);
     let number = |k: &str| field(k).and_then(|n| n.as_u64()).unwrap_or(0) as u32;
-    let batch = text("batch").filter(|b| valid_token(b)).unwrap_or_default();
-    let job = text("job").filter(|j| valid_token(j)).unwrap_or_default();
-    let result = blank_result(ctx, &batch, &job, number("replica"), number("attempt"));
+    // (`blank_result` keeps only ids that are valid tokens.)
+    let result = blank_result(
+        ctx,
+        &text("batch").unwrap_or_default(),
+        &text("job").unwrap_or_default(),
+        number("replica"),
+        number("attempt"),
+    );
     let outcome = match text("op") {
         Some(k) if !Op::NAMES.contains(&k.as_str()) => Err(job_err(
             ErrorCode::UnknownOp,
