@@ -258,6 +258,46 @@ impl std::ops::DerefMut for Procs {
     }
 }
 
+/// A job message for `worker` as a coordinator would send it: replica 0,
+/// attempt 0, redundancy 1, this protocol and contract.
+pub fn direct_job(
+    worker: &str,
+    batch: &str,
+    id: &str,
+    spec: lockstep::protocol::JobSpec,
+) -> lockstep::protocol::JobMessage {
+    lockstep::protocol::JobMessage {
+        protocol: lockstep::protocol::PROTOCOL_VERSION,
+        batch: batch.into(),
+        job: id.into(),
+        replica: 0,
+        attempt: 0,
+        redundancy: 1,
+        contract_version: lockstep_kernels::CONTRACT_VERSION,
+        worker: worker.into(),
+        spec,
+    }
+}
+
+/// Publishes a raw payload on `worker`'s job subject for `batch` and waits
+/// for the stream to store it.
+pub async fn send_to_worker(
+    nats: &lockstep::nats::Nats,
+    worker: &str,
+    batch: &str,
+    payload: Vec<u8>,
+) {
+    nats.js
+        .publish(
+            lockstep::protocol::job_subject(worker, batch),
+            payload.into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
 /// Every result message published on `filter` from now on (an ordered
 /// consumer on the results stream), for tests that talk to workers directly.
 pub async fn watch_results(

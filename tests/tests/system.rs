@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lockstep::coordinator::{submit, SubmitOptions, Verdict};
 use lockstep::protocol::*;
-use lockstep_tests::{lockstep_bin, nats_server, small_jobs, Procs};
+use lockstep_tests::{direct_job, lockstep_bin, nats_server, send_to_worker, small_jobs, Procs};
 
 fn opts(batch: &str) -> SubmitOptions {
     SubmitOptions {
@@ -314,20 +314,8 @@ async fn malformed_and_oversized_messages_get_error_results() {
     let nats = lockstep::nats::connect(&server.url()).await.unwrap();
     wait_workers(&nats, &["tough"]).await;
     let mut results = lockstep_tests::watch_results(&nats, "lockstep.result.>").await;
-    let subject = job_subject("tough", "bad");
     let job = |id: &str, a: TensorRef, b: TensorRef| {
-        serde_json::to_vec(&JobMessage {
-            protocol: PROTOCOL_VERSION,
-            batch: "bad".into(),
-            job: id.into(),
-            replica: 0,
-            attempt: 0,
-            redundancy: 1,
-            contract_version: lockstep_kernels::CONTRACT_VERSION,
-            worker: "tough".into(),
-            spec: JobSpec::matmul(a, b),
-        })
-        .unwrap()
+        serde_json::to_vec(&direct_job("tough", "bad", id, JobSpec::matmul(a, b))).unwrap()
     };
     let ok_a = TensorRef::inline(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
     // A blob stored under a name that is not its digest.
@@ -437,12 +425,7 @@ async fn malformed_and_oversized_messages_get_error_results() {
     );
     let n = cases.len();
     for (payload, _) in &cases {
-        nats.js
-            .publish(subject.clone(), payload.clone().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        send_to_worker(&nats, "tough", "bad", payload.clone()).await;
     }
     // Results arrive in order (one worker, concurrency 1).
     for (i, (_, want)) in cases.iter().enumerate() {
@@ -533,32 +516,20 @@ async fn a_bad_job_in_a_bundle_fails_alone() {
     let mut results = lockstep_tests::watch_results(&nats, &result_subject("bun")).await;
     let a = TensorRef::inline(vec![1, 2], &[1.0, 2.0]);
     let b = TensorRef::inline(vec![2, 1], &[3.0, 4.0]);
-    let job = |id: &str| JobMessage {
-        protocol: PROTOCOL_VERSION,
-        batch: "bun".into(),
-        job: id.into(),
-        replica: 0,
-        attempt: 0,
-        redundancy: 1,
-        contract_version: lockstep_kernels::CONTRACT_VERSION,
-        worker: "bundled".into(),
-        spec: JobSpec::matmul(a.clone(), b.clone()),
-    };
+    let job = |id: &str| direct_job("bundled", "bun", id, JobSpec::matmul(a.clone(), b.clone()));
     let mut bad = serde_json::to_value(job("bad")).unwrap();
     bad["op"] = "conv3d".into();
     let bundle = serde_json::json!({
         "protocol": PROTOCOL_VERSION, "batch": "bun", "id": "b1", "worker": "bundled",
         "jobs": [serde_json::to_value(job("good")).unwrap(), bad, serde_json::to_value(job("good2")).unwrap()],
     });
-    nats.js
-        .publish(
-            job_subject("bundled", "bun"),
-            serde_json::to_vec(&bundle).unwrap().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    send_to_worker(
+        &nats,
+        "bundled",
+        "bun",
+        serde_json::to_vec(&bundle).unwrap(),
+    )
+    .await;
     let m = tokio::time::timeout(Duration::from_secs(60), results.next())
         .await
         .expect("a result bundle")

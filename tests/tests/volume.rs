@@ -279,20 +279,15 @@ async fn a_worker_splits_a_result_bundle_of_several_mib() {
                 format!("s{i}"),
                 tensor_digest_f32(&[dims.m, dims.n], &matmul_spec(&a, &b, dims)),
             );
-            JobMessage {
-                protocol: PROTOCOL_VERSION,
-                batch: "many".into(),
-                job: format!("s{i}"),
-                replica: 0,
-                attempt: 0,
-                redundancy: 1,
-                contract_version: lockstep_kernels::CONTRACT_VERSION,
-                worker: "splitter".into(),
-                spec: JobSpec::matmul(
+            lockstep_tests::direct_job(
+                "splitter",
+                "many",
+                &format!("s{i}"),
+                JobSpec::matmul(
                     TensorRef::inline(vec![dims.m, dims.k], &a),
                     TensorRef::inline(vec![dims.k, dims.n], &b),
                 ),
-            }
+            )
         })
         .collect();
     let bundle = JobBundle {
@@ -302,15 +297,13 @@ async fn a_worker_splits_a_result_bundle_of_several_mib() {
         worker: "splitter".into(),
         jobs,
     };
-    nats.js
-        .publish(
-            job_subject("splitter", "many"),
-            serde_json::to_vec(&bundle).unwrap().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    lockstep_tests::send_to_worker(
+        &nats,
+        "splitter",
+        "many",
+        serde_json::to_vec(&bundle).unwrap(),
+    )
+    .await;
     let (mut parts, mut seen) = (0, 0);
     while seen < 64 {
         let m = tokio::time::timeout(Duration::from_secs(60), results.next())
