@@ -227,9 +227,28 @@ impl Default for Procs {
 }
 
 impl Procs {
-    /// Starts a worker with fast heartbeats and a test cache, plus extra
-    /// environment (e.g. the test-only fault and delay switches).
-    pub fn worker(&mut self, url: &str, name: &str, backend: &str, env: &[(&str, &str)]) {
+    /// Enrolls and starts a worker (its own operator, `op-<name>`) with fast
+    /// heartbeats and a test cache, plus extra environment (e.g. the
+    /// test-only fault and delay switches).
+    pub fn worker(
+        &mut self,
+        server: &lockstep::harness::NatsServer,
+        name: &str,
+        backend: &str,
+        env: &[(&str, &str)],
+    ) {
+        self.worker_as(server, name, &format!("op-{name}"), backend, env)
+    }
+
+    /// [`Procs::worker`], enrolled under `operator`.
+    pub fn worker_as(
+        &mut self,
+        server: &lockstep::harness::NatsServer,
+        name: &str,
+        operator: &str,
+        backend: &str,
+        env: &[(&str, &str)],
+    ) {
         let tmp = std::env::temp_dir();
         let cache = tmp.join("lockstep-test-cache");
         let (tmp, cache) = (tmp.to_str().unwrap(), cache.to_str().unwrap());
@@ -240,7 +259,14 @@ impl Procs {
             ("RUST_LOG", "warn"),
         ]);
         self.0
-            .spawn(url, name, backend, &["--heartbeat-ms", "250"], &env)
+            .spawn_as(
+                server,
+                name,
+                operator,
+                backend,
+                &["--heartbeat-ms", "250"],
+                &env,
+            )
             .expect("start worker");
     }
 }

@@ -44,15 +44,10 @@ async fn batch_verifies_on_mixed_cpu_and_wgsl_workers() {
     let Some(server) = nats_server() else { return };
     let wgpu = lockstep_kernels::wgpu::WgpuBackend::new(Default::default()).is_ok();
     let mut procs = Procs::default();
-    procs.worker(&server.url(), "cpu-a", "cpu", &[]);
-    procs.worker(&server.url(), "cpu-b", "cpu", &[]);
-    procs.worker(
-        &server.url(),
-        "third",
-        if wgpu { "wgpu" } else { "cpu" },
-        &[],
-    );
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    procs.worker(&server, "cpu-a", "cpu", &[]);
+    procs.worker(&server, "cpu-b", "cpu", &[]);
+    procs.worker(&server, "third", if wgpu { "wgpu" } else { "cpu" }, &[]);
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["cpu-a", "cpu-b", "third"]).await;
     let report = submit(&nats, small_jobs(24, 1), &opts("mixed"))
         .await
@@ -72,9 +67,8 @@ async fn batch_verifies_on_mixed_cpu_and_wgsl_workers() {
     let live = lockstep::nats::live_workers(&nats, Duration::from_secs(5))
         .await
         .unwrap();
-    assert!(live.iter().all(
-        |w| !w.backends.is_empty() && w.contract_version == lockstep_kernels::CONTRACT_VERSION
-    ));
+    assert!(live.iter().all(|w| !w.record.backends.is_empty()
+        && w.record.contract_version == lockstep_kernels::CONTRACT_VERSION));
 }
 
 /// A worker the plan of `batch` gives replicas to.
@@ -100,9 +94,9 @@ async fn killed_worker_loses_no_job() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
     for w in ["w1", "w2", "w3"] {
-        procs.worker(&server.url(), w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "60")]);
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "60")]);
     }
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["w1", "w2", "w3"]).await;
     let n = 30;
     let task = {
@@ -148,15 +142,15 @@ async fn every_injected_fault_is_caught_and_attributed() {
     let Some(server) = nats_server() else { return };
     let every = 3;
     let mut procs = Procs::default();
-    procs.worker(&server.url(), "honest-1", "cpu", &[]);
-    procs.worker(&server.url(), "honest-2", "cpu", &[]);
+    procs.worker(&server, "honest-1", "cpu", &[]);
+    procs.worker(&server, "honest-2", "cpu", &[]);
     procs.worker(
-        &server.url(),
+        &server,
         "faulty",
         "cpu",
         &[("LOCKSTEP_FAULT_INJECT_EVERY", "3")],
     );
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["honest-1", "honest-2", "faulty"]).await;
     let report = submit(&nats, small_jobs(45, 3), &opts("faults"))
         .await
@@ -219,9 +213,9 @@ async fn nats_server_restart_mid_batch() {
     };
     let mut procs = Procs::default();
     for w in ["r1", "r2", "r3"] {
-        procs.worker(&server.url(), w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "40")]);
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "40")]);
     }
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["r1", "r2", "r3"]).await;
     let n = 30;
     let mut o = opts("restart-server");
@@ -245,7 +239,7 @@ fn coordinator_restart_resumes_without_duplicates() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
     for w in ["c1", "c2", "c3"] {
-        procs.worker(&server.url(), w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "50")]);
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "50")]);
     }
     let dir = tempfile::tempdir().unwrap();
     let batch = dir.path().join("batch.jsonl");
@@ -255,8 +249,10 @@ fn coordinator_restart_resumes_without_duplicates() {
         let mut c = std::process::Command::new(lockstep_bin());
         c.args([
             "submit",
-            "--nats",
-            &server.url(),
+            "--deployment",
+            server.dir().to_str().unwrap(),
+            "--batch-id",
+            "resumable",
             "--quiet",
             "--worker-timeout",
             "3",
@@ -270,7 +266,7 @@ fn coordinator_restart_resumes_without_duplicates() {
         c
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let nats = rt.block_on(lockstep::nats::connect(&server.url())).unwrap();
+    let nats = rt.block_on(server.connect()).unwrap();
     rt.block_on(wait_workers(&nats, &["c1", "c2", "c3"]));
     // First coordinator: killed mid-batch.
     let mut first = submit_cmd()
@@ -306,12 +302,12 @@ async fn malformed_and_oversized_messages_get_error_results() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
     procs.worker(
-        &server.url(),
+        &server,
         "tough",
         "cpu",
         &[("LOCKSTEP_MAX_ELEMENTS", "100000")],
     );
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["tough"]).await;
     let mut results = lockstep_tests::watch_results(&nats, "lockstep.result.>").await;
     let job = |id: &str, a: TensorRef, b: TensorRef| {
@@ -452,7 +448,10 @@ async fn malformed_and_oversized_messages_get_error_results() {
             }
         }
         if i == 0 {
-            assert_eq!(m.subject.as_str(), UNROUTABLE_RESULT_SUBJECT);
+            assert_eq!(
+                m.subject.as_str(),
+                result_subject(UNROUTABLE_BATCH, "tough")
+            );
         }
     }
     assert!(procs.is_running("tough"), "the worker crashed");
@@ -478,12 +477,12 @@ async fn sigterm_drains_in_flight_work_and_exits_cleanly() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
     procs.worker(
-        &server.url(),
+        &server,
         "drainer",
         "cpu",
         &[("LOCKSTEP_TEST_DELAY_MS", "1500")],
     );
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["drainer"]).await;
     let mut o = opts("drain");
     o.redundancy = 1;
@@ -510,10 +509,10 @@ async fn sigterm_drains_in_flight_work_and_exits_cleanly() {
 async fn a_bad_job_in_a_bundle_fails_alone() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
-    procs.worker(&server.url(), "bundled", "cpu", &[]);
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    procs.worker(&server, "bundled", "cpu", &[]);
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["bundled"]).await;
-    let mut results = lockstep_tests::watch_results(&nats, &result_subject("bun")).await;
+    let mut results = lockstep_tests::watch_results(&nats, &results_filter("bun")).await;
     let a = TensorRef::inline(vec![1, 2], &[1.0, 2.0]);
     let b = TensorRef::inline(vec![2, 1], &[3.0, 4.0]);
     let job = |id: &str| direct_job("bundled", "bun", id, JobSpec::matmul(a.clone(), b.clone()));
@@ -560,9 +559,9 @@ async fn a_restarted_worker_takes_its_unfinished_jobs_back_at_once() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
     let slow = [("LOCKSTEP_TEST_DELAY_MS", "250")];
-    procs.worker(&server.url(), "phoenix", "cpu", &slow);
-    procs.worker(&server.url(), "steady", "cpu", &slow);
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    procs.worker(&server, "phoenix", "cpu", &slow);
+    procs.worker(&server, "steady", "cpu", &slow);
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["phoenix", "steady"]).await;
     // No third worker, and a long worker timeout: the replicas of the killed
     // worker can only be finished by that worker itself after its restart.
@@ -579,7 +578,7 @@ async fn a_restarted_worker_takes_its_unfinished_jobs_back_at_once() {
     // under the same name.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     procs.kill("phoenix");
-    procs.worker(&server.url(), "phoenix", "cpu", &slow);
+    procs.worker(&server, "phoenix", "cpu", &slow);
     let report = task.await.unwrap().unwrap();
     eprintln!("restart test: batch took {:.1} s", report.elapsed_s);
     assert_eq!(report.verified, n, "{report:#?}");
@@ -600,15 +599,15 @@ async fn a_restarted_worker_takes_its_unfinished_jobs_back_at_once() {
 async fn a_second_worker_under_a_live_name_is_refused() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
-    procs.worker(&server.url(), "twin", "cpu", &[]);
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    procs.worker(&server, "twin", "cpu", &[]);
+    let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["twin"]).await;
     let tmp = std::env::temp_dir();
     let out = tokio::process::Command::new(lockstep_bin())
         .args([
             "worker",
-            "--nats",
-            &server.url(),
+            "--deployment",
+            server.dir().to_str().unwrap(),
             "--name",
             "twin",
             "--backend",

@@ -40,9 +40,9 @@ async fn submit_on_two_workers(
 ) {
     let mut procs = Procs::default();
     let (w1, w2) = (format!("{batch}-1"), format!("{batch}-2"));
-    procs.worker(&server.url(), &w1, "cpu", &[]);
-    procs.worker(&server.url(), &w2, "cpu", &[]);
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    procs.worker(server, &w1, "cpu", &[]);
+    procs.worker(server, &w2, "cpu", &[]);
+    let nats = server.connect().await.unwrap();
     lockstep::nats::wait_for_workers(&nats, &[&w1, &w2], Duration::from_secs(120))
         .await
         .unwrap();
@@ -128,10 +128,14 @@ async fn a_finished_batch_is_purged_from_the_server_unless_kept() {
     assert_eq!(report.verified, 4, "{report:#?}");
     let purged = report.purged.expect("purged");
     assert!(purged.results > 0 && purged.plans > 0, "{purged:?}");
-    // 4 inputs a and 4 b, 4 outputs: every blob was this batch's alone.
-    assert_eq!(purged.blobs, 12, "{purged:?}");
+    // 4 inputs a and 4 b: every blob was this batch's alone; 4 outputs
+    // stored by each of the 2 workers, one chunk each.
+    assert_eq!(purged.blobs, 8, "{purged:?}");
+    assert_eq!(purged.outputs, 8, "{purged:?}");
     let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
-    assert_eq!(held(&mut results, "lockstep.result.gone").await, 0);
+    assert_eq!(held(&mut results, "lockstep.result.gone.*").await, 0);
+    let mut outputs = nats.js.get_stream("LOCKSTEP_OUTPUTS").await.unwrap();
+    assert_eq!(held(&mut outputs, "lockstep.out.*.gone.>").await, 0);
     let mut plans = nats.js.get_stream("KV_lockstep_assign").await.unwrap();
     assert_eq!(held(&mut plans, "$KV.lockstep_assign.gone.>").await, 0);
     // No object left, and no chunk either (replicas store the same output
@@ -155,7 +159,7 @@ async fn a_finished_batch_is_purged_from_the_server_unless_kept() {
         assert!(file.exists(), "{} not written", j.job);
     }
     let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
-    assert!(held(&mut results, "lockstep.result.kept").await > 0);
+    assert!(held(&mut results, "lockstep.result.kept.*").await > 0);
     let mut blobs = nats.js.get_stream("OBJ_lockstep_blobs").await.unwrap();
     assert!(held(&mut blobs, "$O.lockstep_blobs.C.>").await > 0);
 }
@@ -258,12 +262,12 @@ async fn a_worker_splits_a_result_bundle_of_several_mib() {
         return;
     };
     let mut procs = Procs::default();
-    procs.worker(&server.url(), "splitter", "cpu", &[]);
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    procs.worker(&server, "splitter", "cpu", &[]);
+    let nats = server.connect().await.unwrap();
     lockstep::nats::wait_for_workers(&nats, &["splitter"], Duration::from_secs(120))
         .await
         .unwrap();
-    let mut results = lockstep_tests::watch_results(&nats, &result_subject("many")).await;
+    let mut results = lockstep_tests::watch_results(&nats, &results_filter("many")).await;
     // One bundle of 64 jobs whose outputs (64×200 f32, 51 KB each, inline)
     // come to about 4.4 MB of results: far over one 1 MiB message. (The
     // coordinator sizes its bundles so this does not happen; a worker must
@@ -333,7 +337,7 @@ async fn a_purged_batch_runs_again_and_named_objects_survive_the_clean_up() {
     };
     // A tensor already in the object store, named by the batch (shared
     // weights, say): the batch's clean-up must leave it there.
-    let nats = lockstep::nats::connect(&server.url()).await.unwrap();
+    let nats = server.connect().await.unwrap();
     let w = random_values(&mut rng(900), 140 * 130, Values::Plain);
     let wd = tensor_digest_f32(&[140, 130], &w);
     lockstep::nats::put_blob(&nats, &wd, &w).await.unwrap();

@@ -66,13 +66,58 @@ enum Command {
     ///
     /// Example: lockstep submit --nats nats://127.0.0.1:4222 --redundancy 2 jobs.jsonl
     Submit(SubmitArgs),
-    /// The whole system on this machine: a local nats-server, three workers
-    /// (CPU, and WGSL where present), a batch of matmul jobs with r = 2, and
-    /// the verdicts.
+    /// Set up a deployment: a folder with the NATS server's configuration
+    /// (authorization on: every party logs in with its own key and gets only
+    /// its role's permissions) and the first coordinator's key.
+    ///
+    /// Example: lockstep deploy init ./lockstep-deployment --port 4222
+    #[command(subcommand)]
+    Deploy(DeployCommand),
+    /// Enroll a worker in a deployment: writes its key, lets the server know
+    /// it (rewrites the configuration and reloads a server running from the
+    /// deployment), and records its public key and operator in the registry.
+    /// Run it again to re-register; it is idempotent.
+    ///
+    /// Example: lockstep enroll worker gpu-box-1 --operator acme --deployment ./lockstep-deployment
+    Enroll {
+        /// What to enroll (only `worker`).
+        role: EnrollRole,
+        /// The worker's name (A-Z a-z 0-9 _ -).
+        name: String,
+        /// Who runs it: replicas of a job always go to workers of distinct
+        /// operators.
+        #[arg(long)]
+        operator: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// The enrolled workers: state (active, quarantined), operator, whether
+    /// they are live, and their faults. `clear NAME` lifts a quarantine.
+    Workers {
+        #[command(subcommand)]
+        action: Option<WorkersAction>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Check receipts (receipts.jsonl from `lockstep submit`) offline: every
+    /// worker's and the coordinator's signature, the job digest, and that a
+    /// verified job had r workers of distinct operators. Exits non-zero on
+    /// any mismatch. With --deployment, also that every key is enrolled.
+    ///
+    /// Example: lockstep verify lockstep-out/b-1234/receipts.jsonl --deployment ./lockstep-deployment
+    Verify {
+        receipts: PathBuf,
+        /// A deployment folder whose enrolled keys the receipts must use.
+        #[arg(long)]
+        deployment: Option<PathBuf>,
+    },
+    /// The whole system on this machine: a local nats-server with
+    /// authorization on (keys made in a temporary folder), three enrolled
+    /// workers (CPU, and WGSL where present), a batch of matmul jobs with
+    /// r = 2, the verdicts, and the receipts checked.
     Demo {
-        /// Use this NATS server instead of starting one.
-        #[arg(long, env = "LOCKSTEP_NATS")]
-        nats: Option<String>,
         /// Number of jobs in the demo batch.
         #[arg(long, default_value_t = 12)]
         jobs: usize,
@@ -82,11 +127,113 @@ enum Command {
     },
 }
 
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum EnrollRole {
+    Worker,
+}
+
+#[derive(Subcommand)]
+enum DeployCommand {
+    /// Create a deployment folder.
+    Init {
+        dir: PathBuf,
+        /// Address the server listens on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 4222)]
+        port: u16,
+        /// Largest message the server accepts (its default: 1 MiB).
+        #[arg(long)]
+        max_payload: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersAction {
+    /// Lift a worker's quarantine (it gets assignments again).
+    Clear { name: String },
+}
+
+/// Where the NATS server is and who this party is.
+#[derive(clap::Args, Clone, Default)]
+pub struct ConnectArgs {
+    /// NATS server URL (default: the deployment's, else nats://127.0.0.1:4222).
+    #[arg(long, env = "LOCKSTEP_NATS")]
+    pub(crate) nats: Option<String>,
+    /// This party's key: an nkey seed file, as `lockstep enroll` and
+    /// `lockstep deploy init` write them (default: from --deployment).
+    #[arg(long, env = "LOCKSTEP_NKEY")]
+    pub(crate) nkey: Option<PathBuf>,
+    /// A NATS credentials file (JWT and seed), for servers in operator mode.
+    #[arg(long, env = "LOCKSTEP_CREDS")]
+    pub(crate) creds: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for the server's TLS; requires TLS.
+    #[arg(long, env = "LOCKSTEP_TLS_CA")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// Client certificate's key (PEM).
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// A deployment folder (`lockstep deploy init`): the server address and
+    /// this party's key are taken from it unless given.
+    #[arg(long, env = "LOCKSTEP_DEPLOYMENT")]
+    pub(crate) deployment: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    /// The connection of `name` in `role` (its key from the deployment
+    /// when --nkey/--creds are not given).
+    pub fn config(
+        &self,
+        role: crate::deploy::Role,
+        name: &str,
+    ) -> Result<crate::auth::ConnectConfig> {
+        let d = self
+            .deployment
+            .as_deref()
+            .map(crate::deploy::Deployment::open)
+            .transpose()?;
+        let url = self
+            .nats
+            .clone()
+            .or_else(|| d.as_ref().map(|d| d.url()))
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        let nkey = match (&self.nkey, &self.creds, &d) {
+            (Some(k), _, _) => Some(k.clone()),
+            (None, None, Some(d)) => {
+                let path = d.key_path(role, name);
+                anyhow::ensure!(
+                    path.exists(),
+                    "no key for {} in {} (enroll it first: lockstep enroll worker {name} --operator …)",
+                    crate::protocol::quote(name),
+                    d.dir.display()
+                );
+                Some(path)
+            }
+            _ => None,
+        };
+        Ok(crate::auth::ConnectConfig {
+            url,
+            nkey,
+            creds: self.creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        })
+    }
+
+    /// The coordinator's connection.
+    pub fn coordinator(&self) -> Result<crate::auth::ConnectConfig> {
+        self.config(crate::deploy::Role::Coordinator, "coordinator")
+    }
+}
+
 #[derive(clap::Args)]
 struct WorkerArgs {
-    /// NATS server URL.
-    #[arg(long, env = "LOCKSTEP_NATS", default_value = "nats://127.0.0.1:4222")]
-    nats: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// auto (fastest backend that passes the self-test), cpu, wgpu or cuda.
     #[arg(long, env = "LOCKSTEP_BACKEND", default_value = "auto")]
     backend: crate::worker::BackendChoice,
@@ -125,15 +272,16 @@ struct WorkerArgs {
 struct SubmitArgs {
     /// The batch: JSON Lines, one job per line.
     batch: PathBuf,
-    #[arg(long, env = "LOCKSTEP_NATS", default_value = "nats://127.0.0.1:4222")]
-    nats: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Distinct workers per job.
     #[arg(long, short, default_value_t = 2)]
     redundancy: u32,
     /// Output folder for report.json and outputs/ (default: lockstep-out/<batch id>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Batch id (default: derived from the batch's content).
+    /// Batch id, to resume an interrupted batch (default: a new id, the
+    /// batch's content hash and a random nonce, printed at the start).
     #[arg(long)]
     batch_id: Option<String>,
     /// Seconds without a heartbeat before a worker is considered dead.
@@ -188,9 +336,6 @@ enum BenchCommand {
     /// workers, next to raw JetStream publish-and-ack round trips measured in
     /// the same run.
     Dispatch {
-        /// Use this NATS server instead of starting one.
-        #[arg(long, env = "LOCKSTEP_NATS")]
-        nats: Option<String>,
         /// Jobs (and raw messages) to send.
         #[arg(long, default_value_t = 500)]
         jobs: usize,
@@ -204,9 +349,6 @@ enum BenchCommand {
     ///
     /// Example: lockstep bench soak --jobs 100000 --batch 2000
     Soak {
-        /// Use this NATS server instead of starting one.
-        #[arg(long, env = "LOCKSTEP_NATS")]
-        nats: Option<String>,
         /// Jobs in all.
         #[arg(long, default_value_t = 20_000)]
         jobs: usize,
@@ -276,12 +418,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench(BenchCommand::Soak {
-            nats,
-            jobs,
-            batch,
-            json,
-        }) => {
+        Command::Bench(BenchCommand::Soak { jobs, batch, json }) => {
             let rt = tokio::runtime::Runtime::new()?;
             if !json {
                 println!(
@@ -295,7 +432,7 @@ fn run(cli: Cli) -> Result<()> {
                     "store bytes"
                 );
             }
-            let r = rt.block_on(bench::soak::bench_soak(nats, jobs, batch, |s| {
+            let r = rt.block_on(bench::soak::bench_soak(jobs, batch, |s| {
                 if !json {
                     println!(
                         "{:>6} {:>9} {:>10.0} {:>12.1} {:>12.1} {:>11} {:>12}",
@@ -323,9 +460,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench(BenchCommand::Dispatch { nats, jobs, json }) => {
+        Command::Bench(BenchCommand::Dispatch { jobs, json }) => {
             let rt = tokio::runtime::Runtime::new()?;
-            let r = rt.block_on(bench::bench_dispatch(nats, jobs))?;
+            let r = rt.block_on(bench::bench_dispatch(jobs))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -355,7 +492,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Worker(args) => run_worker(args),
         Command::Submit(args) => run_submit(args),
         Command::Demo { local: true, .. } => demo_local(256),
-        Command::Demo { nats, jobs, .. } => crate::demo::run(nats, jobs),
+        Command::Demo { jobs, .. } => crate::demo::run(jobs),
+        Command::Deploy(DeployCommand::Init {
+            dir,
+            host,
+            port,
+            max_payload,
+        }) => crate::admin::deploy_init(&dir, &host, port, max_payload),
+        Command::Enroll {
+            role: EnrollRole::Worker,
+            name,
+            operator,
+            connect,
+        } => crate::admin::enroll_worker(&connect, &name, &operator),
+        Command::Workers {
+            action,
+            json,
+            connect,
+        } => match action {
+            None => crate::admin::list_workers(&connect.coordinator()?, json),
+            Some(WorkersAction::Clear { name }) => {
+                crate::admin::clear_worker(&connect.coordinator()?, &name)
+            }
+        },
+        Command::Verify {
+            receipts,
+            deployment,
+        } => crate::admin::verify(&receipts, deployment.as_deref()),
     }
 }
 
@@ -495,9 +658,10 @@ async fn shutdown_signal() {
 }
 
 fn run_worker(args: WorkerArgs) -> Result<()> {
+    let name = args.name.unwrap_or_else(crate::worker::default_name);
     let mut o = crate::worker::WorkerOptions::new(
-        &args.nats,
-        &args.name.unwrap_or_else(crate::worker::default_name),
+        args.connect.config(crate::deploy::Role::Worker, &name)?,
+        &name,
     );
     o.backend = args.backend;
     o.concurrency = args.concurrency.max(1);
@@ -519,10 +683,18 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
 fn run_submit(args: SubmitArgs) -> Result<()> {
     use std::time::Duration;
     let jobs = crate::batch::parse_batch(&args.batch)?;
-    let batch_id = args
-        .batch_id
-        .clone()
-        .unwrap_or_else(|| crate::coordinator::batch_id_for(&jobs));
+    let batch_id = match args.batch_id.clone() {
+        Some(id) => id,
+        None => {
+            let id = crate::coordinator::new_batch_id(&jobs);
+            eprintln!("batch {id} (to resume it if interrupted: --batch-id {id})");
+            id
+        }
+    };
+    let cfg = args.connect.coordinator()?;
+    let signer = cfg.identity()?.context(
+        "a coordinator signs its receipts: give it its key (--nkey FILE or --deployment DIR)",
+    )?;
     let opts = crate::coordinator::SubmitOptions {
         redundancy: args.redundancy,
         batch_id: Some(batch_id.clone()),
@@ -536,6 +708,7 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
         progress: !args.quiet,
         threads: 0,
         keep_batch: args.keep_batch,
+        signer: Some(std::sync::Arc::new(signer)),
         store_limits: args
             .store_limits
             .as_deref()
@@ -544,7 +717,7 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {
-        let nats = crate::nats::connect(&args.nats).await?;
+        let nats = crate::nats::connect(&cfg).await?;
         crate::coordinator::submit(&nats, jobs, &opts).await
     })?;
     crate::coordinator::print_report(&report);

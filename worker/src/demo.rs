@@ -44,19 +44,12 @@ pub fn write_demo_batch(path: &std::path::Path, n: usize, seed: u64) -> Result<(
     Ok(())
 }
 
-pub fn run(nats_url: Option<String>, n_jobs: usize) -> Result<()> {
-    let server = match &nats_url {
-        Some(_) => None,
-        None => Some(NatsServer::start().context("cannot start a local nats-server")?),
-    };
-    let url = nats_url.unwrap_or_else(|| server.as_ref().unwrap().url());
+pub fn run(n_jobs: usize) -> Result<()> {
+    let server = NatsServer::start().context("cannot start a local nats-server")?;
     println!(
-        "NATS: {url}{}",
-        if server.is_some() {
-            " (local nats-server, JetStream, temporary store)"
-        } else {
-            ""
-        }
+        "NATS: {} (local nats-server, JetStream, authorization on; deployment and keys in {})",
+        server.url(),
+        server.dir().display()
     );
 
     let wgpu = lockstep_kernels::wgpu::WgpuBackend::new(Default::default());
@@ -79,7 +72,7 @@ pub fn run(nats_url: Option<String>, n_jobs: usize) -> Result<()> {
     );
     let mut workers = WorkerProcs::new(std::env::current_exe()?);
     for (name, backend) in specs {
-        workers.spawn(&url, name, backend, &[], &[])?;
+        workers.spawn(&server, name, backend, &[], &[])?;
     }
 
     let dir = tempfile::Builder::new()
@@ -91,7 +84,12 @@ pub fn run(nats_url: Option<String>, n_jobs: usize) -> Result<()> {
     let jobs = crate::batch::parse_batch(&batch_path)?;
     println!("batch: {n_jobs} matmul jobs, redundancy 2 (each job on 2 distinct workers)\n");
 
+    let signer = server
+        .coordinator()
+        .identity()?
+        .context("the coordinator's key")?;
     let opts = SubmitOptions {
+        signer: Some(std::sync::Arc::new(signer)),
         redundancy: 2,
         out_dir: Some(dir.path().join("out")),
         deadline: Some(Duration::from_secs(600)),
@@ -99,7 +97,7 @@ pub fn run(nats_url: Option<String>, n_jobs: usize) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {
-        let nats = crate::nats::connect(&url).await?;
+        let nats = server.connect().await?;
         // Let every worker finish its self-test and register, so the batch
         // is spread over all of them (CPU and WGSL mixed).
         let names: Vec<&str> = specs.iter().map(|(n, _)| *n).collect();
@@ -108,6 +106,9 @@ pub fn run(nats_url: Option<String>, n_jobs: usize) -> Result<()> {
     })?;
     print_report(&report);
     drop(workers);
+    let receipts = dir.path().join("out").join("receipts.jsonl");
+    println!("\nreceipts, checked offline (lockstep verify):");
+    crate::admin::verify(&receipts, Some(&server.dir()))?;
     anyhow::ensure!(
         report.all_accepted(),
         "{} job(s) failed, {} unresolved",

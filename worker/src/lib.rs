@@ -24,11 +24,14 @@
 //!   baselines users would otherwise use, timed in the same run.
 //! - [`cli`]: the `lockstep` command line (`main.rs` is one line).
 
+pub mod admin;
+pub mod auth;
 pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod coordinator;
 pub mod demo;
+pub mod deploy;
 pub mod harness;
 pub mod nats;
 pub mod protocol;

@@ -1,11 +1,13 @@
 //! Connecting to NATS and creating (idempotently) every stream, bucket and
 //! object store the protocol uses.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::{self, kv, object_store, stream};
 
+use crate::auth::ConnectConfig;
 use crate::protocol::*;
 use crate::store::{Limit, StoreLimits};
 
@@ -16,7 +18,12 @@ pub struct Nats {
     pub js: jetstream::Context,
     pub jobs: stream::Stream,
     pub results: stream::Stream,
+    /// Outputs too large for a result message, under their worker's name.
+    pub outputs: stream::Stream,
+    /// Heartbeats (each worker writes its own key).
     pub workers: kv::Store,
+    /// Enrollments: public keys, operators, quarantine.
+    pub enrolled: kv::Store,
     pub assign: kv::Store,
     pub faults: kv::Store,
     /// Which batch uses which blob ([`crate::store`]).
@@ -33,22 +40,95 @@ impl Nats {
     }
 }
 
-/// Connects and creates, where missing, every store with the default
-/// limits ([`StoreLimits::default`], changed by `$LOCKSTEP_STORE_LIMITS`).
-pub async fn connect(url: &str) -> Result<Nats> {
-    connect_with(url, &StoreLimits::from_env()?).await
+/// Every stream behind lockstep's streams, buckets and object store, by
+/// its JetStream name.
+pub const STREAM_NAMES: [&str; 9] = [
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    OUTPUTS_STREAM,
+    "KV_lockstep_workers",
+    "KV_lockstep_enrolled",
+    "KV_lockstep_assign",
+    "KV_lockstep_faults",
+    "KV_lockstep_blob_refs",
+    "OBJ_lockstep_blobs",
+];
+
+/// Connects as a coordinator and creates, where missing, every store with
+/// the default limits ([`StoreLimits::default`], changed by
+/// `$LOCKSTEP_STORE_LIMITS`).
+pub async fn connect(cfg: &ConnectConfig) -> Result<Nats> {
+    connect_with(cfg, &StoreLimits::from_env()?).await
 }
 
-/// Connects and creates, where missing, every store with these limits.
-/// Existing stores keep theirs (see [`crate::store::apply_limits`]).
-pub async fn connect_with(url: &str, limits: &StoreLimits) -> Result<Nats> {
-    let client = async_nats::ConnectOptions::new()
-        .name("lockstep")
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+async fn client(cfg: &ConnectConfig) -> Result<async_nats::Client> {
+    cfg.options()
+        .await?
+        .connect(cfg.url.as_str())
         .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+        .with_context(|| format!("cannot connect to NATS at {}", cfg.url))
+}
+
+/// Connects as a worker: opens the stores a coordinator created (waiting
+/// for them, with a note every 10 s) and creates nothing.
+pub async fn connect_worker(cfg: &ConnectConfig) -> Result<Nats> {
+    let client = client(cfg).await?;
+    let js = jetstream::new(client.clone());
+    let t = std::time::Instant::now();
+    let mut noted = 0;
+    loop {
+        match open_all(&client, &js).await {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                let waited = t.elapsed().as_secs();
+                if waited >= noted {
+                    tracing::warn!(
+                        "waiting for lockstep's streams on {} (a coordinator or `lockstep enroll` creates them): {e:#}",
+                        cfg.url
+                    );
+                    noted = waited + 10;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn open_all(client: &async_nats::Client, js: &jetstream::Context) -> Result<Nats> {
+    let stream = |name: &'static str| async move {
+        js.get_stream(name)
+            .await
+            .with_context(|| format!("stream {name}"))
+    };
+    let kv = |name: &'static str| async move {
+        js.get_key_value(name)
+            .await
+            .with_context(|| format!("bucket {name}"))
+    };
+    Ok(Nats {
+        client: client.clone(),
+        js: js.clone(),
+        jobs: stream(JOBS_STREAM).await?,
+        results: stream(RESULTS_STREAM).await?,
+        outputs: stream(OUTPUTS_STREAM).await?,
+        workers: kv(WORKERS_BUCKET).await?,
+        enrolled: kv(ENROLLED_BUCKET).await?,
+        assign: kv(ASSIGN_BUCKET).await?,
+        faults: kv(FAULTS_BUCKET).await?,
+        refs: kv(BLOB_REFS_BUCKET).await?,
+        blobs: js
+            .get_object_store(BLOBS_BUCKET)
+            .await
+            .context("object store")?,
+        blobs_stream: stream("OBJ_lockstep_blobs").await?,
+    })
+}
+
+/// Connects as a coordinator and creates, where missing, every store with
+/// these limits. Existing stores keep theirs (see
+/// [`crate::store::apply_limits`]).
+pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<Nats> {
+    let client = client(cfg).await?;
     let js = jetstream::new(client.clone());
     let stream_config = |name: &str, subjects: String, retention, limit: Limit| stream::Config {
         name: name.into(),
@@ -61,61 +141,59 @@ pub async fn connect_with(url: &str, limits: &StoreLimits) -> Result<Nats> {
         duplicate_window: Duration::from_secs(600),
         ..Default::default()
     };
-    let jobs = js
-        .get_or_create_stream(stream_config(
-            JOBS_STREAM,
-            format!("{JOB_SUBJECT_PREFIX}.>"),
-            stream::RetentionPolicy::WorkQueue,
-            limits.jobs,
-        ))
-        .await
-        .context(
-            "cannot create the jobs stream (is JetStream enabled, nats-server -js? \
-             if the server lacks storage for the limits, lower them with LOCKSTEP_STORE_LIMITS)",
-        )?;
-    let results = js
-        .get_or_create_stream(stream_config(
-            RESULTS_STREAM,
-            format!("{RESULT_SUBJECT_PREFIX}.>"),
+    js.get_or_create_stream(stream_config(
+        JOBS_STREAM,
+        format!("{JOB_SUBJECT_PREFIX}.>"),
+        stream::RetentionPolicy::WorkQueue,
+        limits.jobs,
+    ))
+    .await
+    .context(
+        "cannot create the jobs stream (is JetStream enabled, nats-server -js? \
+         is this identity a coordinator? if the server lacks storage for the limits, \
+         lower them with LOCKSTEP_STORE_LIMITS)",
+    )?;
+    js.get_or_create_stream(stream_config(
+        RESULTS_STREAM,
+        format!("{RESULT_SUBJECT_PREFIX}.>"),
+        stream::RetentionPolicy::Limits,
+        limits.results,
+    ))
+    .await
+    .context("cannot create the results stream")?;
+    js.get_or_create_stream(stream::Config {
+        // One message per chunk subject: a worker storing an output again
+        // replaces it; readers get the last one directly.
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..stream_config(
+            OUTPUTS_STREAM,
+            format!("{OUTPUT_SUBJECT_PREFIX}.>"),
             stream::RetentionPolicy::Limits,
-            limits.results,
-        ))
-        .await
-        .context("cannot create the results stream")?;
-    let workers = kv_bucket(&js, WORKERS_BUCKET, limits.workers).await?;
-    let assign = kv_bucket(&js, ASSIGN_BUCKET, limits.plans).await?;
-    let faults = kv_bucket(&js, FAULTS_BUCKET, limits.faults).await?;
-    let refs = kv_bucket(&js, BLOB_REFS_BUCKET, limits.refs).await?;
-    let blobs = match js.get_object_store(BLOBS_BUCKET).await {
-        Ok(s) => s,
-        Err(_) => js
-            .create_object_store(object_store::Config {
-                bucket: BLOBS_BUCKET.into(),
-                storage: stream::StorageType::File,
-                max_age: limits.blobs.max_age,
-                max_bytes: limits.blobs.max_bytes,
-                ..Default::default()
-            })
-            .await
-            .context("cannot create the blob object store")?,
-    };
-    crate::store::adopt_limits(&js, limits).await?;
-    let blobs_stream = js
-        .get_stream(format!("OBJ_{BLOBS_BUCKET}"))
-        .await
-        .context("cannot open the blob store's stream")?;
-    Ok(Nats {
-        blobs_stream,
-        client,
-        js,
-        jobs,
-        results,
-        workers,
-        assign,
-        faults,
-        refs,
-        blobs,
+            limits.blobs,
+        )
     })
+    .await
+    .context("cannot create the outputs stream")?;
+    kv_bucket(&js, WORKERS_BUCKET, limits.workers).await?;
+    kv_bucket(&js, ENROLLED_BUCKET, limits.workers).await?;
+    kv_bucket(&js, ASSIGN_BUCKET, limits.plans).await?;
+    kv_bucket(&js, FAULTS_BUCKET, limits.faults).await?;
+    kv_bucket(&js, BLOB_REFS_BUCKET, limits.refs).await?;
+    if js.get_object_store(BLOBS_BUCKET).await.is_err() {
+        js.create_object_store(object_store::Config {
+            bucket: BLOBS_BUCKET.into(),
+            storage: stream::StorageType::File,
+            max_age: limits.blobs.max_age,
+            max_bytes: limits.blobs.max_bytes,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create the blob object store")?;
+    }
+    crate::store::adopt_limits(&js, limits).await?;
+    open_all(&client, &js).await
 }
 
 async fn kv_bucket(js: &jetstream::Context, name: &str, limit: Limit) -> Result<kv::Store> {
@@ -134,29 +212,90 @@ async fn kv_bucket(js: &jetstream::Context, name: &str, limit: Limit) -> Result<
     .with_context(|| format!("cannot create KV bucket {name} (nats-server >= 2.10 needed)"))
 }
 
-/// Every live worker record (heartbeat within `timeout`).
-pub async fn live_workers(nats: &Nats, timeout: Duration) -> Result<Vec<WorkerRecord>> {
+/// A worker that may get assignments: enrolled, active (not quarantined),
+/// of this protocol and contract, heartbeating.
+#[derive(Clone, Debug)]
+pub struct LiveWorker {
+    pub id: String,
+    pub operator: String,
+    pub record: WorkerRecord,
+}
+
+/// Every enrollment, by worker name.
+pub async fn enrollments(nats: &Nats) -> Result<BTreeMap<String, Enrollment>> {
+    use futures::StreamExt;
+    let mut out = BTreeMap::new();
+    let mut keys = match nats.enrolled.keys().await {
+        Ok(k) => k,
+        Err(e) => return Err(e).context("listing enrollments"),
+    };
+    while let Some(k) = keys.next().await {
+        let Ok(k) = k else { continue };
+        if let Ok(Some(v)) = nats.enrolled.get(&k).await {
+            if let Ok(e) = serde_json::from_slice::<Enrollment>(&v) {
+                if e.name == k {
+                    out.insert(k, e);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes an enrollment (coordinators and `lockstep enroll` only: the
+/// server refuses workers).
+pub async fn put_enrollment(nats: &Nats, e: &Enrollment) -> Result<()> {
+    nats.enrolled
+        .put(&e.name, serde_json::to_vec(e)?.into())
+        .await
+        .with_context(|| format!("cannot write the enrollment of {}", quote(&e.name)))?;
+    Ok(())
+}
+
+/// Every live worker (heartbeat within `timeout`) that is enrolled and
+/// active, given the enrollments.
+pub async fn live_workers_of(
+    nats: &Nats,
+    enrolled: &BTreeMap<String, Enrollment>,
+    timeout: Duration,
+) -> Result<Vec<LiveWorker>> {
     use futures::StreamExt;
     let mut keys = nats.workers.keys().await.context("listing workers")?;
     let mut out = Vec::new();
     let now = now_ms();
     while let Some(k) = keys.next().await {
         let Ok(k) = k else { continue };
+        let Some(e) = enrolled
+            .get(&k)
+            .filter(|e| e.state == EnrollmentState::Active)
+        else {
+            continue;
+        };
         if let Ok(Some(v)) = nats.workers.get(&k).await {
             if let Ok(rec) = serde_json::from_slice::<WorkerRecord>(&v) {
                 // Only workers that speak this protocol and contract.
-                if rec.state == WorkerState::Up
+                if rec.id == k
+                    && rec.state == WorkerState::Up
                     && rec.protocol == PROTOCOL_VERSION
                     && rec.contract_version == lockstep_kernels::CONTRACT_VERSION
                     && now.saturating_sub(rec.heartbeat_ms) <= timeout.as_millis() as u64
                 {
-                    out.push(rec);
+                    out.push(LiveWorker {
+                        id: k.clone(),
+                        operator: e.operator.clone(),
+                        record: rec,
+                    });
                 }
             }
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// Every live, enrolled, active worker (see [`live_workers_of`]).
+pub async fn live_workers(nats: &Nats, timeout: Duration) -> Result<Vec<LiveWorker>> {
+    live_workers_of(nats, &enrollments(nats).await?, timeout).await
 }
 
 /// Waits until every named worker has registered and is heartbeating.
@@ -313,4 +452,80 @@ async fn store_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]
         .await
         .map_err(|e| anyhow::anyhow!("object store put: {e}"))?;
     Ok(())
+}
+
+/// Bytes per chunk of a stored output: at most 128 KiB, and within the
+/// server's message limit.
+fn chunk_bytes(nats: &Nats) -> usize {
+    (128 << 10).min(message_limit(nats.max_payload()))
+}
+
+/// Stores an output of `worker` for `batch` in the outputs stream, chunk by
+/// chunk (`lockstep.out.<worker>.<batch>.<hex>.<i>`; every chunk but the
+/// last is as long as the first). Storing it again replaces it.
+pub async fn put_output(
+    nats: &Nats,
+    worker: &str,
+    batch: &str,
+    digest: &lockstep_kernels::Digest,
+    data: &[f32],
+) -> Result<()> {
+    let bytes = f32_bytes(data);
+    let chunk = chunk_bytes(nats);
+    let mut acks = Vec::new();
+    for (i, part) in bytes.chunks(chunk).enumerate() {
+        let ack = nats
+            .js
+            .publish(
+                output_subject(worker, batch, digest, i),
+                bytes::Bytes::copy_from_slice(part),
+            )
+            .await
+            .with_context(|| format!("cannot store output {digest}"))?;
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await
+            .with_context(|| format!("output {digest} was not stored"))?;
+    }
+    Ok(())
+}
+
+/// Reads an output `worker` stored for `batch` and checks it against its
+/// digest and shape.
+pub async fn get_output(
+    nats: &Nats,
+    worker: &str,
+    batch: &str,
+    shape: &[usize],
+    digest: &lockstep_kernels::Digest,
+) -> Result<Vec<f32>> {
+    let total = lockstep_kernels::contract::elements(shape)
+        .ok()
+        .and_then(|n| n.checked_mul(4))
+        .context("output shape overflows")?;
+    let mut buf = Vec::with_capacity(total);
+    let mut chunk = 0;
+    let mut i = 0;
+    while buf.len() < total || i == 0 {
+        let m = nats
+            .outputs
+            .direct_get_last_for_subject(output_subject(worker, batch, digest, i))
+            .await
+            .with_context(|| format!("output {digest} of {worker}: chunk {i} is missing"))?;
+        if i == 0 {
+            chunk = m.payload.len();
+        }
+        anyhow::ensure!(
+            chunk > 0 && (m.payload.len() == chunk || buf.len() + m.payload.len() == total),
+            "output {digest} of {worker}: chunk {i} has {} bytes",
+            m.payload.len()
+        );
+        buf.extend_from_slice(&m.payload);
+        i += 1;
+        if total == 0 {
+            break;
+        }
+    }
+    decode_blob(shape, digest, &buf).map_err(anyhow::Error::msg)
 }

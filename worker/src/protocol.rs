@@ -9,20 +9,34 @@ use serde::{Deserialize, Serialize};
 /// Version of these messages; bumped on any incompatible change.
 /// 2: jobs carry `op`, `params` and a list of `inputs`; results a list of
 /// `outputs`; digests are `"sha3-256:<hex>"` strings.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: results are signed by their worker and published under its name
+/// (`lockstep.result.<batch>.<worker>`); large outputs go to the outputs
+/// stream under the worker's name; workers are enrolled.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Stream of job replicas, one subject per worker and batch:
 /// `lockstep.job.<worker>.<batch>` (a worker consumes `lockstep.job.<worker>.>`;
 /// a finished batch's leftovers are purged by `lockstep.job.*.<batch>`).
 pub const JOBS_STREAM: &str = "LOCKSTEP_JOBS";
 pub const JOB_SUBJECT_PREFIX: &str = "lockstep.job";
-/// Stream of results, one subject per batch: `lockstep.result.<batch>`.
+/// Stream of results, one subject per batch and worker:
+/// `lockstep.result.<batch>.<worker>` (a worker may publish only under its
+/// own name).
 pub const RESULTS_STREAM: &str = "LOCKSTEP_RESULTS";
 pub const RESULT_SUBJECT_PREFIX: &str = "lockstep.result";
-/// Where results go for messages whose batch cannot be read.
-pub const UNROUTABLE_RESULT_SUBJECT: &str = "lockstep.result._unroutable";
-/// KV: worker id → [`WorkerRecord`] (registry and heartbeats).
+/// The batch token of results for messages whose batch cannot be read.
+pub const UNROUTABLE_BATCH: &str = "_unroutable";
+/// Stream of outputs too large for a result message, stored by the worker
+/// that computed them: `lockstep.out.<worker>.<batch>.<digest hex>.<chunk>`
+/// (one message per subject; the reader re-hashes).
+pub const OUTPUTS_STREAM: &str = "LOCKSTEP_OUTPUTS";
+pub const OUTPUT_SUBJECT_PREFIX: &str = "lockstep.out";
+/// KV: worker id → [`WorkerRecord`] (heartbeats; each worker writes only
+/// its own key).
 pub const WORKERS_BUCKET: &str = "lockstep_workers";
+/// KV: worker id → [`Enrollment`] (public key, operator, quarantine),
+/// written by coordinators and `lockstep enroll` only.
+pub const ENROLLED_BUCKET: &str = "lockstep_enrolled";
 /// KV: `<batch>.<bundle>` → `[PlanEntry]` (the coordinator's durable plan; the
 /// entry with the highest attempt wins for a replica).
 pub const ASSIGN_BUCKET: &str = "lockstep_assign";
@@ -44,8 +58,27 @@ pub fn worker_filter(worker: &str) -> String {
     format!("{JOB_SUBJECT_PREFIX}.{worker}.>")
 }
 
-pub fn result_subject(batch: &str) -> String {
-    format!("{RESULT_SUBJECT_PREFIX}.{batch}")
+/// Where `worker` publishes its results for `batch`.
+pub fn result_subject(batch: &str, worker: &str) -> String {
+    format!("{RESULT_SUBJECT_PREFIX}.{batch}.{worker}")
+}
+
+/// Every worker's results for `batch`.
+pub fn results_filter(batch: &str) -> String {
+    format!("{RESULT_SUBJECT_PREFIX}.{batch}.*")
+}
+
+/// The durable consumer a worker pulls its replicas from.
+pub fn worker_consumer(worker: &str) -> String {
+    format!("w-{worker}")
+}
+
+/// Chunk `chunk` of an output `worker` stored for `batch`.
+pub fn output_subject(worker: &str, batch: &str, digest: &Digest, chunk: usize) -> String {
+    format!(
+        "{OUTPUT_SUBJECT_PREFIX}.{worker}.{batch}.{}.{chunk}",
+        digest.to_hex()
+    )
 }
 
 /// Worker names, batch ids and job ids become subject tokens and KV keys:
@@ -95,6 +128,21 @@ pub fn message_id(parts: &[&str]) -> String {
             h.update(p.as_bytes());
         }
         format!("h-{}", hex::encode(&h.finalize()[..16]))
+    }
+}
+
+/// A JSON value with every object's keys in sorted order.
+pub fn sorted(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut entries: Vec<(String, serde_json::Value)> = m.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        serde_json::Value::Array(a) => {
+            serde_json::Value::Array(a.into_iter().map(sorted).collect())
+        }
+        other => other,
     }
 }
 
@@ -239,6 +287,37 @@ impl JobSpec {
         self.inputs.iter().map(|t| t.shape.as_slice()).collect()
     }
 
+    /// What a job is, as one digest: SHA3-256 of the JSON
+    /// `{"op":…,"params":…,"inputs":[{"shape":[…],"digest":"sha3-256:…"}]}`
+    /// (params with sorted keys; inline inputs by the digest of their data,
+    /// objects by their name). `None` if an inline input is not valid base64.
+    pub fn job_digest(&self) -> Option<Digest> {
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for t in &self.inputs {
+            let digest = match (&t.inline, &t.object) {
+                (Some(b64), _) => {
+                    let data = decode_f32(b64).ok()?;
+                    if Some(data.len()) != t.elements() {
+                        return None;
+                    }
+                    tensor_digest_f32(&t.shape, &data)
+                }
+                (None, Some(d)) => *d,
+                (None, None) => return None,
+            };
+            inputs.push(serde_json::json!({"shape": t.shape, "digest": digest.to_string()}));
+        }
+        let op = serde_json::to_value(&self.op).ok()?;
+        let canonical = serde_json::json!({
+            "op": op.get("op")?,
+            "params": sorted(op.get("params").cloned().unwrap_or(serde_json::Value::Null)),
+            "inputs": inputs,
+        });
+        use sha3::Digest as _;
+        let bytes = serde_json::to_vec(&canonical).ok()?;
+        Some(Digest(sha3::Sha3_256::digest(&bytes).into()))
+    }
+
     /// Bytes the inputs take inline in a message (objects count as small).
     pub fn inline_bytes(&self) -> usize {
         self.inputs
@@ -319,6 +398,10 @@ pub enum ErrorCode {
     TamperedBlob,
     /// The backend failed (device error, out of memory...).
     Backend,
+    /// Set by a coordinator, never sent by a worker: the result was
+    /// rejected (signature, binding to the assignment, output shapes, or a
+    /// job-level error the coordinator found false). The worker's fault.
+    Rejected,
     /// Delivered too many times without completing (the worker kept dying).
     Redelivered,
     /// The result could not be stored (e.g. it exceeds the server's payload
@@ -391,6 +474,85 @@ pub struct ResultMessage {
     pub contract_version: u32,
     pub outcome: Outcome,
     pub timings: Timings,
+    /// [`JobSpec::job_digest`] of the job the worker computed (absent when
+    /// the message could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_digest: Option<Digest>,
+    /// The worker's ed25519 signature (base64) of
+    /// [`result_signing_bytes`]; coordinators drop results whose signature
+    /// does not verify against the enrolled key of the assigned worker.
+    #[serde(default)]
+    pub signature: String,
+}
+
+/// What a worker signs of a result: every field that decides what the
+/// result asserts (not timings nor where outputs are stored, which the
+/// reader re-hashes against the signed digest). The bytes are the JSON of
+/// [`SignedResult`], in its field order, with no whitespace.
+pub fn result_signing_bytes(r: &ResultMessage) -> Vec<u8> {
+    let outcome = match &r.outcome {
+        Outcome::Ok { digest, .. } => format!("ok {digest}"),
+        Outcome::Error { code, .. } => format!(
+            "error {}",
+            serde_json::to_value(code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        ),
+    };
+    serde_json::to_vec(&SignedResult {
+        lockstep: "result",
+        protocol: r.protocol,
+        contract_version: r.contract_version,
+        batch: &r.batch,
+        job: &r.job,
+        replica: r.replica,
+        attempt: r.attempt,
+        worker: &r.worker,
+        job_digest: r.job_digest.map(|d| d.to_string()).unwrap_or_default(),
+        outcome,
+    })
+    .expect("serialisable")
+}
+
+/// The signed statement of a result (see [`result_signing_bytes`]).
+#[derive(Serialize)]
+pub struct SignedResult<'a> {
+    pub lockstep: &'static str,
+    pub protocol: u32,
+    pub contract_version: u32,
+    pub batch: &'a str,
+    pub job: &'a str,
+    pub replica: u32,
+    pub attempt: u32,
+    pub worker: &'a str,
+    pub job_digest: String,
+    /// `ok sha3-256:<hex>` or `error <code>`.
+    pub outcome: String,
+}
+
+/// A worker as enrolled by an operator of the deployment (KV
+/// `lockstep_enrolled`); never written by the worker itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Enrollment {
+    pub name: String,
+    pub operator: String,
+    /// ed25519 public key (nkey `U…`) its results are signed with.
+    pub public_key: String,
+    pub state: EnrollmentState,
+    pub enrolled_ms: u64,
+    /// Why it is quarantined (the fault that caught it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentState {
+    Active,
+    /// Caught returning wrong bits: gets no assignments until an admin
+    /// clears it (`lockstep workers clear`).
+    Quarantined,
 }
 
 /// A worker's entry in the registry, refreshed at every heartbeat.
@@ -429,16 +591,22 @@ pub struct Assignment {
     pub abandoned: Vec<String>,
 }
 
-/// Evidence that a worker returned wrong bits.
+/// Evidence that a worker answered wrongly: wrong bits, or a result no
+/// honest worker sends (bad signature, outputs of the wrong shape, a false
+/// claim that the job is bad).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FaultRecord {
     pub worker: String,
     pub batch: String,
     pub job: String,
-    pub reported: Digest,
-    pub correct: Digest,
-    /// How the correct digest was established.
-    pub resolved_by: String,
+    /// The digest it reported, if it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Digest>,
+    /// The accepted digest, where one was established.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct: Option<Digest>,
+    /// What was wrong, and how it was established.
+    pub reason: String,
     pub at_ms: u64,
 }
 

@@ -273,7 +273,7 @@ pub async fn purge_batch(
     let results = nats
         .results
         .purge()
-        .filter(result_subject(batch))
+        .filter(results_filter(batch))
         .await
         .context("cannot purge the batch's results")?
         .purged;
@@ -292,10 +292,18 @@ pub async fn purge_batch(
         .await
         .context("cannot purge the batch's queued replicas")?
         .purged;
+    let outputs = nats
+        .outputs
+        .purge()
+        .filter(format!("{OUTPUT_SUBJECT_PREFIX}.*.{batch}.>"))
+        .await
+        .context("cannot purge the batch's outputs")?
+        .purged;
     let mut report = PurgeReport {
         results,
         plans,
         jobs,
+        outputs,
         blobs: 0,
     };
     let refs = &nats.refs.stream;
@@ -341,6 +349,8 @@ pub struct PurgeReport {
     pub results: u64,
     pub plans: u64,
     pub jobs: u64,
+    /// Chunks of outputs workers stored.
+    pub outputs: u64,
     pub blobs: u64,
 }
 

@@ -315,17 +315,20 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<DispatchReport> {
+pub async fn bench_dispatch(n: usize) -> Result<DispatchReport> {
     use async_nats::jetstream::{consumer::pull, stream};
     use futures::StreamExt;
     use std::time::Duration;
     anyhow::ensure!(n >= 10, "--jobs must be at least 10");
-    let server = match &nats_url {
-        Some(_) => None,
-        None => Some(crate::harness::NatsServer::start()?),
-    };
-    let url = nats_url.unwrap_or_else(|| server.as_ref().unwrap().url());
-    let nats = crate::nats::connect(&url).await?;
+    // A local server with authorization on: every party logs in with its
+    // key, workers sign results, the coordinator checks them and signs
+    // receipts.
+    let server = crate::harness::NatsServer::start()?;
+    let nats = server.connect().await?;
+    let signer = server
+        .coordinator()
+        .identity()?
+        .context("coordinator key")?;
 
     // Raw JetStream round trips, up to 64 in flight.
     let raw_stream = nats
@@ -401,8 +404,9 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut handles = Vec::new();
     for i in 0..3 {
-        let mut o =
-            crate::worker::WorkerOptions::new(&url, &format!("bench-w{i}-{}", std::process::id()));
+        let name = format!("bench-w{i}-{}", std::process::id());
+        let cfg = server.enroll(&name, &format!("op-{i}"))?;
+        let mut o = crate::worker::WorkerOptions::new(cfg, &name);
         o.backend = crate::worker::BackendChoice::Only(BackendKind::Cpu);
         o.threads = 1;
         o.concurrency = 8;
@@ -430,6 +434,7 @@ pub async fn bench_dispatch(nats_url: Option<String>, n: usize) -> Result<Dispat
         progress: false,
         deadline: Some(Duration::from_secs(300)),
         threads: 1,
+        signer: Some(std::sync::Arc::new(signer)),
         ..Default::default()
     };
     let report = crate::coordinator::submit(&nats, jobs, &opts).await?;

@@ -85,7 +85,6 @@ fn soak_batch(batch: usize, n: usize) -> Vec<BatchJob> {
 /// Runs `jobs` jobs in batches of `batch_size`, r = 2, on three local CPU
 /// worker processes; `progress` is called after every batch.
 pub async fn bench_soak(
-    nats_url: Option<String>,
     jobs: usize,
     batch_size: usize,
     mut progress: impl FnMut(&SoakSample),
@@ -94,17 +93,13 @@ pub async fn bench_soak(
         batch_size > 0 && jobs > 0,
         "--jobs and --batch must be positive"
     );
-    let server = match &nats_url {
-        Some(_) => None,
-        None => Some(NatsServer::start()?),
-    };
-    let url = nats_url.unwrap_or_else(|| server.as_ref().expect("started").url());
-    let nats = crate::nats::connect(&url).await?;
+    let server = NatsServer::start()?;
+    let nats = server.connect().await?;
     let tag = std::process::id();
     let mut workers = WorkerProcs::new(std::env::current_exe()?);
     let names: Vec<String> = (0..3).map(|i| format!("soak-{tag}-{i}")).collect();
     for n in &names {
-        workers.spawn(&url, n, "cpu", &["--concurrency", "4"], &[])?;
+        workers.spawn(&server, n, "cpu", &["--concurrency", "4"], &[])?;
     }
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     crate::nats::wait_for_workers(&nats, &refs, Duration::from_secs(120)).await?;
@@ -141,7 +136,7 @@ pub async fn bench_soak(
             verified_per_s: n as f64 / t.elapsed().as_secs_f64(),
             coordinator_rss_mib: rss_mib(std::process::id()),
             workers_rss_mib: workers.pids().into_iter().map(rss_mib).sum(),
-            server_rss_mib: server.as_ref().and_then(|s| s.pid()).map(rss_mib),
+            server_rss_mib: server.pid().map(rss_mib),
             store_bytes,
         };
         progress(&sample);

@@ -20,6 +20,7 @@
 //! - [`report`]: the report, the verdict table, the outputs.
 
 mod plan;
+pub mod receipt;
 pub mod report;
 mod schedule;
 mod verdict;
@@ -33,18 +34,18 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::consumer;
 use futures::StreamExt;
 
-pub use plan::batch_id_for;
+pub use plan::{batch_id_for, new_batch_id};
 pub use report::{print_report, JobReport, ReplicaReport, Report, Verdict};
 
 use crate::batch::BatchJob;
-use crate::nats::{live_workers, Nats};
+use crate::nats::{enrollments, live_workers_of, LiveWorker, Nats};
 use crate::protocol::*;
 
 #[derive(Clone, Debug)]
 pub struct SubmitOptions {
     pub redundancy: u32,
-    /// Batch id; by default derived from the batch's content, so running the
-    /// same batch again resumes it.
+    /// Batch id; by default a new one ([`new_batch_id`]); name an earlier
+    /// batch's id to resume it.
     pub batch_id: Option<String>,
     /// Where report.json and outputs/ go (None: nothing written).
     pub out_dir: Option<PathBuf>,
@@ -63,6 +64,8 @@ pub struct SubmitOptions {
     pub keep_batch: bool,
     /// Set these limits on every store before starting (None: leave them).
     pub store_limits: Option<crate::store::StoreLimits>,
+    /// The coordinator's key: it signs the receipts (None: no receipts).
+    pub signer: Option<Arc<crate::auth::Identity>>,
 }
 
 impl Default for SubmitOptions {
@@ -78,6 +81,7 @@ impl Default for SubmitOptions {
             threads: 0,
             keep_batch: false,
             store_limits: None,
+            signer: None,
         }
     }
 }
@@ -85,6 +89,8 @@ impl Default for SubmitOptions {
 /// What the coordinator knows of one job while the batch runs.
 struct JobState {
     spec: JobSpec,
+    /// [`JobSpec::job_digest`]: what every result must have computed.
+    job_digest: lockstep_kernels::Digest,
     /// Output shapes, from the op's contract module.
     shapes: Vec<Vec<usize>>,
     /// Per replica: who computes it now.
@@ -115,7 +121,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
     let batch = opts
         .batch_id
         .clone()
-        .unwrap_or_else(|| plan::batch_id_for(&jobs));
+        .unwrap_or_else(|| plan::new_batch_id(&jobs));
     anyhow::ensure!(
         valid_token(&batch),
         "batch id `{batch}` must be 1-64 of [A-Za-z0-9_-]"
@@ -138,7 +144,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
     let mut results = nats
         .results
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: result_subject(&batch),
+            filter_subject: results_filter(&batch),
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         })
@@ -159,6 +165,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         faults: Vec::new(),
         verdicts: [0; 4],
         live: Vec::new(),
+        enrolled: BTreeMap::new(),
         live_at: Instant::now() - Duration::from_secs(60),
         waiting_note: false,
         full_at: Instant::now(),
@@ -180,7 +187,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                 }
                 Some(Ok(m)) => {
                     run.last_result = Instant::now();
-                    run.on_results(&m.payload).await?
+                    run.on_results(&m.subject, &m.payload).await?
                 }
             },
             _ = tick.tick() => run.on_tick().await,
@@ -200,6 +207,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
             faults: run.faults,
             abort: run.abort,
             t_start,
+            enrolled: &run.enrolled,
         },
     )
     .await
@@ -225,6 +233,9 @@ async fn load_jobs(
             inputs.push(r);
         }
         let spec = JobSpec { op: j.op, inputs };
+        let job_digest = spec
+            .job_digest()
+            .with_context(|| format!("job `{}`: inputs cannot be digested", j.id))?;
         let shapes = spec
             .op
             .plan(&spec.shapes())
@@ -234,6 +245,7 @@ async fn load_jobs(
             j.id,
             JobState {
                 spec,
+                job_digest,
                 shapes,
                 assignments: vec![None; redundancy],
                 results: BTreeMap::new(),
@@ -263,7 +275,10 @@ struct Run<'a> {
     undecided: usize,
     verdicts: [usize; 4],
     bar: indicatif::ProgressBar,
-    live: Vec<WorkerRecord>,
+    live: Vec<LiveWorker>,
+    /// Enrollments (public keys, operators, quarantine), refreshed with
+    /// `live`.
+    enrolled: BTreeMap<String, Enrollment>,
     live_at: Instant,
     waiting_note: bool,
     /// When the stores were last checked for room.
@@ -276,9 +291,13 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// One message from the results stream: a result bundle or a single
-    /// result. At most one result per job and worker counts.
-    async fn on_results(&mut self, payload: &[u8]) -> Result<()> {
+    /// One message from the results stream (`lockstep.result.<batch>.<worker>`,
+    /// where the server lets only that worker publish): a result bundle or a
+    /// single result. At most one result per job and worker counts, and only
+    /// one that the worker signed for an assignment it holds or held; a
+    /// result that fails [`verdict::check`] is that worker's fault.
+    async fn on_results(&mut self, subject: &str, payload: &[u8]) -> Result<()> {
+        let sender = subject.rsplit('.').next().unwrap_or_default().to_string();
         let answers: Vec<ResultMessage> =
             if let Ok(b) = serde_json::from_slice::<ResultBundle>(payload) {
                 b.results
@@ -289,12 +308,59 @@ impl Run<'_> {
                 return Ok(());
             };
         let r = self.opts.redundancy as usize;
-        for res in answers {
+        if !self.enrolled.contains_key(&sender) {
+            if let Ok(e) = enrollments(self.nats).await {
+                self.enrolled = e;
+            }
+        }
+        let Some(key) = self.enrolled.get(&sender).map(|e| e.public_key.clone()) else {
+            tracing::warn!(worker = %quote(&sender), "ignoring results from a worker that is not enrolled");
+            return Ok(());
+        };
+        for mut res in answers {
+            if res.worker != sender {
+                tracing::warn!(worker = %quote(&sender), "ignoring a result naming another worker");
+                continue;
+            }
             let Some(js) = self.state.get_mut(&res.job) else {
                 continue;
             };
             if js.decided.is_some() || js.results.contains_key(&res.worker) {
                 continue;
+            }
+            // Bound to an assignment: the worker holds this (replica,
+            // attempt), or held it before it was taken away.
+            let holds = js
+                .assignments
+                .get(res.replica as usize)
+                .and_then(|a| a.as_ref())
+                .is_some_and(|a| {
+                    (a.worker == res.worker && a.attempt == res.attempt)
+                        || (a.abandoned.contains(&res.worker) && res.attempt < a.attempt)
+                });
+            if !holds {
+                tracing::warn!(job = %res.job, worker = %res.worker, "ignoring a result for an assignment the worker does not hold");
+                continue;
+            }
+            if let Some(why) = verdict::check(self.nats, &key, &res, js).await {
+                let f = FaultRecord {
+                    worker: res.worker.clone(),
+                    batch: self.batch.clone(),
+                    job: res.job.clone(),
+                    reported: match &res.outcome {
+                        Outcome::Ok { digest, .. } => Some(*digest),
+                        Outcome::Error { .. } => None,
+                    },
+                    correct: None,
+                    reason: format!("result rejected: {why}"),
+                    at_ms: now_ms(),
+                };
+                verdict::record_fault(self.nats, &mut self.enrolled, f, &mut self.faults).await?;
+                self.live.retain(|w| w.id != res.worker);
+                res.outcome = Outcome::Error {
+                    code: ErrorCode::Rejected,
+                    message: format!("rejected by the coordinator: {why}"),
+                };
             }
             if let Outcome::Error { code, message } = &res.outcome {
                 if code.is_system_fault() {
@@ -322,7 +388,7 @@ impl Run<'_> {
                     }
                     continue;
                 }
-                if !code.is_job_fault() {
+                if !code.is_job_fault() || *code == ErrorCode::TooLarge {
                     tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
                     js.excluded.insert(res.worker.clone());
                 }
@@ -337,8 +403,16 @@ impl Run<'_> {
                 r,
                 &self.cpu,
                 &mut self.faults,
+                &mut self.enrolled,
             )
             .await?;
+            if decided
+                .as_ref()
+                .is_some_and(|d| !d.faulty_workers.is_empty())
+            {
+                let faulty = &decided.as_ref().expect("some").faulty_workers;
+                self.live.retain(|w| !faulty.contains(&w.id));
+            }
             if let Some(report) = decided {
                 self.decide(&id, report);
             }
@@ -377,7 +451,14 @@ impl Run<'_> {
     /// give every replica that needs one a worker.
     async fn on_tick(&mut self) {
         if self.live_at.elapsed() > Duration::from_millis(500) {
-            match live_workers(self.nats, self.opts.worker_timeout).await {
+            let live = match enrollments(self.nats).await {
+                Ok(e) => {
+                    self.enrolled = e;
+                    live_workers_of(self.nats, &self.enrolled, self.opts.worker_timeout).await
+                }
+                Err(e) => Err(e),
+            };
+            match live {
                 Ok(l) => self.live = l,
                 Err(e) => tracing::warn!("cannot read the worker registry: {e}"),
             }
@@ -388,6 +469,7 @@ impl Run<'_> {
             &self.batch,
             &mut self.state,
             &self.live,
+            &self.enrolled,
             self.opts,
         )
         .await

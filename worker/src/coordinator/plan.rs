@@ -27,6 +27,17 @@ pub(super) struct NewReplica {
 
 /// The batch id derived from the jobs' content: each job's id, its op with
 /// every parameter, and its inputs' digests, each part length-prefixed.
+/// A new batch id: `b-<8 hex of the content hash>-<16 hex of randomness>`.
+/// The nonce makes ids unpredictable, so nobody can publish results for a
+/// batch before it exists; resuming a batch names its id.
+pub fn new_batch_id(jobs: &[BatchJob]) -> String {
+    use rand::Rng as _;
+    let content = batch_id_for(jobs);
+    let nonce: u64 = rand::rng().random();
+    format!("{}-{nonce:016x}", &content[..10])
+}
+
+/// The content hash of a batch: `b-<16 hex>`, the same for the same jobs.
 pub fn batch_id_for(jobs: &[BatchJob]) -> String {
     use sha3::Digest as _;
     let mut h = sha3::Sha3_256::new();

@@ -8,12 +8,11 @@ use anyhow::Result;
 use lockstep_kernels::{outputs_digest, tensor_digest_f32, Digest, CONTRACT_VERSION};
 use serde::Serialize;
 
-use super::verdict::load_tensor;
 use super::{JobState, SubmitOptions};
 use crate::nats::Nats;
 use crate::protocol::*;
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Verified,
@@ -79,6 +78,9 @@ pub struct Report {
     /// `--keep-batch`, or while jobs are unresolved).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub purged: Option<crate::store::PurgeReport>,
+    /// Receipts written to receipts.jsonl (one per accepted job, when the
+    /// coordinator has a key).
+    pub receipts: usize,
 }
 
 impl Report {
@@ -97,6 +99,7 @@ pub(super) struct Finish<'a> {
     /// Why it stopped early, if it did (its undecided jobs fail with it).
     pub abort: Option<String>,
     pub t_start: Instant,
+    pub enrolled: &'a BTreeMap<String, Enrollment>,
 }
 
 /// The report of a finished (or stopped) batch, in the batch's job order;
@@ -111,7 +114,9 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
         faults,
         abort,
         t_start,
+        enrolled,
     } = f;
+    let mut receipts = Vec::new();
     let mut reports = Vec::new();
     // Blobs the batch references, and those of them it may delete: inputs it
     // uploaded and outputs, never objects the batch file named.
@@ -120,13 +125,6 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
         let js = state.remove(id).expect("every job has a state");
         referenced.extend(js.spec.inputs.iter().filter_map(|t| t.object));
         deletable.extend(js.uploaded.iter().copied());
-        for res in js.results.values() {
-            if let Outcome::Ok { outputs, .. } = &res.outcome {
-                let outs = outputs.iter().filter_map(|t| t.object);
-                referenced.extend(outs.clone());
-                deletable.extend(outs);
-            }
-        }
         reports.push(js.decided.clone().unwrap_or_else(|| match &abort {
             Some(why) => {
                 let mut r = JobReport::new(id, &js, Verdict::Failed);
@@ -141,7 +139,17 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
             }
         }));
         if let (Some(dir), Some(rep)) = (&opts.out_dir, &js.decided) {
-            write_output(nats, dir, &js, rep).await?;
+            write_output(nats, dir, &batch, &js, rep).await?;
+        }
+        if let Some(signer) = &opts.signer {
+            receipts.extend(super::receipt::build(
+                &batch,
+                id,
+                &js,
+                opts.redundancy,
+                enrolled,
+                signer,
+            ));
         }
     }
     let count = |v: Verdict| reports.iter().filter(|j| j.verdict == v).count();
@@ -159,7 +167,17 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
         elapsed_s: t_start.elapsed().as_secs_f64(),
         stopped: abort,
         purged: None,
+        receipts: receipts.len(),
     };
+    if let Some(dir) = &opts.out_dir {
+        std::fs::create_dir_all(dir)?;
+        let mut text = String::new();
+        for r in &receipts {
+            text += &serde_json::to_string(r)?;
+            text.push('\n');
+        }
+        std::fs::write(dir.join("receipts.jsonl"), text)?;
+    }
     let mut report = report;
     let write = |report: &Report| -> Result<()> {
         if let Some(dir) = &opts.out_dir {
@@ -305,10 +323,7 @@ pub fn print_report(report: &Report) {
         report.contract_version
     );
     for f in &report.faults {
-        println!(
-            "FAULT: worker {} returned {} for {}; correct is {}",
-            f.worker, f.reported, f.job, f.correct
-        );
+        println!("FAULT: worker {} on {}: {}", f.worker, f.job, f.reason);
     }
 }
 
@@ -344,6 +359,7 @@ pub(super) fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
 async fn write_output(
     nats: &Nats,
     dir: &std::path::Path,
+    batch: &str,
     js: &JobState,
     rep: &JobReport,
 ) -> Result<()> {
@@ -361,7 +377,14 @@ async fn write_output(
         }
         let mut data = Vec::with_capacity(outputs.len());
         for t in outputs {
-            match load_tensor(nats, t).await {
+            let loaded = match (&t.inline, &t.object) {
+                (Some(b64), _) => decode_f32(b64).map_err(anyhow::Error::msg),
+                (None, Some(d)) => {
+                    crate::nats::get_output(nats, &res.worker, batch, &t.shape, d).await
+                }
+                (None, None) => Err(anyhow::anyhow!("no data")),
+            };
+            match loaded {
                 Ok(d) if d.len() == t.elements().unwrap_or(usize::MAX) => data.push(d),
                 _ => continue 'results,
             }

@@ -1,6 +1,7 @@
 //! Scheduling: every replica without a live, timely worker gets one that
-//! holds no other replica of the job (least loaded first, ties at random),
-//! and new assignments travel to each worker in bundles.
+//! holds no other replica of the job and whose operator runs none of the
+//! job's other replicas (least loaded first, ties at random), and new
+//! assignments travel to each worker in bundles.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -11,7 +12,7 @@ use rand::seq::IndexedRandom;
 
 use super::plan::{send_bundle, NewReplica};
 use super::{JobState, SubmitOptions};
-use crate::nats::Nats;
+use crate::nats::{LiveWorker, Nats};
 use crate::protocol::*;
 
 /// A replica of a job: (job id, replica index).
@@ -49,7 +50,8 @@ pub(super) async fn schedule(
     nats: &Nats,
     batch: &str,
     state: &mut BTreeMap<String, JobState>,
-    live: &[WorkerRecord],
+    live: &[LiveWorker],
+    enrolled: &BTreeMap<String, Enrollment>,
     opts: &SubmitOptions,
 ) -> Result<usize> {
     let live_ids: HashSet<&str> = live.iter().map(|w| w.id.as_str()).collect();
@@ -99,12 +101,26 @@ pub(super) async fn schedule(
                 .filter_map(|(_, a)| a.as_ref())
                 .map(|a| a.worker.as_str())
                 .collect();
-            let mut candidates: Vec<&WorkerRecord> = live
+            // Replicas of one job go to distinct operators: one operator's
+            // sybils cannot verify each other.
+            let operators: HashSet<&str> = holding
+                .iter()
+                .copied()
+                .chain(
+                    js.results
+                        .iter()
+                        .filter(|(_, r)| matches!(r.outcome, Outcome::Ok { .. }))
+                        .map(|(w, _)| w.as_str()),
+                )
+                .filter_map(|w| enrolled.get(w).map(|e| e.operator.as_str()))
+                .collect();
+            let mut candidates: Vec<&LiveWorker> = live
                 .iter()
                 .filter(|w| {
                     !js.excluded.contains(&w.id)
                         && !holding.contains(w.id.as_str())
                         && !js.results.contains_key(&w.id)
+                        && !operators.contains(w.operator.as_str())
                 })
                 .collect();
             // A system retry goes to another worker when there is one (the
@@ -119,7 +135,7 @@ pub(super) async fn schedule(
                 .iter()
                 .map(|w| load.get(&w.id).copied().unwrap_or(0))
                 .min();
-            let least: Vec<&&WorkerRecord> = candidates
+            let least: Vec<&&LiveWorker> = candidates
                 .iter()
                 .filter(|w| Some(load.get(&w.id).copied().unwrap_or(0)) == min_load)
                 .collect();

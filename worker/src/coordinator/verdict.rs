@@ -3,6 +3,8 @@
 //! the reference digest, and records a fault against every worker that
 //! differs.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use lockstep_kernels::contract::views;
 use lockstep_kernels::{outputs_digest, Backend, Digest};
@@ -13,6 +15,8 @@ use crate::nats::Nats;
 use crate::protocol::*;
 
 /// Decides a job once it has enough results; `None` while it needs more.
+/// Every result here passed [`check`].
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn evaluate(
     nats: &Nats,
     batch: &str,
@@ -21,11 +25,23 @@ pub(super) async fn evaluate(
     r: usize,
     cpu: &std::sync::Arc<lockstep_kernels::cpu::CpuBackend>,
     faults: &mut Vec<FaultRecord>,
+    enrolled: &mut BTreeMap<String, Enrollment>,
 ) -> Result<Option<JobReport>> {
     let mut report = JobReport::new(id, js, Verdict::Failed);
-    // A job-level error means the job itself is bad.
+    // A job-level error the coordinator confirmed (an input really missing
+    // or corrupt) means the job itself is bad; "too large" is a worker's own
+    // limit, so it fails the job only when r workers say so.
+    let too_large = js
+        .results
+        .values()
+        .filter(|res| matches!(&res.outcome, Outcome::Error { code, .. } if *code == ErrorCode::TooLarge))
+        .count();
     if let Some((code, message)) = js.results.values().find_map(|res| match &res.outcome {
-        Outcome::Error { code, message } if code.is_job_fault() => Some((*code, message.clone())),
+        Outcome::Error { code, message }
+            if code.is_job_fault() && (*code != ErrorCode::TooLarge || too_large >= r) =>
+        {
+            Some((*code, message.clone()))
+        }
         _ => None,
     }) {
         report.reason = Some(format!("{code:?}: {message}"));
@@ -35,12 +51,7 @@ pub(super) async fn evaluate(
         .results
         .iter()
         .filter_map(|(w, res)| match &res.outcome {
-            Outcome::Ok { digest, outputs }
-                if outputs.len() == js.shapes.len()
-                    && outputs.iter().zip(&js.shapes).all(|(t, s)| t.shape == *s) =>
-            {
-                Some((w, *digest))
-            }
+            Outcome::Ok { digest, .. } => Some((w, *digest)),
             _ => None,
         })
         .collect();
@@ -57,31 +68,140 @@ pub(super) async fn evaluate(
     let reference = reference_digest(nats, &js.spec, cpu).await?;
     report.verdict = Verdict::Resolved;
     report.digest = Some(reference);
-    for (w, d) in &oks {
-        if *d != reference {
-            let f = FaultRecord {
-                worker: (*w).clone(),
-                batch: batch.into(),
-                job: id.into(),
-                reported: *d,
-                correct: reference,
-                resolved_by: "coordinator CPU reference".into(),
-                at_ms: now_ms(),
-            };
-            tracing::warn!(job = %id, worker = %w, "worker returned wrong bits");
-            nats.faults
-                .put(format!("{w}.{batch}.{id}"), serde_json::to_vec(&f)?.into())
-                .await
-                .context("cannot record a fault")?;
-            report.faulty_workers.push((*w).clone());
-            faults.push(f);
-        }
+    let wrong: Vec<(String, Digest)> = oks
+        .iter()
+        .filter(|(_, d)| *d != reference)
+        .map(|(w, d)| ((*w).clone(), *d))
+        .collect();
+    for (w, d) in wrong {
+        let f = FaultRecord {
+            worker: w.clone(),
+            batch: batch.into(),
+            job: id.into(),
+            reported: Some(d),
+            correct: Some(reference),
+            reason: format!("returned {d}; the coordinator's CPU reference computes {reference}"),
+            at_ms: now_ms(),
+        };
+        record_fault(nats, enrolled, f, faults).await?;
+        report.faulty_workers.push(w);
     }
     report.reason = Some(format!(
         "digests disagreed; recomputed by the coordinator; {} faulty",
         report.faulty_workers.len()
     ));
     Ok(Some(report))
+}
+
+/// Records a fault (KV `lockstep_faults`, the report) and quarantines the
+/// worker: it gets no further assignments until an admin clears it.
+pub(super) async fn record_fault(
+    nats: &Nats,
+    enrolled: &mut BTreeMap<String, Enrollment>,
+    f: FaultRecord,
+    faults: &mut Vec<FaultRecord>,
+) -> Result<()> {
+    tracing::warn!(job = %f.job, worker = %f.worker, "fault: {}", f.reason);
+    nats.faults
+        .put(
+            format!("{}.{}.{}", f.worker, f.batch, f.job),
+            serde_json::to_vec(&f)?.into(),
+        )
+        .await
+        .context("cannot record a fault")?;
+    if let Some(e) = enrolled.get_mut(&f.worker) {
+        if e.state != EnrollmentState::Quarantined {
+            e.state = EnrollmentState::Quarantined;
+            e.reason = Some(format!("batch {} job {}: {}", f.batch, f.job, f.reason));
+            crate::nats::put_enrollment(nats, e).await?;
+            tracing::warn!(worker = %f.worker, "quarantined");
+        }
+    }
+    faults.push(f);
+    Ok(())
+}
+
+/// Why a result must be rejected, if it must: it does not verify against
+/// the worker's enrolled key, it is for another job, its outputs have the
+/// wrong shapes or do not hash to the digest it signed, or it claims the
+/// job is bad when the coordinator finds it is not. The caller has checked
+/// that the worker holds (or held) the assignment the result names.
+pub(super) async fn check(
+    nats: &Nats,
+    key: &str,
+    res: &ResultMessage,
+    js: &JobState,
+) -> Option<String> {
+    if crate::auth::verify(key, &result_signing_bytes(res), &res.signature).is_err() {
+        return Some("its signature does not verify against its enrolled key".into());
+    }
+    if res.protocol != PROTOCOL_VERSION
+        || res.contract_version != lockstep_kernels::CONTRACT_VERSION
+    {
+        return Some(format!(
+            "it speaks protocol {} / contract {}",
+            res.protocol, res.contract_version
+        ));
+    }
+    match &res.outcome {
+        Outcome::Ok { digest, outputs } => {
+            if res.job_digest != Some(js.job_digest) {
+                return Some("it signed another job's digest".into());
+            }
+            if outputs.len() != js.shapes.len()
+                || outputs.iter().zip(&js.shapes).any(|(t, s)| t.shape != *s)
+            {
+                return Some(format!(
+                    "its outputs have shapes {:?}; the contract gives {:?}",
+                    outputs.iter().map(|t| &t.shape).collect::<Vec<_>>(),
+                    js.shapes
+                ));
+            }
+            let mut digests = Vec::with_capacity(outputs.len());
+            for t in outputs {
+                match (&t.inline, &t.object) {
+                    (Some(b64), None) => match decode_f32(b64) {
+                        Ok(d) if Some(d.len()) == t.elements() => {
+                            digests.push(TensorRef::digest_of(&t.shape, &d))
+                        }
+                        _ => return Some("an inline output does not fit its shape".into()),
+                    },
+                    (None, Some(d)) => digests.push(*d),
+                    _ => return Some("an output is neither inline nor stored".into()),
+                }
+            }
+            if outputs_digest(&digests) != *digest {
+                return Some("its outputs do not hash to the digest it signed".into());
+            }
+            None
+        }
+        Outcome::Error { code, .. } => match code {
+            ErrorCode::Rejected => Some("it sent a code only coordinators use".into()),
+            ErrorCode::BadMessage
+            | ErrorCode::UnknownOp
+            | ErrorCode::BadShape
+            | ErrorCode::WrongContract => Some(format!(
+                "it claimed {code:?} for a job the coordinator checked against the contract"
+            )),
+            ErrorCode::TamperedBlob | ErrorCode::MissingBlob => {
+                for t in &js.spec.inputs {
+                    if let Some(d) = &t.object {
+                        let fine = match crate::nats::get_blob(nats, d).await {
+                            Ok(bytes) => decode_blob(&t.shape, d, &bytes).is_ok(),
+                            Err(_) => false,
+                        };
+                        if !fine {
+                            return None;
+                        }
+                    }
+                }
+                Some(format!(
+                    "it claimed {code:?}, but every input is in the store and hashes to its name"
+                ))
+            }
+            _ => None,
+        },
+    }
 }
 
 /// A job the system kept failing (redeliveries exhausted, results the server

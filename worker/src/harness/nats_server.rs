@@ -1,23 +1,29 @@
 //! A local `nats-server` (>= 2.10, JetStream on) for the demo, benchmarks and
-//! tests: random loopback port, its own store directory, killed on drop.
+//! tests: a deployment of its own in a temporary folder (authorization on,
+//! every party enrolled with its key and permissions), a random loopback
+//! port, killed on drop.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::auth::ConnectConfig;
+use crate::deploy::{Deployment, Role};
+
 pub struct NatsServer {
     child: Option<Child>,
     bin: PathBuf,
-    /// A config file for settings the command line lacks (max_payload).
-    config: Option<PathBuf>,
     pub port: u16,
-    /// JetStream store; kept across [`NatsServer::restart`].
-    pub store: PathBuf,
-    /// Owns `store` when we created it.
-    _tmp: Option<tempfile::TempDir>,
+    /// The deployment the server runs: its configuration (nkey users with
+    /// permissions), every key, and the JetStream store (`store/`), kept
+    /// across [`NatsServer::restart`].
+    deployment: Mutex<Deployment>,
+    /// Owns the deployment's folder.
+    _tmp: tempfile::TempDir,
 }
 
 /// Finds a nats-server binary: `$LOCKSTEP_NATS_SERVER`, then the one `./dev`
@@ -83,46 +89,25 @@ pub struct ServerOptions {
 }
 
 impl NatsServer {
-    /// Starts a server with a fresh temporary store.
+    /// Starts a server with a fresh deployment (authorization on, one
+    /// coordinator identity) in a temporary folder.
     pub fn start() -> Result<Self> {
         Self::start_with(&ServerOptions::default())
     }
 
-    /// Starts a server with a fresh temporary store and these settings.
+    /// Starts a server with a fresh deployment and these settings.
     pub fn start_with(options: &ServerOptions) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("lockstep-nats-")
             .tempdir()?;
-        let store = tmp.path().join("store");
-        let config = match options.max_payload {
-            Some(bytes) => {
-                let path = tmp.path().join("nats.conf");
-                std::fs::write(&path, format!("max_payload: {bytes}\n"))?;
-                Some(path)
-            }
-            None => None,
-        };
+        let port = free_port()?;
+        let deployment = Deployment::init(tmp.path(), "127.0.0.1", port, options.max_payload)?;
         let mut s = Self {
             child: None,
             bin: find_nats_server()?,
-            config,
-            port: free_port()?,
-            store,
-            _tmp: Some(tmp),
-        };
-        s.spawn()?;
-        Ok(s)
-    }
-
-    /// Starts a server on an existing store directory.
-    pub fn start_with_store(store: &Path) -> Result<Self> {
-        let mut s = Self {
-            child: None,
-            bin: find_nats_server()?,
-            config: None,
-            port: free_port()?,
-            store: store.into(),
-            _tmp: None,
+            port,
+            deployment: Mutex::new(deployment),
+            _tmp: tmp,
         };
         s.spawn()?;
         Ok(s)
@@ -137,23 +122,66 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let mut cmd = Command::new(&self.bin);
-        if let Some(config) = &self.config {
-            cmd.arg("-c").arg(config);
+    /// The deployment's folder (`deployment.json`, keys, store).
+    pub fn dir(&self) -> PathBuf {
+        self._tmp.path().into()
+    }
+
+    /// How the deployment's coordinator connects.
+    pub fn coordinator(&self) -> ConnectConfig {
+        self.deployment.lock().expect("not poisoned").coordinator()
+    }
+
+    /// Connects as the coordinator (creating every store).
+    pub async fn connect(&self) -> Result<crate::nats::Nats> {
+        crate::nats::connect(&self.coordinator()).await
+    }
+
+    /// Enrolls a worker (idempotent) the way `lockstep enroll` does: its key,
+    /// the server's configuration reloaded, its registry entry written.
+    /// Returns how the worker connects.
+    pub fn enroll(&self, name: &str, operator: &str) -> Result<ConnectConfig> {
+        let mut d = self.deployment.lock().expect("not poisoned");
+        let known = d.member(Role::Worker, name).is_some();
+        let member = d.enroll(Role::Worker, name, operator)?;
+        let cfg = d.connect_as(Role::Worker, name);
+        if known {
+            return Ok(cfg);
         }
-        let child = cmd
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.store)
+        if let Some(child) = &self.child {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        }
+        let (coordinator, worker) = (d.coordinator(), cfg.clone());
+        drop(d);
+        // Its own thread and runtime: callers may be inside a runtime.
+        std::thread::spawn(move || -> Result<()> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    crate::deploy::wait_until_accepted(&worker, Duration::from_secs(10)).await?;
+                    let nats = crate::nats::connect(&coordinator).await?;
+                    crate::deploy::register(&nats, &member).await?;
+                    Ok(())
+                })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("enrolling panicked"))??;
+        Ok(cfg)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let config = self._tmp.path().join(crate::deploy::SERVER_CONFIG);
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("LOCKSTEP_NATS_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
         self.child = Some(child);

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use super::NatsServer;
+
 /// `lockstep worker` processes (the demo's, and the tests'): when dropped,
 /// each gets SIGTERM (it drains and exits), then SIGKILL after 5 s.
 pub struct WorkerProcs {
@@ -22,28 +24,36 @@ impl WorkerProcs {
         }
     }
 
-    /// Starts `lockstep worker --nats URL --name NAME --backend BACKEND
-    /// --threads 1 ARGS…` with extra environment.
+    /// Enrolls `name` on the server (its own operator, `op-<name>`) and
+    /// starts `lockstep worker --nats URL --nkey KEY --name NAME --backend
+    /// BACKEND --threads 1 ARGS…` with extra environment.
     pub fn spawn(
         &mut self,
-        url: &str,
+        server: &NatsServer,
         name: &str,
         backend: &str,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<()> {
+        self.spawn_as(server, name, &format!("op-{name}"), backend, args, env)
+    }
+
+    /// [`WorkerProcs::spawn`], enrolled under `operator`.
+    pub fn spawn_as(
+        &mut self,
+        server: &NatsServer,
+        name: &str,
+        operator: &str,
+        backend: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let cfg = server.enroll(name, operator)?;
+        let key = cfg.nkey.expect("enrolled workers have a key");
         let child = Command::new(&self.exe)
-            .args([
-                "worker",
-                "--nats",
-                url,
-                "--name",
-                name,
-                "--backend",
-                backend,
-                "--threads",
-                "1",
-            ])
+            .args(["worker", "--nats", &cfg.url, "--nkey"])
+            .arg(&key)
+            .args(["--name", name, "--backend", backend, "--threads", "1"])
             .args(args)
             .env(
                 "RUST_LOG",

@@ -1,6 +1,6 @@
 //! Inputs and outputs of jobs: inline tensors decoded, objects fetched from
 //! the object store through a local cache, every object re-hashed against
-//! its name.
+//! its name; large outputs stored in the outputs stream.
 
 use lockstep_kernels::Digest;
 
@@ -57,27 +57,23 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
     Ok(data)
 }
 
-/// Stores an output of `batch` in the object store, after recording that the
-/// batch references it (so no other batch's clean-up deletes it). A failure
-/// there (a full store, a server going away) is the system's, not this
-/// worker's.
-pub(super) async fn put_blob(
+/// Stores an output too large for the result message in the outputs stream,
+/// under this worker's name (the only place it may write; readers re-hash).
+pub(super) async fn put_output(
     ctx: &Ctx,
     batch: &str,
     digest: &Digest,
     data: &[f32],
 ) -> Result<(), JobError> {
-    let stored = async {
-        crate::store::add_ref(&ctx.nats, digest, batch).await?;
-        crate::nats::put_blob(&ctx.nats, digest, data).await
-    };
-    stored.await.map_err(|e| {
-        job_err(
-            ErrorCode::Unpublishable,
-            format!(
-                "cannot store an output: {}",
-                shorten(&format!("{e:#}"), 200)
-            ),
-        )
-    })
+    crate::nats::put_output(&ctx.nats, &ctx.opts.name, batch, digest, data)
+        .await
+        .map_err(|e| {
+            job_err(
+                ErrorCode::Unpublishable,
+                format!(
+                    "cannot store an output: {}",
+                    shorten(&format!("{e:#}"), 200)
+                ),
+            )
+        })
 }

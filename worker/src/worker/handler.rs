@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, AckKind};
 use lockstep_kernels::contract::views;
 use lockstep_kernels::{outputs_digest, BackendKind, ErrorKind, Op, CONTRACT_VERSION};
 
-use super::cache::{fetch, put_blob};
+use super::cache::{fetch, put_output};
 use super::publish::{publish_then_ack, Answer};
 use super::{Ctx, MAX_DELIVER};
 use crate::protocol::*;
@@ -68,7 +68,7 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
             results.push(answer_one(ctx, delivered, Some(job)).await);
         }
         let answer = Answer {
-            subject: answer_subject(batch),
+            subject: answer_subject(ctx, batch),
             id: message_id(&[batch, id, &ctx.opts.name]),
             batch: batch.to_string(),
             bundled: true,
@@ -77,7 +77,7 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
     }
     let result = answer_one(ctx, delivered, value.as_ref()).await;
     let answer = Answer {
-        subject: answer_subject(&result.batch),
+        subject: answer_subject(ctx, &result.batch),
         id: message_id(&[
             &result.batch,
             &result.job,
@@ -91,13 +91,13 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
     publish_then_ack(ctx, msg, answer, vec![result]).await
 }
 
-/// Where the answer for `batch` goes: its results subject, or the
-/// unroutable one when the message named no valid batch.
-fn answer_subject(batch: &str) -> String {
+/// Where this worker's answer for `batch` goes: its results subject, or
+/// the unroutable one when the message named no valid batch.
+fn answer_subject(ctx: &Ctx, batch: &str) -> String {
     if valid_token(batch) {
-        result_subject(batch)
+        result_subject(batch, &ctx.opts.name)
     } else {
-        UNROUTABLE_RESULT_SUBJECT.to_string()
+        result_subject(UNROUTABLE_BATCH, &ctx.opts.name)
     }
 }
 
@@ -112,6 +112,7 @@ async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<&serde_json::Value>
     let (mut result, outcome) = match parsed {
         Ok(job) => {
             let mut result = blank_result(ctx, &job.batch, &job.job, job.replica, job.attempt);
+            result.job_digest = job.spec.job_digest();
             let outcome = job_outcome(ctx, &job, delivered, &mut result.timings).await;
             (result, outcome)
         }
@@ -213,6 +214,8 @@ fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -
             message: String::new(),
         },
         timings: Timings::default(),
+        job_digest: None,
+        signature: String::new(),
     }
 }
 
@@ -314,7 +317,7 @@ async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<O
         refs.push(if t.data.len() * 4 <= inline {
             TensorRef::inline(t.shape.clone(), &t.data)
         } else {
-            put_blob(ctx, &job.batch, digest, &t.data).await?;
+            put_output(ctx, &job.batch, digest, &t.data).await?;
             TensorRef::object(t.shape.clone(), *digest)
         });
     }

@@ -36,7 +36,8 @@ use tokio::sync::Semaphore;
 pub use backends::{open_backend, BackendChoice};
 pub use testing::{FaultInjection, TestSwitches};
 
-use crate::nats::{connect, Nats};
+use crate::auth::{ConnectConfig, Identity};
+use crate::nats::{connect_worker, Nats};
 use crate::protocol::*;
 
 /// Deliveries of one job message before the worker gives up on it with an
@@ -45,7 +46,9 @@ pub const MAX_DELIVER: i64 = 5;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
-    pub nats_url: String,
+    /// The server, and this worker's key (it logs in with it and signs
+    /// every result with it).
+    pub nats: ConnectConfig,
     pub name: String,
     pub backend: BackendChoice,
     pub concurrency: usize,
@@ -64,9 +67,9 @@ pub struct WorkerOptions {
 }
 
 impl WorkerOptions {
-    pub fn new(nats_url: &str, name: &str) -> Self {
+    pub fn new(nats: ConnectConfig, name: &str) -> Self {
         Self {
-            nats_url: nats_url.into(),
+            nats,
             name: name.into(),
             backend: BackendChoice::Auto,
             concurrency: 1,
@@ -110,6 +113,8 @@ pub fn default_name() -> String {
 /// Everything a job handler needs.
 struct Ctx {
     nats: Nats,
+    /// Signs every result.
+    identity: Identity,
     opts: WorkerOptions,
     backend: Arc<dyn Backend>,
     info: BackendInfo,
@@ -132,17 +137,21 @@ pub async fn run(
             opts.name
         );
     }
+    let identity = opts.nats.identity()?.context(
+        "a worker signs its results with its key: give it the key file `lockstep enroll` wrote (--nkey FILE)",
+    )?;
     let threads = opts.threads;
     let choice = opts.backend;
     let (backend, infos) =
         tokio::task::spawn_blocking(move || open_backend(choice, threads)).await??;
     let info = backend.info();
-    let nats = connect(&opts.nats_url).await?;
+    let nats = connect_worker(&opts.nats).await?;
     let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("cannot create cache dir {}", cache.display()))?;
     let ctx = Arc::new(Ctx {
         nats: nats.clone(),
+        identity,
         opts: opts.clone(),
         backend,
         info,
@@ -291,7 +300,7 @@ async fn take_over_consumer(
     nats: &Nats,
     name: &str,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>> {
-    let durable = format!("w-{name}");
+    let durable = worker_consumer(name);
     let config = pull::Config {
         durable_name: Some(durable.clone()),
         filter_subject: worker_filter(name),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
 
-use super::cache::put_blob;
+use super::cache::put_output;
 use super::Ctx;
 use crate::protocol::*;
 
@@ -80,7 +80,7 @@ async fn fit(ctx: &Ctx, result: &mut ResultMessage, limit: usize) {
             let Ok(data) = decode_f32(b64) else { continue };
             let digest = TensorRef::digest_of(&t.shape, &data);
             if let Err(super::handler::JobError(_, e)) =
-                put_blob(ctx, &result.batch, &digest, &data).await
+                put_output(ctx, &result.batch, &digest, &data).await
             {
                 tracing::warn!("cannot move an output to the object store: {e}");
                 continue;
@@ -151,6 +151,11 @@ pub(super) async fn publish_then_ack(
         results.into_iter().map(|r| vec![r]).collect()
     };
     let many = parts.len() > 1;
+    let sign = |part: &mut Vec<ResultMessage>| {
+        for r in part.iter_mut() {
+            r.signature = ctx.identity.sign(&result_signing_bytes(r));
+        }
+    };
     for mut part in parts {
         // A part is named by what it holds, so a redelivered bundle that
         // splits differently publishes new parts rather than duplicates.
@@ -165,6 +170,7 @@ pub(super) async fn publish_then_ack(
             answer.id.clone()
         };
         for round in 0..2 {
+            sign(&mut part);
             let payload = if answer.bundled {
                 serde_json::to_vec(&ResultBundle {
                     protocol: PROTOCOL_VERSION,
@@ -224,6 +230,8 @@ mod tests {
                 message: "x".repeat(bytes),
             },
             timings: Timings::default(),
+            job_digest: None,
+            signature: String::new(),
         }
     }
 

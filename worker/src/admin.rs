@@ -1,0 +1,206 @@
+//! The deployment's administration commands: `lockstep deploy init`,
+//! `lockstep enroll`, `lockstep workers [clear]` and `lockstep verify`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::auth::ConnectConfig;
+use crate::cli::ConnectArgs;
+use crate::coordinator::receipt::{parse_receipts, verify_receipt};
+use crate::deploy::{Deployment, Role};
+use crate::protocol::*;
+
+/// `lockstep deploy init DIR`.
+pub fn deploy_init(dir: &Path, host: &str, port: u16, max_payload: Option<usize>) -> Result<()> {
+    let d = Deployment::init(dir, host, port, max_payload)?;
+    println!("deployment created in {}", dir.display());
+    println!(
+        "  server configuration: {}",
+        dir.join(crate::deploy::SERVER_CONFIG).display()
+    );
+    println!(
+        "  coordinator key:      {}",
+        d.key_path(Role::Coordinator, "coordinator").display()
+    );
+    println!("next:");
+    println!(
+        "  nats-server -c {}          # start the server (JetStream, authorization on)",
+        dir.join(crate::deploy::SERVER_CONFIG).display()
+    );
+    println!(
+        "  lockstep enroll worker NAME --operator ORG --deployment {}",
+        dir.display()
+    );
+    println!(
+        "  lockstep worker --name NAME --nkey {}  # on the worker's machine",
+        d.key_path(Role::Worker, "NAME").display()
+    );
+    println!(
+        "  lockstep submit --deployment {} batch.jsonl",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `lockstep enroll worker NAME --operator ORG`.
+pub fn enroll_worker(connect: &ConnectArgs, name: &str, operator: &str) -> Result<()> {
+    let dir = connect
+        .deployment
+        .clone()
+        .context("enrolling needs the deployment folder: --deployment DIR")?;
+    let mut d = Deployment::open(&dir)?;
+    let member = d.enroll(Role::Worker, name, operator)?;
+    let key = d.key_path(Role::Worker, name);
+    println!(
+        "enrolled worker {} (operator {}), public key {}",
+        quote(name),
+        quote(operator),
+        member.public_key
+    );
+    println!(
+        "  its key: {}  (copy it to the worker's machine; keep it secret)",
+        key.display()
+    );
+    if d.reload_server() {
+        println!("  the server running from this deployment reloaded its configuration");
+    } else {
+        println!(
+            "  no server runs from this deployment here: reload yours with the new {}",
+            dir.join(crate::deploy::SERVER_CONFIG).display()
+        );
+    }
+    let worker = d.connect_as(Role::Worker, name);
+    let coordinator = connect.coordinator()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        crate::deploy::wait_until_accepted(&worker, std::time::Duration::from_secs(10))
+            .await
+            .context("the server does not accept the worker's key yet")?;
+        let nats = crate::nats::connect(&coordinator).await?;
+        let e = crate::deploy::register(&nats, &member).await?;
+        println!("  registered: state {:?}", e.state);
+        anyhow::Ok(())
+    })
+    .with_context(|| {
+        format!(
+            "{} is enrolled in {}, but not registered on the server; run this again once the server runs with the new configuration",
+            quote(name),
+            dir.display()
+        )
+    })
+}
+
+/// `lockstep workers`.
+pub fn list_workers(cfg: &ConnectConfig, json: bool) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let nats = crate::nats::connect(cfg).await?;
+        let enrolled = crate::nats::enrollments(&nats).await?;
+        let live =
+            crate::nats::live_workers_of(&nats, &enrolled, std::time::Duration::from_secs(5))
+                .await?;
+        let faults = fault_counts(&nats).await;
+        let rows: Vec<serde_json::Value> = enrolled
+            .values()
+            .map(|e| {
+                serde_json::json!({
+                    "name": e.name,
+                    "operator": e.operator,
+                    "state": e.state,
+                    "live": live.iter().any(|w| w.id == e.name),
+                    "faults": faults.get(&e.name).copied().unwrap_or(0),
+                    "reason": e.reason,
+                    "public_key": e.public_key,
+                })
+            })
+            .collect();
+        if json {
+            println!("{}", serde_json::Value::Array(rows));
+            return Ok(());
+        }
+        println!(
+            "{:<24} {:<16} {:<12} {:<5} {:>6}  reason",
+            "worker", "operator", "state", "live", "faults"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:<16} {:<12} {:<5} {:>6}  {}",
+                r["name"].as_str().unwrap_or_default(),
+                r["operator"].as_str().unwrap_or_default(),
+                r["state"].as_str().unwrap_or_default(),
+                if r["live"] == true { "yes" } else { "no" },
+                r["faults"],
+                r["reason"].as_str().unwrap_or("")
+            );
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn fault_counts(nats: &crate::nats::Nats) -> std::collections::BTreeMap<String, u64> {
+    use futures::StreamExt;
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(mut keys) = nats.faults.keys().await {
+        while let Some(Ok(k)) = keys.next().await {
+            if let Some(w) = k.split('.').next() {
+                *out.entry(w.to_string()).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+/// `lockstep workers clear NAME`.
+pub fn clear_worker(cfg: &ConnectConfig, name: &str) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let nats = crate::nats::connect(cfg).await?;
+        let mut e = crate::nats::enrollments(&nats)
+            .await?
+            .remove(name)
+            .with_context(|| format!("no enrolled worker {}", quote(name)))?;
+        e.state = EnrollmentState::Active;
+        e.reason = None;
+        crate::nats::put_enrollment(&nats, &e).await?;
+        println!("{} is active again", quote(name));
+        anyhow::Ok(())
+    })
+}
+
+/// `lockstep verify RECEIPTS`.
+pub fn verify(path: &Path, deployment: Option<&Path>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let receipts = parse_receipts(&text)?;
+    anyhow::ensure!(!receipts.is_empty(), "{} holds no receipts", path.display());
+    let trust = deployment.map(Deployment::open).transpose()?;
+    let mut bad = 0;
+    for r in &receipts {
+        match verify_receipt(r, trust.as_ref()) {
+            Ok(()) => println!(
+                "ok    {} {} {:?} {} by {}",
+                r.batch,
+                r.job,
+                r.verdict,
+                r.output_digest,
+                r.workers
+                    .iter()
+                    .map(|w| format!("{} ({})", w.worker, w.operator))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => {
+                bad += 1;
+                println!("FAIL  {} {}: {e:#}", r.batch, r.job);
+            }
+        }
+    }
+    anyhow::ensure!(
+        bad == 0,
+        "{bad} of {} receipts do not verify",
+        receipts.len()
+    );
+    println!("{} receipts verify", receipts.len());
+    Ok(())
+}
