@@ -6,6 +6,8 @@
 //! [`backend_tests!`] macro stamps each one out per target, and a target
 //! whose device is absent prints why and passes as skipped.
 
+pub mod adversary;
+
 use lockstep_kernels::cpu::{CpuBackend, Isa};
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions, WgpuPath};
 use lockstep_kernels::{Backend, ErrorKind};

@@ -96,7 +96,8 @@ enum Command {
     Workers {
         #[command(subcommand)]
         action: Option<WorkersAction>,
-        #[arg(long)]
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
         json: bool,
         #[command(flatten)]
         connect: ConnectArgs,
@@ -158,27 +159,27 @@ enum WorkersAction {
 #[derive(clap::Args, Clone, Default)]
 pub struct ConnectArgs {
     /// NATS server URL (default: the deployment's, else nats://127.0.0.1:4222).
-    #[arg(long, env = "LOCKSTEP_NATS")]
+    #[arg(long, global = true, env = "LOCKSTEP_NATS")]
     pub(crate) nats: Option<String>,
     /// This party's key: an nkey seed file, as `lockstep enroll` and
     /// `lockstep deploy init` write them (default: from --deployment).
-    #[arg(long, env = "LOCKSTEP_NKEY")]
+    #[arg(long, global = true, env = "LOCKSTEP_NKEY")]
     pub(crate) nkey: Option<PathBuf>,
     /// A NATS credentials file (JWT and seed), for servers in operator mode.
-    #[arg(long, env = "LOCKSTEP_CREDS")]
+    #[arg(long, global = true, env = "LOCKSTEP_CREDS")]
     pub(crate) creds: Option<PathBuf>,
     /// CA certificate (PEM) to trust for the server's TLS; requires TLS.
-    #[arg(long, env = "LOCKSTEP_TLS_CA")]
+    #[arg(long, global = true, env = "LOCKSTEP_TLS_CA")]
     pub(crate) tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), for servers that verify clients.
-    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
     pub(crate) tls_cert: Option<PathBuf>,
     /// Client certificate's key (PEM).
-    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
     pub(crate) tls_key: Option<PathBuf>,
     /// A deployment folder (`lockstep deploy init`): the server address and
     /// this party's key are taken from it unless given.
-    #[arg(long, env = "LOCKSTEP_DEPLOYMENT")]
+    #[arg(long, global = true, env = "LOCKSTEP_DEPLOYMENT")]
     pub(crate) deployment: Option<PathBuf>,
 }
 

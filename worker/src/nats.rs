@@ -377,7 +377,20 @@ pub async fn blob_exists(nats: &Nats, digest: &lockstep_kernels::Digest) -> bool
 /// references bucket) and the other writer waits for the object instead.
 pub async fn put_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]) -> Result<()> {
     if blob_exists(nats, digest).await {
-        return Ok(());
+        // Trust an object under this name only if it hashes to the name:
+        // replace one that does not.
+        let stored = get_blob(nats, digest).await;
+        let fine = stored
+            .as_ref()
+            .is_ok_and(|bytes| bytes.len() == data.len() * 4 && f32_bytes(data) == *bytes);
+        if fine {
+            return Ok(());
+        }
+        tracing::warn!(%digest, "an object under this name does not hold it: replacing it");
+        nats.blobs
+            .delete(digest.to_hex())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot delete a corrupt object {digest}: {e}"))?;
     }
     use async_nats::jetstream::kv::CreateErrorKind;
     let lock = format!("{}._put", digest.to_hex());

@@ -1,0 +1,535 @@
+//! The trust model against a malicious worker that speaks the protocol
+//! (docs/PROTOCOL.md, "Threat model"): a real nats-server with
+//! authorization on, real worker processes, and `lockstep-adversary`
+//! processes or one-shot attacks made with an enrolled worker's own key.
+//!
+//! For every attack: no wrong output is accepted, no honest worker is
+//! blamed, the batch completes where an honest majority exists, and the
+//! server refuses what the permissions forbid.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lockstep::coordinator::receipt::{parse_receipts, verify_receipt, Receipt};
+use lockstep::coordinator::{submit, Report, SubmitOptions, Verdict};
+use lockstep::harness::NatsServer;
+use lockstep::protocol::*;
+use lockstep_kernels::{Backend, Digest};
+use lockstep_tests::adversary::{publish, publish_on, signed_result, Adversary};
+use lockstep_tests::{lockstep_bin, nats_server, small_jobs, Procs};
+
+fn opts(server: &NatsServer, batch: &str, out: Option<&std::path::Path>) -> SubmitOptions {
+    SubmitOptions {
+        redundancy: 2,
+        batch_id: Some(batch.into()),
+        worker_timeout: Duration::from_secs(2),
+        job_timeout: Duration::from_secs(60),
+        deadline: Some(Duration::from_secs(240)),
+        progress: false,
+        threads: 1,
+        out_dir: out.map(Into::into),
+        signer: Some(std::sync::Arc::new(
+            server.coordinator().identity().unwrap().unwrap(),
+        )),
+        ..Default::default()
+    }
+}
+
+async fn wait_workers(nats: &lockstep::nats::Nats, names: &[&str]) {
+    lockstep::nats::wait_for_workers(nats, names, Duration::from_secs(120))
+        .await
+        .expect("workers register");
+}
+
+/// The correct digest of every job, computed here on the CPU backend.
+fn reference(jobs: &[lockstep::batch::BatchJob]) -> BTreeMap<String, Digest> {
+    let cpu = lockstep_kernels::cpu::CpuBackend::new(1).unwrap();
+    jobs.iter()
+        .map(|j| {
+            let (shapes, data): (Vec<Vec<usize>>, Vec<Vec<f32>>) = j
+                .inputs
+                .iter()
+                .map(|t| match t {
+                    lockstep::batch::Tensor::Data { shape, data } => (shape.clone(), data.clone()),
+                    _ => panic!("inline jobs only"),
+                })
+                .unzip();
+            let out = cpu
+                .run(&j.op, &lockstep_kernels::contract::views(&shapes, &data))
+                .unwrap();
+            let digests: Vec<Digest> = out.iter().map(|t| t.digest()).collect();
+            (j.id.clone(), lockstep_kernels::outputs_digest(&digests))
+        })
+        .collect()
+}
+
+/// Every job accepted, with the correct digest, and no honest worker named.
+fn assert_all_correct(report: &Report, want: &BTreeMap<String, Digest>, honest: &[&str]) {
+    assert_eq!(report.failed + report.unresolved, 0, "{report:#?}");
+    for j in &report.jobs {
+        assert!(
+            matches!(j.verdict, Verdict::Verified | Verdict::Resolved),
+            "{j:#?}"
+        );
+        assert_eq!(
+            j.digest,
+            Some(want[&j.job]),
+            "{}: wrong output accepted",
+            j.job
+        );
+        for w in honest {
+            assert!(
+                !j.faulty_workers.iter().any(|f| f == w),
+                "{w} blamed: {j:#?}"
+            );
+        }
+    }
+    for f in &report.faults {
+        assert!(!honest.contains(&f.worker.as_str()), "honest {f:?}");
+    }
+}
+
+async fn enrollment(nats: &lockstep::nats::Nats, name: &str) -> Enrollment {
+    lockstep::nats::enrollments(nats).await.unwrap()[name].clone()
+}
+
+/// A `lockstep-adversary` process, killed on drop.
+struct AdversaryProc(std::process::Child);
+
+impl AdversaryProc {
+    fn start(server: &NatsServer, name: &str, operator: &str, mode: &str) -> Self {
+        let cfg = server.enroll(name, operator).unwrap();
+        let bin = lockstep_bin().with_file_name("lockstep-adversary");
+        let child = std::process::Command::new(bin)
+            .args(["--mode", mode, "--nats", &cfg.url, "--name", name, "--nkey"])
+            .arg(cfg.nkey.unwrap())
+            .spawn()
+            .expect("start the adversary");
+        Self(child)
+    }
+}
+
+impl Drop for AdversaryProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_what_a_worker_may_not_do() {
+    let Some(server) = nats_server() else { return };
+    let nats = server.connect().await.unwrap();
+    let alice = server.enroll("alice", "op-a").unwrap();
+    let mallory_cfg = server.enroll("mallory", "op-m").unwrap();
+    let m = Adversary::connect(&mallory_cfg, "mallory").await.unwrap();
+    let alice_key = lockstep::auth::Identity::load(alice.nkey.as_ref().unwrap()).unwrap();
+
+    // What its role allows works (so the refusals below mean something).
+    assert!(m.can_publish("lockstep.result.b1.mallory", b"{}").await);
+    assert!(m.can_publish("$KV.lockstep_workers.mallory", b"{}").await);
+    assert!(m.can_publish("lockstep.out.mallory.b1.00.0", b"x").await);
+    assert!(
+        m.api_ok("STREAM.INFO.OBJ_lockstep_blobs", serde_json::json!({}))
+            .await
+    );
+    // Impersonation: results, outputs and heartbeats under another name.
+    assert!(!m.can_publish("lockstep.result.b1.alice", b"{}").await);
+    assert!(!m.can_publish("lockstep.out.alice.b1.00.0", b"x").await);
+    assert!(!m.can_publish("$KV.lockstep_workers.alice", b"{}").await);
+    // Shared state: enrollments (its own too), faults, plans, references,
+    // objects, jobs.
+    for subject in [
+        "$KV.lockstep_enrolled.mallory",
+        "$KV.lockstep_enrolled.alice",
+        "$KV.lockstep_faults.alice.b1.j1",
+        "$KV.lockstep_assign.b1.x",
+        "$KV.lockstep_blob_refs.x.b1",
+        "$O.lockstep_blobs.C.abc",
+        "$O.lockstep_blobs.M.abc",
+        "lockstep.job.alice.b1",
+        "lockstep.job.mallory.b1",
+    ] {
+        assert!(!m.can_publish(subject, b"{}").await, "{subject} allowed");
+    }
+    // Reading what others see: jobs, results, another party's inbox.
+    for subject in [
+        "lockstep.job.>".to_string(),
+        "lockstep.result.>".to_string(),
+        format!("_INBOX_{}.>", alice_key.public_key()),
+    ] {
+        assert!(
+            !m.can_read(&subject, &nats.client).await,
+            "{subject} readable"
+        );
+    }
+    // The JetStream API: consumers on results or on another worker's jobs,
+    // direct reads of results, deleting or purging streams.
+    for api in [
+        "CONSUMER.CREATE.LOCKSTEP_RESULTS.spy",
+        "CONSUMER.CREATE.LOCKSTEP_JOBS.w-alice.lockstep.job.alice.>",
+        "CONSUMER.CREATE.LOCKSTEP_JOBS.spy.lockstep.job.>",
+        "CONSUMER.DURABLE.CREATE.LOCKSTEP_JOBS.w-mallory",
+        "CONSUMER.DELETE.LOCKSTEP_JOBS.w-alice",
+        "DIRECT.GET.LOCKSTEP_RESULTS",
+        "STREAM.MSG.GET.LOCKSTEP_RESULTS",
+        "STREAM.PURGE.LOCKSTEP_RESULTS",
+        "STREAM.DELETE.LOCKSTEP_JOBS",
+        "STREAM.UPDATE.LOCKSTEP_JOBS",
+        "STREAM.CREATE.EVIL",
+    ] {
+        assert!(
+            !m.api_ok(api, serde_json::json!({"stream_name": "x"})).await,
+            "{api} allowed"
+        );
+    }
+    // Nobody without an enrolled key gets in.
+    let stranger = lockstep::auth::Identity::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stranger.nk");
+    stranger.save(&path).unwrap();
+    for cfg in [
+        lockstep::auth::ConnectConfig::anonymous(&server.url()),
+        lockstep::auth::ConnectConfig::with_nkey(&server.url(), &path),
+    ] {
+        let r = cfg
+            .options_once()
+            .await
+            .unwrap()
+            .connect(server.url())
+            .await;
+        assert!(r.is_err(), "a client without an enrolled key connected");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unassigned_forged_and_preseeded_results_are_not_counted() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let slow = [("LOCKSTEP_TEST_DELAY_MS", "150")];
+    procs.worker(&server, "alice", "cpu", &slow);
+    procs.worker(&server, "bob", "cpu", &slow);
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["alice", "bob"]).await;
+    // Mallory is enrolled but never heartbeats: it is assigned nothing.
+    let mcfg = server.enroll("mallory", "op-m").unwrap();
+    let m = lockstep::nats::connect_worker(&mcfg).await.unwrap();
+    let mkey = mcfg.identity().unwrap().unwrap();
+
+    let jobs = small_jobs(6, 41);
+    let want = reference(&jobs);
+    let batch = "b-forged";
+    // Forged results for every replica and attempt, published before the
+    // batch exists (it learned the id somehow) and while it runs: under its
+    // own name, under alice's name on its own subject, and signed by a key
+    // that is not alice's.
+    let forge =
+        |job: &str, replica: u32, attempt: u32, worker: &str, key: &lockstep::auth::Identity| {
+            let spec = JobSpec::matmul(
+                TensorRef::inline(vec![1, 1], &[1.0]),
+                TensorRef::inline(vec![1, 1], &[1.0]),
+            );
+            let msg = lockstep_tests::direct_job(worker, batch, job, spec);
+            let msg = JobMessage {
+                replica,
+                attempt,
+                ..msg
+            };
+            let d = TensorRef::digest_of(&[1, 1], &[9.0]);
+            signed_result(
+                key,
+                worker,
+                &msg,
+                Outcome::Ok {
+                    digest: d,
+                    outputs: vec![TensorRef::inline(vec![1, 1], &[9.0])],
+                },
+            )
+        };
+    let seed = |m: lockstep::nats::Nats| {
+        let jobs: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let mkey = mkey.seed();
+        async move {
+            let mkey = lockstep::auth::Identity::parse(&mkey).unwrap();
+            for j in &jobs {
+                for replica in 0..2 {
+                    for attempt in 0..2 {
+                        let own = forge(j, replica, attempt, "mallory", &mkey);
+                        publish(&m, &own).await.unwrap();
+                        let posing = forge(j, replica, attempt, "alice", &mkey);
+                        publish_on(&m, &result_subject(batch, "mallory"), &posing)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    };
+    seed(m.clone()).await;
+    let run = {
+        let (nats, o) = (nats.clone(), opts(&server, batch, None));
+        let jobs = jobs.clone();
+        tokio::spawn(async move { submit(&nats, jobs, &o).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    seed(m.clone()).await;
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.verified, 6, "{report:#?}");
+    assert_all_correct(&report, &want, &["alice", "bob"]);
+    for j in &report.jobs {
+        assert!(
+            j.results.iter().all(|r| r.worker != "mallory"),
+            "a result of mallory counted: {j:#?}"
+        );
+    }
+    // Unassigned results are ignored, not faults: nobody was blamed.
+    assert!(report.faults.is_empty(), "{:?}", report.faults);
+    assert_eq!(
+        enrollment(&nats, "alice").await.state,
+        EnrollmentState::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_workers_are_caught_quarantined_and_the_batch_completes() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let honest = ["h1", "h2", "h3"];
+    for w in honest {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "30")]);
+    }
+    let liars = [
+        ("liar-shape", "wrong-shape"),
+        ("liar-error", "false-error"),
+        ("liar-sig", "bad-signature"),
+        ("liar-wrong", "wrong"),
+    ];
+    let _adversaries: Vec<AdversaryProc> = liars
+        .iter()
+        .map(|(n, mode)| AdversaryProc::start(&server, n, &format!("op-{n}"), mode))
+        .collect();
+    let nats = server.connect().await.unwrap();
+    let mut all: Vec<&str> = honest.to_vec();
+    all.extend(liars.iter().map(|(n, _)| *n));
+    wait_workers(&nats, &all).await;
+
+    let jobs = small_jobs(16, 42);
+    let want = reference(&jobs);
+    let out = tempfile::tempdir().unwrap();
+    let report = submit(&nats, jobs, &opts(&server, "b-liars", Some(out.path())))
+        .await
+        .unwrap();
+    assert_all_correct(&report, &want, &honest);
+    // Every liar that answered anything was caught, and is quarantined.
+    for (liar, _) in liars {
+        let answered = report
+            .jobs
+            .iter()
+            .any(|j| j.results.iter().any(|r| r.worker == liar));
+        if answered {
+            assert!(
+                report.faults.iter().any(|f| f.worker == liar),
+                "{liar} answered and was not caught: {:?}",
+                report.faults
+            );
+            let e = enrollment(&nats, liar).await;
+            assert_eq!(e.state, EnrollmentState::Quarantined, "{liar}");
+            assert!(e.reason.is_some());
+        }
+    }
+    assert!(
+        liars
+            .iter()
+            .filter(|(l, _)| report.faults.iter().any(|f| f.worker == *l))
+            .count()
+            >= 2,
+        "too few liars were given a job to test anything: {:?}",
+        report.faults
+    );
+    // A quarantined worker gets nothing more: a second batch runs on the
+    // honest ones only.
+    let jobs = small_jobs(6, 43);
+    let want = reference(&jobs);
+    let report2 = submit(&nats, jobs, &opts(&server, "b-after", None))
+        .await
+        .unwrap();
+    assert_all_correct(&report2, &want, &honest);
+    let caught: Vec<&str> = report.faults.iter().map(|f| f.worker.as_str()).collect();
+    for j in &report2.jobs {
+        for r in &j.results {
+            assert!(
+                !caught.contains(&r.worker.as_str()),
+                "{} got a job",
+                r.worker
+            );
+        }
+    }
+    // Receipts name only honest workers, and verify.
+    let receipts =
+        parse_receipts(&std::fs::read_to_string(out.path().join("receipts.jsonl")).unwrap())
+            .unwrap();
+    assert_eq!(receipts.len(), 16);
+    for r in &receipts {
+        verify_receipt(r, None).unwrap();
+        assert!(r
+            .workers
+            .iter()
+            .all(|w| honest.contains(&w.worker.as_str())));
+    }
+    // `lockstep workers` shows the quarantine; `clear` lifts it.
+    let caught_one = caught[0];
+    let listed = std::process::Command::new(lockstep_bin())
+        .args(["workers", "--json", "--deployment"])
+        .arg(server.dir())
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == caught_one)
+        .unwrap();
+    assert_eq!(row["state"], "quarantined");
+    assert!(row["faults"].as_u64().unwrap() >= 1);
+    let cleared = std::process::Command::new(lockstep_bin())
+        .args(["workers", "clear", caught_one, "--deployment"])
+        .arg(server.dir())
+        .output()
+        .unwrap();
+    assert!(cleared.status.success(), "{cleared:?}");
+    assert_eq!(
+        enrollment(&nats, caught_one).await.state,
+        EnrollmentState::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sybils_of_one_operator_never_verify_each_other() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    // Two workers of one operator that return the same wrong bits (the
+    // fault switch flips the same bit for every job): paired, they would
+    // agree.
+    let wrong = [
+        ("LOCKSTEP_FAULT_INJECT_EVERY", "1"),
+        ("LOCKSTEP_TEST_DELAY_MS", "20"),
+    ];
+    procs.worker_as(&server, "sybil-1", "evil", "cpu", &wrong);
+    procs.worker_as(&server, "sybil-2", "evil", "cpu", &wrong);
+    procs.worker(
+        &server,
+        "fair-1",
+        "cpu",
+        &[("LOCKSTEP_TEST_DELAY_MS", "20")],
+    );
+    procs.worker(
+        &server,
+        "fair-2",
+        "cpu",
+        &[("LOCKSTEP_TEST_DELAY_MS", "20")],
+    );
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["sybil-1", "sybil-2", "fair-1", "fair-2"]).await;
+    let jobs = small_jobs(12, 44);
+    let want = reference(&jobs);
+    let report = submit(&nats, jobs, &opts(&server, "b-sybil", None))
+        .await
+        .unwrap();
+    assert_all_correct(&report, &want, &["fair-1", "fair-2"]);
+    for j in &report.jobs {
+        let sybils = j
+            .results
+            .iter()
+            .filter(|r| r.worker.starts_with("sybil"))
+            .count();
+        assert!(sybils <= 1, "two workers of one operator on {}", j.job);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_verify_offline_and_any_change_is_caught() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(&server, "r1", "cpu", &[]);
+    procs.worker(&server, "r2", "cpu", &[]);
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["r1", "r2"]).await;
+    let out = tempfile::tempdir().unwrap();
+    let report = submit(
+        &nats,
+        small_jobs(3, 45),
+        &opts(&server, "b-rcpt", Some(out.path())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.verified, 3);
+    assert_eq!(report.receipts, 3);
+    let path = out.path().join("receipts.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let receipts = parse_receipts(&text).unwrap();
+    let dep = lockstep::deploy::Deployment::open(&server.dir()).unwrap();
+    for r in &receipts {
+        verify_receipt(r, Some(&dep)).unwrap();
+        assert_eq!(r.workers.len(), 2);
+    }
+    let verify_cli = |file: &std::path::Path| {
+        std::process::Command::new(lockstep_bin())
+            .arg("verify")
+            .arg(file)
+            .arg("--deployment")
+            .arg(server.dir())
+            .output()
+            .unwrap()
+    };
+    assert!(verify_cli(&path).status.success());
+    // Every kind of change is caught, by the library and by the CLI.
+    let other = lockstep::auth::Identity::generate();
+    let tampers: Vec<(&str, Box<dyn Fn(&mut Receipt)>)> = vec![
+        ("output digest", Box::new(|r| r.output_digest.0[0] ^= 1)),
+        ("job digest", Box::new(|r| r.job_digest.0[5] ^= 1)),
+        ("an input", Box::new(|r| r.inputs[0].digest.0[1] ^= 1)),
+        (
+            "a worker signature",
+            Box::new(|r| r.workers[0].signature = r.workers[1].signature.clone()),
+        ),
+        (
+            "a worker's operator",
+            Box::new(|r| r.workers[1].operator = r.workers[0].operator.clone()),
+        ),
+        (
+            "a worker dropped",
+            Box::new(|r| {
+                r.workers.pop();
+            }),
+        ),
+        ("the verdict's redundancy", Box::new(|r| r.redundancy = 3)),
+        ("the batch", Box::new(|r| r.batch.push('x'))),
+        (
+            "the coordinator's key",
+            Box::new(move |r| r.coordinator.public_key = other.public_key()),
+        ),
+    ];
+    for (what, tamper) in tampers {
+        let mut r = receipts[0].clone();
+        tamper(&mut r);
+        assert!(
+            verify_receipt(&r, Some(&dep)).is_err(),
+            "{what}: not caught"
+        );
+        let bad = out.path().join("bad.jsonl");
+        std::fs::write(&bad, serde_json::to_string(&r).unwrap()).unwrap();
+        let o = verify_cli(&bad);
+        assert!(!o.status.success(), "{what}: lockstep verify passed");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
+    }
+    // A receipt re-signed by a coordinator outside the deployment verifies
+    // on its own, but not against the deployment.
+    let stranger = lockstep::auth::Identity::generate();
+    let mut r = receipts[0].clone();
+    r.coordinator.public_key = stranger.public_key();
+    r.coordinator.signature = stranger.sign(&r.signing_bytes());
+    verify_receipt(&r, None).unwrap();
+    assert!(verify_receipt(&r, Some(&dep)).is_err());
+}
