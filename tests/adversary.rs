@@ -240,7 +240,7 @@ impl Adversary {
         };
         let _ = self.client.flush().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let probe = subject.replace('>', "probe").replace('*', "probe");
+        let probe = subject.replace(['>', '*'], "probe");
         let _ = other.publish(probe, "x".into()).await;
         let _ = other.flush().await;
         matches!(
