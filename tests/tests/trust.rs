@@ -486,7 +486,8 @@ async fn receipts_verify_offline_and_any_change_is_caught() {
     assert!(verify_cli(&path).status.success());
     // Every kind of change is caught, by the library and by the CLI.
     let other = lockstep::auth::Identity::generate();
-    let tampers: Vec<(&str, Box<dyn Fn(&mut Receipt)>)> = vec![
+    type Tamper = Box<dyn Fn(&mut Receipt)>;
+    let tampers: Vec<(&str, Tamper)> = vec![
         ("output digest", Box::new(|r| r.output_digest.0[0] ^= 1)),
         ("job digest", Box::new(|r| r.job_digest.0[5] ^= 1)),
         ("an input", Box::new(|r| r.inputs[0].digest.0[1] ^= 1)),
