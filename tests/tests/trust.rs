@@ -534,3 +534,48 @@ async fn receipts_verify_offline_and_any_change_is_caught() {
     verify_receipt(&r, None).unwrap();
     assert!(verify_receipt(&r, Some(&dep)).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_catches_colluders_of_distinct_operators_who_agree() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    // Two operators colluding: the same wrong bits on every job. Distinct
+    // operators may share a job, so only the audit can catch them.
+    let wrong = [("LOCKSTEP_FAULT_INJECT_EVERY", "1")];
+    procs.worker_as(&server, "colluder-x", "op-x", "cpu", &wrong);
+    procs.worker_as(&server, "colluder-y", "op-y", "cpu", &wrong);
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["colluder-x", "colluder-y"]).await;
+    let jobs = small_jobs(1, 46);
+    let want = reference(&jobs);
+    let mut o = opts(&server, "b-audit", None);
+    o.audit_rate = 1.0;
+    let report = submit(&nats, jobs, &o).await.unwrap();
+    assert_all_correct(&report, &want, &[]);
+    let j = &report.jobs[0];
+    assert!(j.audited, "{j:#?}");
+    assert_eq!(j.verdict, Verdict::Resolved);
+    let mut faulty = j.faulty_workers.clone();
+    faulty.sort();
+    assert_eq!(faulty, ["colluder-x", "colluder-y"]);
+    for w in ["colluder-x", "colluder-y"] {
+        assert_eq!(
+            enrollment(&nats, w).await.state,
+            EnrollmentState::Quarantined
+        );
+    }
+    // Without an audit the same agreement is accepted: that is what the
+    // audit rate is for (PROTOCOL.md gives the odds).
+    for w in ["colluder-x", "colluder-y"] {
+        let mut e = enrollment(&nats, w).await;
+        e.state = EnrollmentState::Active;
+        lockstep::nats::put_enrollment(&nats, &e).await.unwrap();
+    }
+    let jobs = small_jobs(1, 47);
+    let want = reference(&jobs);
+    let report = submit(&nats, jobs, &opts(&server, "b-no-audit", None))
+        .await
+        .unwrap();
+    assert_eq!(report.verified, 1);
+    assert_ne!(report.jobs[0].digest, Some(want["job-000"]));
+}

@@ -306,6 +306,12 @@ struct SubmitArgs {
     /// workers, blobs, refs; sizes K/M/G, ages s/m/h/d; see docs/PROTOCOL.md).
     #[arg(long, env = "LOCKSTEP_STORE_LIMITS")]
     store_limits: Option<String>,
+    /// Fraction (0 to 1) of the jobs whose workers agree that the
+    /// coordinator recomputes itself anyway: workers that agree on wrong
+    /// bits are caught with this probability on every job they cheat on
+    /// (see docs/PROTOCOL.md, "Threat model").
+    #[arg(long, default_value_t = 0.0)]
+    audit_rate: f64,
 }
 
 #[derive(Subcommand)]
@@ -710,6 +716,7 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
         threads: 0,
         keep_batch: args.keep_batch,
         signer: Some(std::sync::Arc::new(signer)),
+        audit_rate: args.audit_rate,
         store_limits: args
             .store_limits
             .as_deref()

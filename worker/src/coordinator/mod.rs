@@ -66,6 +66,10 @@ pub struct SubmitOptions {
     pub store_limits: Option<crate::store::StoreLimits>,
     /// The coordinator's key: it signs the receipts (None: no receipts).
     pub signer: Option<Arc<crate::auth::Identity>>,
+    /// Fraction (0 to 1) of the jobs whose workers agree that the
+    /// coordinator recomputes anyway; a mismatch is a fault of every worker
+    /// that agreed.
+    pub audit_rate: f64,
 }
 
 impl Default for SubmitOptions {
@@ -82,6 +86,7 @@ impl Default for SubmitOptions {
             keep_batch: false,
             store_limits: None,
             signer: None,
+            audit_rate: 0.0,
         }
     }
 }
@@ -117,6 +122,10 @@ pub const MAX_SYSTEM_FAILURES: usize = 3;
 /// Runs a batch to completion (or to the deadline) and returns the report.
 pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> Result<Report> {
     anyhow::ensure!(opts.redundancy >= 1, "--redundancy must be at least 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.audit_rate),
+        "--audit-rate must be between 0 and 1"
+    );
     let t_start = Instant::now();
     let batch = opts
         .batch_id
@@ -404,6 +413,7 @@ impl Run<'_> {
                 &self.cpu,
                 &mut self.faults,
                 &mut self.enrolled,
+                self.opts.audit_rate,
             )
             .await?;
             if decided

@@ -54,6 +54,10 @@ pub struct JobReport {
     pub reassigned_from: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The coordinator recomputed the job although its workers agreed
+    /// (`--audit-rate`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub audited: bool,
     /// Milliseconds from the job's dispatch to its verdict (this run).
     pub latency_ms: f64,
 }
@@ -223,6 +227,7 @@ impl JobReport {
             faulty_workers: vec![],
             reassigned_from: reassigned_from(js),
             reason: None,
+            audited: false,
             latency_ms: js
                 .dispatched
                 .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),

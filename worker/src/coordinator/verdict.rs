@@ -26,6 +26,7 @@ pub(super) async fn evaluate(
     cpu: &std::sync::Arc<lockstep_kernels::cpu::CpuBackend>,
     faults: &mut Vec<FaultRecord>,
     enrolled: &mut BTreeMap<String, Enrollment>,
+    audit_rate: f64,
 ) -> Result<Option<JobReport>> {
     let mut report = JobReport::new(id, js, Verdict::Failed);
     // A job-level error the coordinator confirmed (an input really missing
@@ -59,13 +60,24 @@ pub(super) async fn evaluate(
         return Ok(None);
     }
     let first = oks[0].1;
-    if oks.iter().all(|(_, d)| *d == first) {
+    let agree = oks.iter().all(|(_, d)| *d == first);
+    // An audit: a random fraction of the jobs whose workers agree is
+    // recomputed all the same, so colluders who agree on wrong bits are
+    // caught with that probability on every job they cheat on.
+    let audit = agree && audit_rate > 0.0 && rand::random::<f64>() < audit_rate;
+    if agree && !audit {
         report.verdict = Verdict::Verified;
         report.digest = Some(first);
         return Ok(Some(report));
     }
-    // Dispute: recompute with the coordinator's own CPU backend.
+    // Dispute (or audit): recompute with the coordinator's own CPU backend.
     let reference = reference_digest(nats, &js.spec, cpu).await?;
+    report.audited = audit;
+    if audit && reference == first {
+        report.verdict = Verdict::Verified;
+        report.digest = Some(first);
+        return Ok(Some(report));
+    }
     report.verdict = Verdict::Resolved;
     report.digest = Some(reference);
     let wrong: Vec<(String, Digest)> = oks
@@ -80,7 +92,14 @@ pub(super) async fn evaluate(
             job: id.into(),
             reported: Some(d),
             correct: Some(reference),
-            reason: format!("returned {d}; the coordinator's CPU reference computes {reference}"),
+            reason: format!(
+                "returned {d}; the coordinator's CPU reference computes {reference}{}",
+                if audit {
+                    " (found by an audit: the workers agreed)"
+                } else {
+                    ""
+                }
+            ),
             at_ms: now_ms(),
         };
         record_fault(nats, enrolled, f, faults).await?;
