@@ -95,12 +95,39 @@ impl Identity {
 }
 
 /// Checks an ed25519 signature (base64) of `bytes` by `public_key` (`U…`).
+/// Parsed keys are cached (a coordinator checks every result against a few
+/// enrolled keys).
 pub fn verify(public_key: &str, bytes: &[u8], signature: &str) -> Result<()> {
-    let key = KeyPair::from_public_key(public_key)
-        .map_err(|e| anyhow::anyhow!("not a valid public key {public_key:?}: {e}"))?;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static KEYS: Mutex<Option<HashMap<String, ed25519_dalek::VerifyingKey>>> = Mutex::new(None);
+    let key = {
+        let mut cache = KEYS.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = cache.get_or_insert_with(HashMap::new);
+        match cache.get(public_key) {
+            Some(k) => *k,
+            None => {
+                let (_, raw) = nkeys::from_public_key(public_key)
+                    .map_err(|e| anyhow::anyhow!("not a valid public key {public_key:?}: {e}"))?;
+                anyhow::ensure!(
+                    public_key.starts_with('U'),
+                    "{public_key:?} is not a user key"
+                );
+                let k = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+                    .map_err(|e| anyhow::anyhow!("not a valid public key {public_key:?}: {e}"))?;
+                if cache.len() >= 4096 {
+                    cache.clear();
+                }
+                cache.insert(public_key.to_string(), k);
+                k
+            }
+        }
+    };
     let sig = base64::engine::general_purpose::STANDARD
         .decode(signature)
         .context("signature is not base64")?;
+    let sig = ed25519_dalek::Signature::from_slice(&sig).context("not an ed25519 signature")?;
+    use ed25519_dalek::Verifier as _;
     key.verify(bytes, &sig)
         .map_err(|_| anyhow::anyhow!("signature does not verify against {public_key}"))
 }
