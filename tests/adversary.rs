@@ -207,7 +207,7 @@ impl Adversary {
     /// Connects with the worker's key (no stores opened: some attacks are on
     /// the opening itself).
     pub async fn connect(cfg: &ConnectConfig, name: &str) -> Result<Self> {
-        let client = cfg.options().await?.connect(cfg.url.as_str()).await?;
+        let client = cfg.options().await?.connect(cfg.urls()).await?;
         Ok(Self {
             name: name.into(),
             key: cfg.identity()?.context("key")?,

@@ -157,6 +157,17 @@ pub struct ConnectConfig {
 }
 
 impl ConnectConfig {
+    /// The server URLs: `url` may list several, comma-separated (the nodes
+    /// of a cluster).
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
     /// No identity: only servers without authorization accept it.
     pub fn anonymous(url: &str) -> Self {
         Self {

@@ -62,6 +62,18 @@ pub struct DeploymentFile {
     #[serde(default)]
     pub max_payload: Option<usize>,
     pub members: Vec<Member>,
+    /// A JetStream cluster: one server per node (empty: a single server on
+    /// `port`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<ClusterNode>,
+}
+
+/// One server of a cluster: its client port and its route port.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    pub port: u16,
+    pub route_port: u16,
 }
 
 pub struct Deployment {
@@ -87,10 +99,37 @@ impl Deployment {
                 port,
                 max_payload,
                 members: Vec::new(),
+                cluster: Vec::new(),
             },
         };
         d.enroll(Role::Coordinator, "coordinator", "lockstep")?;
         Ok(d)
+    }
+
+    /// Creates a deployment of a JetStream cluster, one server per node
+    /// (`nats-server-<node>.conf` each; routes on loopback ports).
+    pub fn init_cluster(dir: &Path, host: &str, nodes: Vec<ClusterNode>) -> Result<Self> {
+        anyhow::ensure!(
+            nodes.len() >= 3,
+            "a JetStream cluster needs at least 3 nodes"
+        );
+        let mut d = Self::init(dir, host, nodes[0].port, None)?;
+        d.file.cluster = nodes;
+        d.save()?;
+        Ok(d)
+    }
+
+    /// The configuration file of each server: one, or one per node.
+    pub fn server_configs(&self) -> Vec<PathBuf> {
+        if self.file.cluster.is_empty() {
+            vec![self.dir.join(SERVER_CONFIG)]
+        } else {
+            self.file
+                .cluster
+                .iter()
+                .map(|n| self.dir.join(format!("nats-server-{}.conf", n.name)))
+                .collect()
+        }
     }
 
     pub fn open(dir: &Path) -> Result<Self> {
@@ -110,8 +149,19 @@ impl Deployment {
         })
     }
 
+    /// The server's URL; for a cluster, every node's, comma-separated.
     pub fn url(&self) -> String {
-        format!("nats://{}:{}", self.file.host, self.file.port)
+        if self.file.cluster.is_empty() {
+            format!("nats://{}:{}", self.file.host, self.file.port)
+        } else {
+            let urls: Vec<String> = self
+                .file
+                .cluster
+                .iter()
+                .map(|n| format!("nats://{}:{}", self.file.host, n.port))
+                .collect();
+            urls.join(",")
+        }
     }
 
     pub fn key_path(&self, role: Role, name: &str) -> PathBuf {
@@ -188,7 +238,61 @@ impl Deployment {
             DEPLOYMENT_FILE,
             serde_json::to_string_pretty(&self.file)? + "\n",
         )?;
-        write(SERVER_CONFIG, self.server_config())
+        if self.file.cluster.is_empty() {
+            return write(SERVER_CONFIG, self.server_config());
+        }
+        for i in 0..self.file.cluster.len() {
+            let name = format!("nats-server-{}.conf", self.file.cluster[i].name);
+            write(&name, self.node_config(i))?;
+        }
+        Ok(())
+    }
+
+    /// The configuration of node `i` of a cluster: its ports, its own store
+    /// and pid file, routes to every other node, and the same users.
+    pub fn node_config(&self, i: usize) -> String {
+        let f = &self.file;
+        let node = &f.cluster[i];
+        let mut s = self.server_config();
+        let own_port = format!("port: {}\n", f.port);
+        s = s.replacen(
+            &own_port,
+            &format!("port: {}\nserver_name: {:?}\n", node.port, node.name),
+            1,
+        );
+        s = s.replace(
+            &format!("{:?}", self.pid_file().display().to_string()),
+            &format!(
+                "{:?}",
+                self.dir
+                    .join(format!("nats-server-{}.pid", node.name))
+                    .display()
+                    .to_string()
+            ),
+        );
+        s = s.replace(
+            &format!("{:?}", self.dir.join("store").display().to_string()),
+            &format!(
+                "{:?}",
+                self.dir
+                    .join(format!("store-{}", node.name))
+                    .display()
+                    .to_string()
+            ),
+        );
+        let routes: Vec<String> = f
+            .cluster
+            .iter()
+            .filter(|n| n.name != node.name)
+            .map(|n| format!("\"nats-route://{}:{}\"", f.host, n.route_port))
+            .collect();
+        s += &format!(
+            "cluster {{\n  name: \"lockstep\"\n  listen: \"{}:{}\"\n  routes: [{}]\n}}\n",
+            f.host,
+            node.route_port,
+            routes.join(", ")
+        );
+        s
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -235,14 +339,27 @@ impl Deployment {
     /// Asks a server running from this deployment (its pid file) to reload
     /// the configuration; false when none is running here.
     pub fn reload_server(&self) -> bool {
-        let Some(pid) = std::fs::read_to_string(self.pid_file())
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        else {
-            return false;
+        let files = if self.file.cluster.is_empty() {
+            vec![self.pid_file()]
+        } else {
+            self.file
+                .cluster
+                .iter()
+                .map(|n| self.dir.join(format!("nats-server-{}.pid", n.name)))
+                .collect()
         };
-        // SAFETY: a signal to a process id; no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGHUP) == 0 }
+        let mut any = false;
+        for file in files {
+            let Some(pid) = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: a signal to a process id; no memory is involved.
+            any |= unsafe { libc::kill(pid, libc::SIGHUP) == 0 };
+        }
+        any
     }
 }
 
@@ -276,7 +393,7 @@ pub async fn wait_until_accepted(cfg: &ConnectConfig, timeout: std::time::Durati
         let options = cfg.options_once().await?;
         match tokio::time::timeout(
             std::time::Duration::from_secs(2),
-            options.connect(cfg.url.as_str()),
+            options.connect(cfg.urls()),
         )
         .await
         {

@@ -64,7 +64,7 @@ pub async fn connect(cfg: &ConnectConfig) -> Result<Nats> {
 async fn client(cfg: &ConnectConfig) -> Result<async_nats::Client> {
     cfg.options()
         .await?
-        .connect(cfg.url.as_str())
+        .connect(cfg.urls())
         .await
         .with_context(|| format!("cannot connect to NATS at {}", cfg.url))
 }
@@ -139,6 +139,7 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
         max_bytes: limit.max_bytes,
         discard: stream::DiscardPolicy::New,
         duplicate_window: Duration::from_secs(600),
+        num_replicas: limits.replicas,
         ..Default::default()
     };
     js.get_or_create_stream(stream_config(
@@ -176,17 +177,19 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
     })
     .await
     .context("cannot create the outputs stream")?;
-    kv_bucket(&js, WORKERS_BUCKET, limits.workers).await?;
-    kv_bucket(&js, ENROLLED_BUCKET, limits.workers).await?;
-    kv_bucket(&js, ASSIGN_BUCKET, limits.plans).await?;
-    kv_bucket(&js, FAULTS_BUCKET, limits.faults).await?;
-    kv_bucket(&js, BLOB_REFS_BUCKET, limits.refs).await?;
+    let r = limits.replicas;
+    kv_bucket(&js, WORKERS_BUCKET, limits.workers, r).await?;
+    kv_bucket(&js, ENROLLED_BUCKET, limits.workers, r).await?;
+    kv_bucket(&js, ASSIGN_BUCKET, limits.plans, r).await?;
+    kv_bucket(&js, FAULTS_BUCKET, limits.faults, r).await?;
+    kv_bucket(&js, BLOB_REFS_BUCKET, limits.refs, r).await?;
     if js.get_object_store(BLOBS_BUCKET).await.is_err() {
         js.create_object_store(object_store::Config {
             bucket: BLOBS_BUCKET.into(),
             storage: stream::StorageType::File,
             max_age: limits.blobs.max_age,
             max_bytes: limits.blobs.max_bytes,
+            num_replicas: limits.replicas,
             ..Default::default()
         })
         .await
@@ -196,7 +199,12 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
     open_all(&client, &js).await
 }
 
-async fn kv_bucket(js: &jetstream::Context, name: &str, limit: Limit) -> Result<kv::Store> {
+async fn kv_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    limit: Limit,
+    replicas: usize,
+) -> Result<kv::Store> {
     if let Ok(kv) = js.get_key_value(name).await {
         return Ok(kv);
     }
@@ -206,6 +214,7 @@ async fn kv_bucket(js: &jetstream::Context, name: &str, limit: Limit) -> Result<
         max_age: limit.max_age,
         max_bytes: limit.max_bytes,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

@@ -39,6 +39,9 @@ pub struct StoreLimits {
     pub blobs: Limit,
     /// `lockstep_blob_refs`: which running batch uses which blob.
     pub refs: Limit,
+    /// Copies of every store in a JetStream cluster (`replicas=3`; 1 on a
+    /// single server). Set when the stores are created.
+    pub replicas: usize,
 }
 
 const GIB: i64 = 1 << 30;
@@ -59,6 +62,7 @@ impl Default for StoreLimits {
             workers: l(16 * MIB, 1),
             blobs: l(4 * GIB, 7),
             refs: l(16 * MIB, 7),
+            replicas: 1,
         }
     }
 }
@@ -97,6 +101,14 @@ impl StoreLimits {
             let (key, value) = item.split_once('=').with_context(|| {
                 format!("{} is not NAME.bytes=SIZE or NAME.age=AGE", quote(item))
             })?;
+            if key == "replicas" {
+                limits.replicas = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=5).contains(n))
+                    .with_context(|| format!("replicas={} is not 1 to 5", quote(value)))?;
+                continue;
+            }
             let (name, what) = key.split_once('.').unwrap_or((key, ""));
             let limit = limits.get_mut(name).with_context(|| {
                 format!(

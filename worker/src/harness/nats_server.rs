@@ -15,9 +15,11 @@ use crate::auth::ConnectConfig;
 use crate::deploy::{Deployment, Role};
 
 pub struct NatsServer {
-    child: Option<Child>,
+    /// One process per node (one, unless a cluster).
+    children: Vec<Option<Child>>,
     bin: PathBuf,
-    pub port: u16,
+    /// Client port of each node.
+    ports: Vec<u16>,
     /// The deployment the server runs: its configuration (nkey users with
     /// permissions), every key, and the JetStream store (`store/`), kept
     /// across [`NatsServer::restart`].
@@ -102,24 +104,55 @@ impl NatsServer {
             .tempdir()?;
         let port = free_port()?;
         let deployment = Deployment::init(tmp.path(), "127.0.0.1", port, options.max_payload)?;
+        Self::launch(tmp, deployment, vec![port])
+    }
+
+    /// Starts a JetStream cluster of `nodes` servers on loopback (one
+    /// deployment: the same users and permissions on every node).
+    pub fn start_cluster(nodes: usize) -> Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("lockstep-nats-cluster-")
+            .tempdir()?;
+        let mut spec = Vec::new();
+        for i in 0..nodes {
+            spec.push(crate::deploy::ClusterNode {
+                name: format!("n{i}"),
+                port: free_port()?,
+                route_port: free_port()?,
+            });
+        }
+        let ports = spec.iter().map(|n| n.port).collect();
+        let deployment = Deployment::init_cluster(tmp.path(), "127.0.0.1", spec)?;
+        Self::launch(tmp, deployment, ports)
+    }
+
+    fn launch(tmp: tempfile::TempDir, deployment: Deployment, ports: Vec<u16>) -> Result<Self> {
         let mut s = Self {
-            child: None,
+            children: ports.iter().map(|_| None).collect(),
             bin: find_nats_server()?,
-            port,
+            ports,
             deployment: Mutex::new(deployment),
             _tmp: tmp,
         };
-        s.spawn()?;
+        for i in 0..s.ports.len() {
+            s.spawn(i)?;
+        }
         Ok(s)
     }
 
-    /// The server's process id, while it runs.
+    /// The (first) server's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        self.children[0].as_ref().map(|c| c.id())
     }
 
+    /// The server's URL; for a cluster, every node's, comma-separated.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        urls.join(",")
     }
 
     /// The deployment's folder (`deployment.json`, keys, store).
@@ -132,9 +165,31 @@ impl NatsServer {
         self.deployment.lock().expect("not poisoned").coordinator()
     }
 
-    /// Connects as the coordinator (creating every store).
+    /// The store limits of this server's coordinator: the defaults (and
+    /// `$LOCKSTEP_STORE_LIMITS`), with 3 replicas on a cluster.
+    pub fn limits(&self) -> Result<crate::store::StoreLimits> {
+        let mut limits = crate::store::StoreLimits::from_env()?;
+        if self.ports.len() >= 3 {
+            limits.replicas = 3;
+        }
+        Ok(limits)
+    }
+
+    /// Connects as the coordinator (creating every store). A new cluster
+    /// elects its JetStream leader first: this waits up to 30 s for it.
     pub async fn connect(&self) -> Result<crate::nats::Nats> {
-        crate::nats::connect(&self.coordinator()).await
+        let limits = self.limits()?;
+        let t = Instant::now();
+        loop {
+            match crate::nats::connect_with(&self.coordinator(), &limits).await {
+                Ok(n) => return Ok(n),
+                Err(e) if t.elapsed() < Duration::from_secs(30) && self.ports.len() > 1 => {
+                    tracing::debug!("cluster not ready: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Enrolls a worker (idempotent) the way `lockstep enroll` does: its key,
@@ -148,12 +203,14 @@ impl NatsServer {
         if known {
             return Ok(cfg);
         }
-        if let Some(child) = &self.child {
+        for child in self.children.iter().flatten() {
             // SAFETY: a signal to our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
         }
         let (coordinator, worker) = (d.coordinator(), cfg.clone());
         drop(d);
+        let limits = self.limits()?;
+        let cluster = self.ports.len() > 1;
         // Its own thread and runtime: callers may be inside a runtime.
         std::thread::spawn(move || -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
@@ -161,7 +218,16 @@ impl NatsServer {
                 .build()?
                 .block_on(async {
                     crate::deploy::wait_until_accepted(&worker, Duration::from_secs(10)).await?;
-                    let nats = crate::nats::connect(&coordinator).await?;
+                    let t = Instant::now();
+                    let nats = loop {
+                        match crate::nats::connect_with(&coordinator, &limits).await {
+                            Ok(n) => break n,
+                            Err(_) if cluster && t.elapsed() < Duration::from_secs(30) => {
+                                tokio::time::sleep(Duration::from_millis(250)).await
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    };
                     crate::deploy::register(&nats, &member).await?;
                     Ok(())
                 })
@@ -171,8 +237,14 @@ impl NatsServer {
         Ok(cfg)
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let config = self._tmp.path().join(crate::deploy::SERVER_CONFIG);
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let config = self
+            .deployment
+            .lock()
+            .expect("not poisoned")
+            .server_configs()[i]
+            .clone();
+        let port = self.ports[i];
         let child = Command::new(&self.bin)
             .arg("-c")
             .arg(&config)
@@ -184,42 +256,51 @@ impl NatsServer {
             })
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
-        self.child = Some(child);
+        self.children[i] = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Ok(());
             }
-            if let Some(status) = self
-                .child
+            if let Some(status) = self.children[i]
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!(
-                    "nats-server exited at start ({status}); port {} taken?",
-                    self.port
-                );
+                bail!("nats-server exited at start ({status}); port {port} taken?");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!(
-            "nats-server did not listen on port {} within 15 s",
-            self.port
-        )
+        bail!("nats-server did not listen on port {port} within 15 s")
     }
 
-    /// Kills the server (SIGKILL) and waits for it.
+    /// Kills every node (SIGKILL) and waits for them.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for i in 0..self.children.len() {
+            self.kill_node(i);
+        }
+    }
+
+    /// Kills node `i` of a cluster (SIGKILL).
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// Kills the server and starts it again on the same port and store.
+    /// Starts node `i` again on its port and store.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        self.kill_node(i);
+        self.spawn(i)
+    }
+
+    /// Kills the server and starts it again on the same ports and stores.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.spawn()
+        for i in 0..self.children.len() {
+            self.spawn(i)?;
+        }
+        Ok(())
     }
 }
 
