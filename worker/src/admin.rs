@@ -180,19 +180,19 @@ pub fn verify(path: &Path, deployment: Option<&Path>) -> Result<()> {
         match verify_receipt(r, trust.as_ref()) {
             Ok(()) => println!(
                 "ok    {} {} {:?} {} by {}",
-                r.batch,
-                r.job,
+                quote(&r.batch),
+                quote(&r.job),
                 r.verdict,
                 r.output_digest,
                 r.workers
                     .iter()
-                    .map(|w| format!("{} ({})", w.worker, w.operator))
+                    .map(|w| format!("{} ({})", quote(&w.worker), quote(&w.operator)))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
             Err(e) => {
                 bad += 1;
-                println!("FAIL  {} {}: {e:#}", r.batch, r.job);
+                println!("FAIL  {} {}: {e:#}", quote(&r.batch), quote(&r.job));
             }
         }
     }

@@ -14,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use nkeys::KeyPair;
 
+use crate::protocol::quote;
+
 /// A party's key pair, read from an nkey seed file.
 pub struct Identity {
     key: KeyPair,
@@ -107,14 +109,17 @@ pub fn verify(public_key: &str, bytes: &[u8], signature: &str) -> Result<()> {
         match cache.get(public_key) {
             Some(k) => *k,
             None => {
-                let (_, raw) = nkeys::from_public_key(public_key)
-                    .map_err(|e| anyhow::anyhow!("not a valid public key {public_key:?}: {e}"))?;
+                let (_, raw) = nkeys::from_public_key(public_key).map_err(|e| {
+                    anyhow::anyhow!("not a valid public key {}: {e}", quote(public_key))
+                })?;
                 anyhow::ensure!(
                     public_key.starts_with('U'),
-                    "{public_key:?} is not a user key"
+                    "{} is not a user key",
+                    quote(public_key)
                 );
-                let k = ed25519_dalek::VerifyingKey::from_bytes(&raw)
-                    .map_err(|e| anyhow::anyhow!("not a valid public key {public_key:?}: {e}"))?;
+                let k = ed25519_dalek::VerifyingKey::from_bytes(&raw).map_err(|e| {
+                    anyhow::anyhow!("not a valid public key {}: {e}", quote(public_key))
+                })?;
                 if cache.len() >= 4096 {
                     cache.clear();
                 }
@@ -129,7 +134,7 @@ pub fn verify(public_key: &str, bytes: &[u8], signature: &str) -> Result<()> {
     let sig = ed25519_dalek::Signature::from_slice(&sig).context("not an ed25519 signature")?;
     use ed25519_dalek::Verifier as _;
     key.verify(bytes, &sig)
-        .map_err(|_| anyhow::anyhow!("signature does not verify against {public_key}"))
+        .map_err(|_| anyhow::anyhow!("signature does not verify against {}", quote(public_key)))
 }
 
 /// The inbox prefix of a party: replies to its requests come to

@@ -349,6 +349,22 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Fuzz everything lockstep reads from outside (job and result
+    /// messages, batch lines, safetensors files, key files, receipts) with
+    /// mutated valid inputs: no input may panic, and every error must be a
+    /// clear line. Exits non-zero on any failure.
+    ///
+    /// Example: lockstep bench fuzz --inputs 200000
+    Fuzz {
+        /// Inputs per target (6 targets).
+        #[arg(long, default_value_t = 100_000)]
+        inputs: u64,
+        /// Random seed (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Many batches in a row through a local nats-server and three worker
     /// processes: verified jobs/s, resident memory of coordinator, workers
     /// and server, and bytes held by the stores, batch after batch. They
@@ -465,6 +481,40 @@ fn run(cli: Cli) -> Result<()> {
                     r.store_bytes_max
                 );
             }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Fuzz { inputs, seed, json }) => {
+            let seed = seed.unwrap_or_else(crate::protocol::now_ms);
+            if !json {
+                println!("fuzzing {inputs} inputs per target, seed {seed}");
+            }
+            let r = crate::fuzz::run(inputs, seed, |t| {
+                if !json {
+                    println!(
+                        "  {:<18} {:>9} inputs  {:>9} accepted  {:>9} clear errors  {} panics  {} unclear errors",
+                        t.name, t.inputs, t.accepted, t.rejected - t.unclear_errors, t.panics, t.unclear_errors
+                    );
+                    if let Some(f) = &t.first_failure {
+                        let path = std::env::temp_dir().join(format!(
+                            "lockstep-fuzz-{}-{seed}.hex",
+                            t.name.replace(' ', "-")
+                        ));
+                        let _ = std::fs::write(&path, f);
+                        println!("    first failing input (hex) in {}", path.display());
+                    }
+                }
+            });
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} inputs in {:.1} s, {} failures",
+                    r.inputs,
+                    r.seconds,
+                    r.failures()
+                );
+            }
+            anyhow::ensure!(r.failures() == 0, "{} inputs failed", r.failures());
             Ok(())
         }
         Command::Bench(BenchCommand::Dispatch { jobs, json }) => {

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod coordinator;
 pub mod demo;
 pub mod deploy;
+pub mod fuzz;
 pub mod harness;
 pub mod nats;
 pub mod protocol;

@@ -531,6 +531,17 @@ pub struct SignedResult<'a> {
     pub outcome: String,
 }
 
+/// The results in a result message: a [`ResultBundle`] or a single
+/// [`ResultMessage`]; a short reason when it is neither.
+pub fn parse_results(payload: &[u8]) -> Result<Vec<ResultMessage>, String> {
+    if let Ok(b) = serde_json::from_slice::<ResultBundle>(payload) {
+        return Ok(b.results);
+    }
+    serde_json::from_slice::<ResultMessage>(payload)
+        .map(|r| vec![r])
+        .map_err(|e| format!("not a result message: {}", shorten(&e.to_string(), 160)))
+}
+
 /// A worker as enrolled by an operator of the deployment (KV
 /// `lockstep_enrolled`); never written by the worker itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -52,8 +52,18 @@ pub fn read_f32_tensors(path: &Path, names: &[&str]) -> Result<Vec<ShapedF32>, T
         path: p.clone(),
         cause: e.to_string(),
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format_error(&p, e))?;
-    if let Some(name) = duplicate_name(&bytes) {
+    read_f32_tensors_from(&bytes, &p, names)
+}
+
+/// [`read_f32_tensors`] of a file's bytes; `path` names it in errors.
+pub fn read_f32_tensors_from(
+    bytes: &[u8],
+    path: &str,
+    names: &[&str],
+) -> Result<Vec<ShapedF32>, TensorFileError> {
+    let p = path.to_string();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format_error(&p, e))?;
+    if let Some(name) = duplicate_name(bytes) {
         return Err(TensorFileError::Duplicate { path: p, name });
     }
     names.iter().map(|name| f32_tensor(&st, &p, name)).collect()

@@ -23,7 +23,7 @@ mod plan;
 pub mod receipt;
 pub mod report;
 mod schedule;
-mod verdict;
+pub(crate) mod verdict;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -307,15 +307,13 @@ impl Run<'_> {
     /// result that fails [`verdict::check`] is that worker's fault.
     async fn on_results(&mut self, subject: &str, payload: &[u8]) -> Result<()> {
         let sender = subject.rsplit('.').next().unwrap_or_default().to_string();
-        let answers: Vec<ResultMessage> =
-            if let Ok(b) = serde_json::from_slice::<ResultBundle>(payload) {
-                b.results
-            } else if let Ok(r) = serde_json::from_slice::<ResultMessage>(payload) {
-                vec![r]
-            } else {
-                tracing::warn!("ignoring a malformed result message");
+        let answers = match parse_results(payload) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::warn!(worker = %quote(&sender), "ignoring a malformed result message: {why}");
                 return Ok(());
-            };
+            }
+        };
         let r = self.opts.redundancy as usize;
         if !self.enrolled.contains_key(&sender) {
             if let Ok(e) = enrollments(self.nats).await {

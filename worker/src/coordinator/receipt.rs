@@ -189,7 +189,7 @@ pub fn verify_receipt(r: &Receipt, trust: Option<&Deployment>) -> Result<()> {
         r.receipt
     );
     let op: lockstep_kernels::Op = serde_json::from_value(r.op.clone())
-        .map_err(|e| anyhow::anyhow!("unknown op or params: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("unknown op or params: {}", shorten(&e.to_string(), 160)))?;
     let spec = JobSpec {
         op,
         inputs: r
@@ -209,8 +209,9 @@ pub fn verify_receipt(r: &Receipt, trust: Option<&Deployment>) -> Result<()> {
         .output_shapes();
     ensure!(
         shapes == r.output_shapes,
-        "output shapes {:?} are not what the contract gives ({shapes:?})",
-        r.output_shapes
+        "output shapes {} are not what the contract gives ({})",
+        shorten(&format!("{:?}", r.output_shapes), 100),
+        shorten(&format!("{shapes:?}"), 100)
     );
     let mut workers = BTreeSet::new();
     let mut operators = BTreeSet::new();
@@ -258,7 +259,7 @@ pub fn verify_receipt(r: &Receipt, trust: Option<&Deployment>) -> Result<()> {
                 .iter()
                 .any(|m| m.role == Role::Coordinator && m.public_key == r.coordinator.public_key),
             "the coordinator's key {} is not enrolled in the deployment",
-            r.coordinator.public_key
+            quote(&r.coordinator.public_key)
         );
     }
     Ok(())

@@ -151,6 +151,42 @@ pub(super) async fn check(
     res: &ResultMessage,
     js: &JobState,
 ) -> Option<String> {
+    if let Some(why) = check_statement(key, res, &js.job_digest, &js.shapes) {
+        return Some(why);
+    }
+    match &res.outcome {
+        Outcome::Error {
+            code: code @ (ErrorCode::TamperedBlob | ErrorCode::MissingBlob),
+            ..
+        } => {
+            for t in &js.spec.inputs {
+                if let Some(d) = &t.object {
+                    let fine = match crate::nats::get_blob(nats, d).await {
+                        Ok(bytes) => decode_blob(&t.shape, d, &bytes).is_ok(),
+                        Err(_) => false,
+                    };
+                    if !fine {
+                        return None;
+                    }
+                }
+            }
+            Some(format!(
+                "it claimed {code:?}, but every input is in the store and hashes to its name"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The part of [`check`] that needs nothing but the result: signature,
+/// versions, job digest, output shapes and digests, codes no honest worker
+/// sends.
+pub fn check_statement(
+    key: &str,
+    res: &ResultMessage,
+    job_digest: &Digest,
+    shapes: &[Vec<usize>],
+) -> Option<String> {
     if crate::auth::verify(key, &result_signing_bytes(res), &res.signature).is_err() {
         return Some("its signature does not verify against its enrolled key".into());
     }
@@ -164,16 +200,19 @@ pub(super) async fn check(
     }
     match &res.outcome {
         Outcome::Ok { digest, outputs } => {
-            if res.job_digest != Some(js.job_digest) {
+            if res.job_digest != Some(*job_digest) {
                 return Some("it signed another job's digest".into());
             }
-            if outputs.len() != js.shapes.len()
-                || outputs.iter().zip(&js.shapes).any(|(t, s)| t.shape != *s)
+            if outputs.len() != shapes.len()
+                || outputs.iter().zip(shapes).any(|(t, s)| t.shape != *s)
             {
                 return Some(format!(
-                    "its outputs have shapes {:?}; the contract gives {:?}",
-                    outputs.iter().map(|t| &t.shape).collect::<Vec<_>>(),
-                    js.shapes
+                    "its outputs have shapes {}; the contract gives {}",
+                    shorten(
+                        &format!("{:?}", outputs.iter().map(|t| &t.shape).collect::<Vec<_>>()),
+                        100
+                    ),
+                    shorten(&format!("{shapes:?}"), 100)
                 ));
             }
             let mut digests = Vec::with_capacity(outputs.len());
@@ -202,22 +241,6 @@ pub(super) async fn check(
             | ErrorCode::WrongContract => Some(format!(
                 "it claimed {code:?} for a job the coordinator checked against the contract"
             )),
-            ErrorCode::TamperedBlob | ErrorCode::MissingBlob => {
-                for t in &js.spec.inputs {
-                    if let Some(d) = &t.object {
-                        let fine = match crate::nats::get_blob(nats, d).await {
-                            Ok(bytes) => decode_blob(&t.shape, d, &bytes).is_ok(),
-                            Err(_) => false,
-                        };
-                        if !fine {
-                            return None;
-                        }
-                    }
-                }
-                Some(format!(
-                    "it claimed {code:?}, but every input is in the store and hashes to its name"
-                ))
-            }
             _ => None,
         },
     }

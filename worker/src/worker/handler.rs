@@ -220,6 +220,25 @@ fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -
 }
 
 async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<Outcome, JobError> {
+    let t = Instant::now();
+    let plan = check_job(job, ctx.opts.max_elements, ctx.opts.max_macs)?;
+    let spec = &job.spec;
+    let work = plan.work();
+    let mut data = Vec::with_capacity(spec.inputs.len());
+    for input in &spec.inputs {
+        data.push(fetch(ctx, input).await?);
+    }
+    timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
+    compute_and_store(ctx, job, data, work, timings).await
+}
+
+/// Everything checked of a job before its inputs are fetched: versions,
+/// ids, this worker's limits, the op's contract module.
+pub(super) fn check_job(
+    job: &JobMessage,
+    max_elements: usize,
+    max_macs: u64,
+) -> Result<lockstep_kernels::contract::Plan, JobError> {
     if job.protocol != PROTOCOL_VERSION {
         return Err(job_err(
             ErrorCode::BadMessage,
@@ -242,7 +261,6 @@ async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<O
         ));
     }
     let spec = &job.spec;
-    let t = Instant::now();
     // This worker's limits on every input first (a huge input is refused
     // before anything else looks at it), then the op's contract module
     // (counts, ranks, agreeing shapes).
@@ -251,39 +269,47 @@ async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<O
         check_input(
             names.get(i).copied().unwrap_or("input"),
             input,
-            ctx.opts.max_elements,
+            max_elements,
         )?;
     }
     let plan = spec.op.plan(&spec.shapes()).map_err(kernel_err)?;
     let work = plan.work();
-    if work > ctx.opts.max_macs {
+    if work > max_macs {
         return Err(job_err(
             ErrorCode::TooLarge,
             format!(
                 "{} is {work} multiply-adds, over this worker's limit of {}",
                 spec.op.name(),
-                ctx.opts.max_macs
+                max_macs
             ),
         ));
     }
     for shape in plan.output_shapes() {
         let n = shape.iter().map(|&d| d as u64).product::<u64>();
-        if n > ctx.opts.max_elements as u64 {
+        if n > max_elements as u64 {
             return Err(job_err(
                 ErrorCode::TooLarge,
                 format!(
-                    "output {shape:?} is over this worker's limit of {} elements",
-                    ctx.opts.max_elements
+                    "output {} is over this worker's limit of {} elements",
+                    lockstep_kernels::contract::short_shape(&shape),
+                    max_elements
                 ),
             ));
         }
     }
-    let mut data = Vec::with_capacity(spec.inputs.len());
-    for input in &spec.inputs {
-        data.push(fetch(ctx, input).await?);
-    }
-    timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(plan)
+}
 
+/// Computes a checked job on the worker's backend and stores outputs too
+/// large for the result message.
+async fn compute_and_store(
+    ctx: &Ctx,
+    job: &JobMessage,
+    data: Vec<Vec<f32>>,
+    work: u64,
+    timings: &mut Timings,
+) -> Result<Outcome, JobError> {
+    let spec = &job.spec;
     let t = Instant::now();
     if !ctx.opts.test.delay.is_zero() {
         tokio::time::sleep(ctx.opts.test.delay).await;
@@ -358,4 +384,54 @@ fn check_input(name: &str, t: &TensorRef, max_elements: usize) -> Result<(), Job
         ));
     }
     Ok(())
+}
+
+/// What a worker makes of a job message, without a server: the message read
+/// as a bundle or a single job, each job checked, its inline inputs decoded
+/// and checked, and computed on `backend`; objects are not fetched. Per job,
+/// the outputs digest or the error a worker would answer. For the fuzzer.
+pub(crate) fn inspect_message(
+    bytes: &[u8],
+    max_elements: usize,
+    max_macs: u64,
+    backend: &dyn lockstep_kernels::Backend,
+) -> Vec<Result<lockstep_kernels::Digest, String>> {
+    use serde::Deserialize as _;
+    let value = serde_json::from_slice::<serde_json::Value>(bytes).ok();
+    let jobs: Vec<Option<&serde_json::Value>> = match value
+        .as_ref()
+        .and_then(|v| v.get("jobs"))
+        .and_then(|j| j.as_array())
+    {
+        Some(jobs) => jobs.iter().map(Some).collect(),
+        None => vec![value.as_ref()],
+    };
+    jobs.into_iter()
+        .map(|v| {
+            let job = match v {
+                Some(v) => JobMessage::deserialize(v).map_err(|e| shorten(&e.to_string(), 200))?,
+                None => return Err("not JSON".to_string()),
+            };
+            let _ = job.spec.job_digest();
+            let plan = check_job(&job, max_elements, max_macs).map_err(|e| e.1)?;
+            let mut data = Vec::new();
+            for t in &job.spec.inputs {
+                let Some(b64) = &t.inline else {
+                    return Err("input is an object (not fetched here)".into());
+                };
+                let d = decode_f32(b64)?;
+                if Some(d.len()) != t.elements() {
+                    return Err(format!("inline tensor has {} values", d.len()));
+                }
+                data.push(d);
+            }
+            let _ = plan;
+            let shapes: Vec<Vec<usize>> = job.spec.inputs.iter().map(|t| t.shape.clone()).collect();
+            let out = backend
+                .run(&job.spec.op, &views(&shapes, &data))
+                .map_err(|e| e.to_string())?;
+            let digests: Vec<_> = out.iter().map(|t| t.digest()).collect();
+            Ok(outputs_digest(&digests))
+        })
+        .collect()
 }

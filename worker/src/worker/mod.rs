@@ -16,7 +16,7 @@
 
 pub mod backends;
 mod cache;
-mod handler;
+pub(crate) mod handler;
 mod inflight;
 mod publish;
 mod registry;
