@@ -211,7 +211,7 @@ impl Adversary {
         Ok(Self {
             name: name.into(),
             key: cfg.identity()?.context("key")?,
-            js: jetstream::new(client.clone()),
+            js: jetstream::with_prefix(client.clone(), WORKER_API_PREFIX),
             client,
         })
     }

@@ -127,7 +127,10 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
 
     // What its role allows works (so the refusals below mean something).
     assert!(m.can_publish("lockstep.result.b1.mallory", b"{}").await);
-    assert!(m.can_publish("$KV.lockstep_workers.mallory", b"{}").await);
+    assert!(
+        m.can_publish("JSL.API.$KV.lockstep_workers.mallory", b"{}")
+            .await
+    );
     assert!(m.can_publish("lockstep.out.mallory.b1.00.0", b"x").await);
     assert!(
         m.api_ok("STREAM.INFO.OBJ_lockstep_blobs", serde_json::json!({}))
@@ -137,10 +140,15 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
     assert!(!m.can_publish("lockstep.result.b1.alice", b"{}").await);
     assert!(!m.can_publish("lockstep.out.alice.b1.00.0", b"x").await);
     assert!(!m.can_publish("$KV.lockstep_workers.alice", b"{}").await);
+    assert!(
+        !m.can_publish("JSL.API.$KV.lockstep_workers.alice", b"{}")
+            .await
+    );
     // Shared state: enrollments (its own too), faults, plans, references,
     // objects, jobs.
     for subject in [
         "$KV.lockstep_enrolled.mallory",
+        "JSL.API.$KV.lockstep_enrolled.mallory",
         "$KV.lockstep_enrolled.alice",
         "$KV.lockstep_faults.alice.b1.j1",
         "$KV.lockstep_assign.b1.x",
@@ -578,4 +586,73 @@ async fn an_audit_catches_colluders_of_distinct_operators_who_agree() {
         .unwrap();
     assert_eq!(report.verified, 1);
     assert_ne!(report.jobs[0].digest, Some(want["job-000"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_cannot_write_where_the_requester_may_not() {
+    // A request's reply subject is not checked against the requester's
+    // permissions, so a worker could make the server answer (and a stream
+    // store the answer) on any subject. Each worker has an account of its
+    // own: replies land there, where nothing is stored.
+    let Some(server) = nats_server() else { return };
+    let nats = server.connect().await.unwrap();
+    server.enroll("alice", "op-a").unwrap();
+    let mcfg = server.enroll("mallory", "op-m").unwrap();
+    let m = Adversary::connect(&mcfg, "mallory").await.unwrap();
+    let alice_before = enrollment(&nats, "alice").await;
+    // Mallory's own heartbeat holds bytes of its choice, which a direct get
+    // echoes.
+    let forged = br#"{"name":"alice","operator":"op-m","public_key":"UX","state":"quarantined","enrolled_ms":0}"#;
+    assert!(
+        m.can_publish("JSL.API.$KV.lockstep_workers.mallory", forged)
+            .await
+    );
+    let mut results = lockstep_tests::watch_results(&nats, "lockstep.result.>").await;
+    for reply in [
+        "lockstep.result.b1.alice",
+        "$KV.lockstep_enrolled.alice",
+        "$KV.lockstep_faults.alice.b1.j1",
+        "lockstep.job.alice.b1",
+    ] {
+        m.client
+            .publish_with_reply(
+                "JSL.API.DIRECT.GET.KV_lockstep_workers.$KV.lockstep_workers.mallory",
+                reply,
+                "".into(),
+            )
+            .await
+            .unwrap();
+    }
+    m.client.flush().await.unwrap();
+    use futures::StreamExt;
+    let got = tokio::time::timeout(Duration::from_secs(2), results.next()).await;
+    assert!(got.is_err(), "a reply was stored as a result: {got:?}");
+    assert_eq!(enrollment(&nats, "alice").await, alice_before);
+    let mut faults = nats.faults.keys().await.unwrap();
+    assert!(faults.next().await.is_none(), "a fault record appeared");
+    let mut jobs = nats.js.get_stream("LOCKSTEP_JOBS").await.unwrap();
+    assert_eq!(jobs.info().await.unwrap().state.messages, 0);
+    // A heartbeat with a rollup header would purge every other worker's.
+    let alice_beat = br#"{"alice":1}"#;
+    nats.workers
+        .put("alice", alice_beat.to_vec().into())
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    let rollup =
+        m.js.send_publish(
+            "JSL.API.$KV.lockstep_workers.mallory",
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload("x".into())
+                .headers(headers),
+        )
+        .await;
+    if let Ok(ack) = rollup {
+        assert!(ack.await.is_err(), "a rollup was stored");
+    }
+    assert_eq!(
+        nats.workers.get("alice").await.unwrap().unwrap().as_ref(),
+        alice_beat
+    );
 }

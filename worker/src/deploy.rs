@@ -316,23 +316,43 @@ impl Deployment {
             "jetstream {{\n  store_dir: {:?}\n}}\n",
             self.dir.join("store").display().to_string()
         );
-        s += "authorization {\n  users = [\n";
-        for m in &f.members {
-            let p = permissions(m);
-            s += &format!(
-                "    # {:?} {} of {:?}\n    {{ nkey: {:?}, permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }} }}\n",
-                m.name,
-                match m.role {
-                    Role::Coordinator => "coordinator",
-                    Role::Worker => "worker",
-                },
-                m.operator,
-                m.public_key,
-                list(&p.publish),
-                list(&p.subscribe)
-            );
+        // One account holds every stream (JetStream on) and the
+        // coordinators; each worker has an account of its own that imports
+        // only the services it needs. A reply subject names a subject in
+        // the requester's own account, so a worker cannot make the server
+        // answer (and a stream store) onto anyone else's subjects.
+        s += "accounts {\n  LOCKSTEP {\n    jetstream: enabled\n    users: [\n";
+        for m in f.members.iter().filter(|m| m.role == Role::Coordinator) {
+            s += &user_entry(m);
         }
-        s += "  ]\n}\n";
+        s += "    ]\n    exports: [\n";
+        for m in f.members.iter().filter(|m| m.role == Role::Worker) {
+            for (subject, stream) in worker_services(&m.name) {
+                s += &format!(
+                    "      {{ service: {subject:?}, accounts: [{:?}]{} }}\n",
+                    worker_account(&m.name),
+                    if stream {
+                        ", response_type: \"stream\""
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        s += "    ]\n  }\n";
+        for m in f.members.iter().filter(|m| m.role == Role::Worker) {
+            s += &format!("  {} {{\n    users: [\n", worker_account(&m.name));
+            s += &user_entry(m);
+            s += "    ]\n    imports: [\n";
+            for (subject, _) in worker_services(&m.name) {
+                s += &format!(
+                    "      {{ service: {{ account: \"LOCKSTEP\", subject: {subject:?} }}, to: {:?} }}\n",
+                    local_subject(&subject)
+                );
+            }
+            s += "    ]\n  }\n";
+        }
+        s += "}\n";
         s
     }
 
@@ -384,29 +404,128 @@ pub async fn register(nats: &crate::nats::Nats, m: &Member) -> Result<Enrollment
     Ok(e)
 }
 
-/// Waits until the server accepts this identity (a reload takes effect).
-pub async fn wait_until_accepted(cfg: &ConnectConfig, timeout: std::time::Duration) -> Result<()> {
+/// Waits until a newly enrolled worker can log in and reach the jobs
+/// stream through its account's imports (the stores must exist). nats-server
+/// 2.15 wires a new account's imports only on the reload after the one that
+/// adds it, so `reload` is called again while they are not wired yet.
+pub async fn wait_until_ready(
+    cfg: &ConnectConfig,
+    timeout: std::time::Duration,
+    reload: impl Fn(),
+) -> Result<()> {
     let t = std::time::Instant::now();
     // A reload takes a moment; a first try before it would log a refusal.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut reloaded = std::time::Instant::now();
     loop {
         let options = cfg.options_once().await?;
-        match tokio::time::timeout(
+        let connected = tokio::time::timeout(
             std::time::Duration::from_secs(2),
             options.connect(cfg.urls()),
         )
-        .await
-        {
-            Ok(Ok(c)) => {
-                let _ = c.drain().await;
+        .await;
+        if let Ok(Ok(c)) = connected {
+            let js = async_nats::jetstream::with_prefix(c.clone(), WORKER_API_PREFIX);
+            let wired = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                js.get_stream(JOBS_STREAM),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            let _ = c.drain().await;
+            if wired {
                 return Ok(());
             }
-            _ if t.elapsed() > timeout => {
-                bail!("the server did not accept the new key within {timeout:?}")
+            if reloaded.elapsed() > std::time::Duration::from_millis(300) {
+                reload();
+                reloaded = std::time::Instant::now();
             }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
         }
+        if t.elapsed() > timeout {
+            bail!("the server did not take the new worker within {timeout:?} (was its configuration reloaded?)")
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// What a worker's account calls an imported subject: the JetStream API
+/// under [`WORKER_API_PREFIX`] (its own `$JS.API` answers "not enabled"),
+/// everything else as it is.
+pub fn local_subject(subject: &str) -> String {
+    if let Some(rest) = subject.strip_prefix("$JS.API.") {
+        format!("{WORKER_API_PREFIX}.{rest}")
+    } else if subject.starts_with("$KV.") {
+        // async-nats puts to a bucket under the API prefix of its context.
+        format!("{WORKER_API_PREFIX}.{subject}")
+    } else {
+        subject.to_string()
+    }
+}
+
+/// A worker's own account.
+pub fn worker_account(name: &str) -> String {
+    format!("W_{name}")
+}
+
+/// The services a worker's account imports from the LOCKSTEP account (the
+/// subject, and whether it answers with a stream of messages).
+fn worker_services(w: &str) -> Vec<(String, bool)> {
+    let consumer = worker_consumer(w);
+    let api = "$JS.API";
+    let mut v: Vec<(String, bool)> = crate::nats::STREAM_NAMES
+        .iter()
+        .map(|s| (format!("{api}.STREAM.INFO.{s}"), false))
+        .collect();
+    v.extend([
+        (
+            format!("{api}.CONSUMER.INFO.{JOBS_STREAM}.{consumer}"),
+            false,
+        ),
+        (
+            format!("{api}.CONSUMER.DELETE.{JOBS_STREAM}.{consumer}"),
+            false,
+        ),
+        (
+            format!(
+                "{api}.CONSUMER.CREATE.{JOBS_STREAM}.{consumer}.{}",
+                worker_filter(w)
+            ),
+            false,
+        ),
+        (
+            format!("{api}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer}"),
+            true,
+        ),
+        (format!("$JS.ACK.{JOBS_STREAM}.{consumer}.>"), false),
+        (
+            format!("{api}.DIRECT.GET.KV_{WORKERS_BUCKET}.$KV.{WORKERS_BUCKET}.{w}"),
+            false,
+        ),
+        (format!("$KV.{WORKERS_BUCKET}.{w}"), false),
+        (format!("{api}.DIRECT.GET.OBJ_{BLOBS_BUCKET}"), false),
+        (format!("{api}.DIRECT.GET.OBJ_{BLOBS_BUCKET}.>"), false),
+        (format!("{api}.STREAM.MSG.GET.OBJ_{BLOBS_BUCKET}"), false),
+        (format!("{RESULT_SUBJECT_PREFIX}.*.{w}"), false),
+        (format!("{OUTPUT_SUBJECT_PREFIX}.{w}.>"), false),
+    ]);
+    v
+}
+
+/// A member's entry in its account's `users`.
+fn user_entry(m: &Member) -> String {
+    let p = permissions(m);
+    format!(
+        "      # {:?} {} of {:?}\n      {{ nkey: {:?}, permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }} }}\n",
+        m.name,
+        match m.role {
+            Role::Coordinator => "coordinator",
+            Role::Worker => "worker",
+        },
+        m.operator,
+        m.public_key,
+        list(&p.publish),
+        list(&p.subscribe)
+    )
 }
 
 fn list(items: &[String]) -> String {
@@ -437,40 +556,14 @@ pub fn permissions(m: &Member) -> Permissions {
             ],
             subscribe: vec![inbox],
         },
-        Role::Worker => {
-            let w = &m.name;
-            let consumer = worker_consumer(w);
-            let api = "$JS.API";
-            // Stream metadata (limits, sizes) is readable; contents are not.
-            let mut publish: Vec<String> = crate::nats::STREAM_NAMES
-                .iter()
-                .map(|s| format!("{api}.STREAM.INFO.{s}"))
-                .collect();
-            publish.extend([
-                format!("{api}.CONSUMER.INFO.{JOBS_STREAM}.{consumer}"),
-                format!("{api}.CONSUMER.DELETE.{JOBS_STREAM}.{consumer}"),
-                format!(
-                    "{api}.CONSUMER.CREATE.{JOBS_STREAM}.{consumer}.{}",
-                    worker_filter(w)
-                ),
-                format!("{api}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer}"),
-                format!("$JS.ACK.{JOBS_STREAM}.{consumer}.>"),
-                // Its own heartbeat record, read and written.
-                format!("{api}.DIRECT.GET.KV_{WORKERS_BUCKET}.$KV.{WORKERS_BUCKET}.{w}"),
-                format!("$KV.{WORKERS_BUCKET}.{w}"),
-                // Inputs: read only.
-                format!("{api}.DIRECT.GET.OBJ_{BLOBS_BUCKET}"),
-                format!("{api}.DIRECT.GET.OBJ_{BLOBS_BUCKET}.>"),
-                format!("{api}.STREAM.MSG.GET.OBJ_{BLOBS_BUCKET}"),
-                // Its answers, under its own name only.
-                format!("{RESULT_SUBJECT_PREFIX}.*.{w}"),
-                format!("{OUTPUT_SUBJECT_PREFIX}.{w}.>"),
-            ]);
-            Permissions {
-                publish,
-                subscribe: vec![inbox],
-            }
-        }
+        Role::Worker => Permissions {
+            // What its account imports, and nothing else.
+            publish: worker_services(&m.name)
+                .into_iter()
+                .map(|(subject, _)| local_subject(&subject))
+                .collect(),
+            subscribe: vec![inbox],
+        },
     }
 }
 

@@ -73,7 +73,9 @@ async fn client(cfg: &ConnectConfig) -> Result<async_nats::Client> {
 /// for them, with a note every 10 s) and creates nothing.
 pub async fn connect_worker(cfg: &ConnectConfig) -> Result<Nats> {
     let client = client(cfg).await?;
-    let js = jetstream::new(client.clone());
+    // A worker's account sees the streams' JetStream API under its own
+    // prefix (see `deploy`).
+    let js = jetstream::with_prefix(client.clone(), WORKER_API_PREFIX);
     let t = std::time::Instant::now();
     let mut noted = 0;
     loop {
@@ -196,6 +198,17 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
         .context("cannot create the blob object store")?;
     }
     crate::store::adopt_limits(&js, limits).await?;
+    // Workers write their heartbeats there: a rollup header on one would
+    // purge every other worker's record.
+    let mut workers = js.get_stream(format!("KV_{WORKERS_BUCKET}")).await?;
+    let mut config = workers.info().await?.config.clone();
+    if config.allow_rollup || !config.deny_purge {
+        config.allow_rollup = false;
+        config.deny_purge = true;
+        js.update_stream(config)
+            .await
+            .context("cannot forbid rollups on the heartbeat bucket")?;
+    }
     open_all(&client, &js).await
 }
 
@@ -205,20 +218,33 @@ async fn kv_bucket(
     limit: Limit,
     replicas: usize,
 ) -> Result<kv::Store> {
-    if let Ok(kv) = js.get_key_value(name).await {
-        return Ok(kv);
+    // A lookup can fail for a moment (a server reloading its
+    // configuration); creating then fails on the existing bucket, whose
+    // configuration lockstep has changed since: look again.
+    let mut last = None;
+    for _ in 0..10 {
+        if let Ok(kv) = js.get_key_value(name).await {
+            return Ok(kv);
+        }
+        match js
+            .create_key_value(kv::Config {
+                bucket: name.into(),
+                history: 1,
+                max_age: limit.max_age,
+                max_bytes: limit.max_bytes,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(kv) => return Ok(kv),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    js.create_key_value(kv::Config {
-        bucket: name.into(),
-        history: 1,
-        max_age: limit.max_age,
-        max_bytes: limit.max_bytes,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .with_context(|| format!("cannot create KV bucket {name} (nats-server >= 2.10 needed)"))
+    Err(last.expect("tried"))
+        .with_context(|| format!("cannot create KV bucket {name} (nats-server >= 2.10 needed)"))
 }
 
 /// A worker that may get assignments: enrolled, active (not quarantined),

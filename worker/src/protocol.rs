@@ -48,6 +48,11 @@ pub const BLOBS_BUCKET: &str = "lockstep_blobs";
 /// finished batch deletes its references, and a blob nobody references.
 pub const BLOB_REFS_BUCKET: &str = "lockstep_blob_refs";
 
+/// Where a worker's account sees the JetStream API of the account that
+/// holds the streams (its own account has no JetStream): `JSL.API.<x>` is
+/// imported from `$JS.API.<x>`, for the few `<x>` a worker may use.
+pub const WORKER_API_PREFIX: &str = "JSL.API";
+
 /// Where a replica of `batch` for `worker` is published.
 pub fn job_subject(worker: &str, batch: &str) -> String {
     format!("{JOB_SUBJECT_PREFIX}.{worker}.{batch}")

@@ -109,6 +109,10 @@ struct JobState {
     retry: HashSet<usize>,
     /// What the system failures were, in order.
     system_failures: Vec<String>,
+    /// Operators whose workers reported them: a job fails only when
+    /// [`MAX_SYSTEM_FAILURES`] distinct operators did (one operator's word
+    /// cannot fail a job).
+    system_failure_operators: std::collections::BTreeSet<String>,
     /// Inputs this batch put in the object store itself (its clean-up may
     /// delete them; objects the batch file named are only dereferenced).
     uploaded: Vec<lockstep_kernels::Digest>,
@@ -261,6 +265,7 @@ async fn load_jobs(
                 excluded: HashSet::new(),
                 retry: HashSet::new(),
                 system_failures: Vec::new(),
+                system_failure_operators: Default::default(),
                 uploaded,
                 decided: None,
                 dispatched: None,
@@ -349,7 +354,12 @@ impl Run<'_> {
                 tracing::warn!(job = %res.job, worker = %res.worker, "ignoring a result for an assignment the worker does not hold");
                 continue;
             }
-            if let Some(why) = verdict::check(self.nats, &key, &res, js).await {
+            let why = if res.batch != self.batch {
+                Some("it signed a result for another batch".to_string())
+            } else {
+                verdict::check(self.nats, &key, &res, js).await
+            };
+            if let Some(why) = why {
                 let f = FaultRecord {
                     worker: res.worker.clone(),
                     batch: self.batch.clone(),
@@ -362,7 +372,11 @@ impl Run<'_> {
                     reason: format!("result rejected: {why}"),
                     at_ms: now_ms(),
                 };
-                verdict::record_fault(self.nats, &mut self.enrolled, f, &mut self.faults).await?;
+                if let Err(e) =
+                    verdict::record_fault(self.nats, &mut self.enrolled, f, &mut self.faults).await
+                {
+                    tracing::error!("{e:#}");
+                }
                 self.live.retain(|w| w.id != res.worker);
                 res.outcome = Outcome::Error {
                     code: ErrorCode::Rejected,
@@ -389,7 +403,12 @@ impl Run<'_> {
                         shorten(message, 200)
                     ));
                     js.retry.insert(i);
-                    if js.system_failures.len() >= MAX_SYSTEM_FAILURES {
+                    let operator = self
+                        .enrolled
+                        .get(&res.worker)
+                        .map_or_else(|| res.worker.clone(), |e| e.operator.clone());
+                    js.system_failure_operators.insert(operator);
+                    if js.system_failure_operators.len() >= MAX_SYSTEM_FAILURES {
                         let report = verdict::system_failed(&res.job, js);
                         self.decide(&res.job, report);
                     }

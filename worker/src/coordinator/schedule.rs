@@ -103,6 +103,7 @@ pub(super) async fn schedule(
                 .collect();
             // Replicas of one job go to distinct operators: one operator's
             // sybils cannot verify each other.
+            // (Also those it was taken away from: they may still answer.)
             let operators: HashSet<&str> = holding
                 .iter()
                 .copied()
@@ -111,6 +112,14 @@ pub(super) async fn schedule(
                         .iter()
                         .filter(|(_, r)| matches!(r.outcome, Outcome::Ok { .. }))
                         .map(|(w, _)| w.as_str()),
+                )
+                .chain(
+                    js.assignments
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != replica)
+                        .filter_map(|(_, a)| a.as_ref())
+                        .flat_map(|a| a.abandoned.iter().map(String::as_str)),
                 )
                 .filter_map(|w| enrolled.get(w).map(|e| e.operator.as_str()))
                 .collect();

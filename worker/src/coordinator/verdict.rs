@@ -32,11 +32,18 @@ pub(super) async fn evaluate(
     // A job-level error the coordinator confirmed (an input really missing
     // or corrupt) means the job itself is bad; "too large" is a worker's own
     // limit, so it fails the job only when r workers say so.
+    let operator = |w: &str| {
+        enrolled
+            .get(w)
+            .map_or_else(|| w.to_string(), |e| e.operator.clone())
+    };
     let too_large = js
         .results
         .values()
         .filter(|res| matches!(&res.outcome, Outcome::Error { code, .. } if *code == ErrorCode::TooLarge))
-        .count();
+        .map(|res| operator(&res.worker))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     if let Some((code, message)) = js.results.values().find_map(|res| match &res.outcome {
         Outcome::Error { code, message }
             if code.is_job_fault() && (*code != ErrorCode::TooLarge || too_large >= r) =>
@@ -56,7 +63,12 @@ pub(super) async fn evaluate(
             _ => None,
         })
         .collect();
-    if oks.len() < r {
+    // r answers from r distinct operators (the schedule sends replicas to
+    // distinct operators; a reassigned replica's old worker may still
+    // answer, and two of one operator never count as two).
+    let operators: std::collections::BTreeSet<String> =
+        oks.iter().map(|(w, _)| operator(w)).collect();
+    if oks.len() < r || operators.len() < r {
         return Ok(None);
     }
     let first = oks[0].1;
@@ -102,7 +114,9 @@ pub(super) async fn evaluate(
             ),
             at_ms: now_ms(),
         };
-        record_fault(nats, enrolled, f, faults).await?;
+        if let Err(e) = record_fault(nats, enrolled, f, faults).await {
+            tracing::error!("{e:#}");
+        }
         report.faulty_workers.push(w);
     }
     report.reason = Some(format!(

@@ -183,7 +183,7 @@ impl NatsServer {
         loop {
             match crate::nats::connect_with(&self.coordinator(), &limits).await {
                 Ok(n) => return Ok(n),
-                Err(e) if t.elapsed() < Duration::from_secs(30) && self.ports.len() > 1 => {
+                Err(e) if t.elapsed() < Duration::from_secs(30) => {
                     tracing::debug!("cluster not ready: {e:#}");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
@@ -203,10 +203,19 @@ impl NatsServer {
         if known {
             return Ok(cfg);
         }
-        for child in self.children.iter().flatten() {
-            // SAFETY: a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-        }
+        let pids: Vec<i32> = self
+            .children
+            .iter()
+            .flatten()
+            .map(|c| c.id() as i32)
+            .collect();
+        let reload = move || {
+            for &pid in &pids {
+                // SAFETY: a signal to our own child.
+                unsafe { libc::kill(pid, libc::SIGHUP) };
+            }
+        };
+        reload();
         let (coordinator, worker) = (d.coordinator(), cfg.clone());
         drop(d);
         let limits = self.limits()?;
@@ -217,18 +226,23 @@ impl NatsServer {
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    crate::deploy::wait_until_accepted(&worker, Duration::from_secs(10)).await?;
                     let t = Instant::now();
                     let nats = loop {
                         match crate::nats::connect_with(&coordinator, &limits).await {
                             Ok(n) => break n,
-                            Err(_) if cluster && t.elapsed() < Duration::from_secs(30) => {
+                            // (A reload leaves JetStream unanswering for a moment.)
+                            Err(_)
+                                if t.elapsed()
+                                    < Duration::from_secs(if cluster { 30 } else { 10 }) =>
+                            {
                                 tokio::time::sleep(Duration::from_millis(250)).await
                             }
                             Err(e) => return Err(e),
                         }
                     };
                     crate::deploy::register(&nats, &member).await?;
+                    crate::deploy::wait_until_ready(&worker, Duration::from_secs(30), reload)
+                        .await?;
                     Ok(())
                 })
         })

@@ -23,19 +23,28 @@ enum Stored {
 /// Publishes `payload` under `id`, retrying transient errors for 10 s.
 async fn store(ctx: &Ctx, subject: &str, payload: bytes::Bytes, id: &str) -> Stored {
     let mut last = String::new();
+    let mut id = id.to_string();
     for attempt in 0..40 {
         let publish = ctx.nats.js.send_publish(
             subject.to_string(),
             jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
-                .message_id(id),
+                .message_id(id.as_str()),
         );
         let result = match publish.await {
-            Ok(ack) => ack.await.map(|_| ()),
+            Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => return Stored::Yes,
+            Ok(ack) if ack.duplicate && attempt == 0 => {
+                // Message ids are predictable and the duplicate window is
+                // the stream's: someone may have used this one first. Store
+                // it again under an id nobody can guess (a second copy of
+                // one's own result is harmless: one per worker counts).
+                use rand::Rng as _;
+                id = format!("{id}.r{:016x}", rand::rng().random::<u64>());
+            }
+            Ok(_) => return Stored::Yes,
             Err(e) => {
                 let text = e.to_string();
                 if e.kind() == PublishErrorKind::MaxPayloadExceeded
