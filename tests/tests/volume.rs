@@ -225,6 +225,7 @@ async fn outputs_at_and_around_the_inline_threshold() {
 async fn a_server_with_a_64_kib_payload_limit() {
     let Ok(server) = NatsServer::start_with(&ServerOptions {
         max_payload: Some(64 << 10),
+        ..Default::default()
     }) else {
         assert!(
             std::env::var_os("LOCKSTEP_REQUIRE_NATS").is_none(),

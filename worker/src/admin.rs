@@ -12,8 +12,18 @@ use crate::deploy::{Deployment, Role};
 use crate::protocol::*;
 
 /// `lockstep deploy init DIR`.
-pub fn deploy_init(dir: &Path, host: &str, port: u16, max_payload: Option<usize>) -> Result<()> {
-    let d = Deployment::init(dir, host, port, max_payload)?;
+pub fn deploy_init(
+    dir: &Path,
+    host: &str,
+    port: u16,
+    max_payload: Option<usize>,
+    tls: Option<crate::deploy::ServerTls>,
+) -> Result<()> {
+    let mut d = Deployment::init(dir, host, port, max_payload)?;
+    if tls.is_some() {
+        d.file.tls = tls;
+        d.save()?;
+    }
     println!("deployment created in {}", dir.display());
     println!(
         "  server configuration: {}",

@@ -146,6 +146,18 @@ enum DeployCommand {
         /// Largest message the server accepts (its default: 1 MiB).
         #[arg(long)]
         max_payload: Option<usize>,
+        /// TLS for clients: the server's certificate (PEM)...
+        #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// ...its key (PEM)...
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// ...and the CA clients' certificates must chain to.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Require every client to present a certificate from --tls-ca.
+        #[arg(long, requires = "tls_cert")]
+        verify_clients: bool,
     },
 }
 
@@ -215,13 +227,20 @@ impl ConnectArgs {
             }
             _ => None,
         };
+        // TLS from the flags, else the deployment's own settings.
+        let from_deployment = d.as_ref().map(|d| d.connect_as(role, name));
+        let pick = |flag: &Option<PathBuf>,
+                    dep: fn(&crate::auth::ConnectConfig) -> Option<PathBuf>| {
+            flag.clone()
+                .or_else(|| from_deployment.as_ref().and_then(dep))
+        };
         Ok(crate::auth::ConnectConfig {
             url,
             nkey,
             creds: self.creds.clone(),
-            tls_ca: self.tls_ca.clone(),
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
+            tls_ca: pick(&self.tls_ca, |c| c.tls_ca.clone()),
+            tls_cert: pick(&self.tls_cert, |c| c.tls_cert.clone()),
+            tls_key: pick(&self.tls_key, |c| c.tls_key.clone()),
         })
     }
 
@@ -555,7 +574,24 @@ fn run(cli: Cli) -> Result<()> {
             host,
             port,
             max_payload,
-        }) => crate::admin::deploy_init(&dir, &host, port, max_payload),
+            tls_cert,
+            tls_key,
+            tls_ca,
+            verify_clients,
+        }) => {
+            let tls = match (tls_cert, tls_key, tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some(crate::deploy::ServerTls {
+                    cert,
+                    key,
+                    ca,
+                    verify_clients,
+                    client_cert: None,
+                    client_key: None,
+                }),
+                _ => None,
+            };
+            crate::admin::deploy_init(&dir, &host, port, max_payload, tls)
+        }
         Command::Enroll {
             role: EnrollRole::Worker,
             name,

@@ -62,10 +62,29 @@ pub struct DeploymentFile {
     #[serde(default)]
     pub max_payload: Option<usize>,
     pub members: Vec<Member>,
+    /// TLS for client connections (none: plain TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
     /// A JetStream cluster: one server per node (empty: a single server on
     /// `port`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster: Vec<ClusterNode>,
+}
+
+/// The server's TLS: its certificate and key, and the CA clients'
+/// certificates must chain to when `verify_clients`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub verify_clients: bool,
+    /// The client certificate and key this deployment's own tools present
+    /// (`lockstep enroll`, `--deployment`), when clients are verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// One server of a cluster: its client port and its route port.
@@ -99,6 +118,7 @@ impl Deployment {
                 port,
                 max_payload,
                 members: Vec::new(),
+                tls: None,
                 cluster: Vec::new(),
             },
         };
@@ -179,9 +199,16 @@ impl Deployment {
             .find(|m| m.role == role && m.name == name)
     }
 
-    /// How `name` of `role` connects (its key file).
+    /// How `name` of `role` connects (its key file, and the deployment's
+    /// TLS settings).
     pub fn connect_as(&self, role: Role, name: &str) -> ConnectConfig {
-        ConnectConfig::with_nkey(&self.url(), &self.key_path(role, name))
+        let mut c = ConnectConfig::with_nkey(&self.url(), &self.key_path(role, name));
+        if let Some(t) = &self.file.tls {
+            c.tls_ca = Some(t.ca.clone());
+            c.tls_cert = t.client_cert.clone();
+            c.tls_key = t.client_key.clone();
+        }
+        c
     }
 
     /// How the deployment's own coordinator connects.
@@ -312,6 +339,15 @@ impl Deployment {
             s += &format!("max_payload: {p}\n");
         }
         s += &format!("pid_file: {:?}\n", self.pid_file().display().to_string());
+        if let Some(t) = &f.tls {
+            s += &format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: {}\n}}\n",
+                t.cert.display().to_string(),
+                t.key.display().to_string(),
+                t.ca.display().to_string(),
+                t.verify_clients
+            );
+        }
         s += &format!(
             "jetstream {{\n  store_dir: {:?}\n}}\n",
             self.dir.join("store").display().to_string()

@@ -88,6 +88,8 @@ fn free_port() -> Result<u16> {
 pub struct ServerOptions {
     /// The largest message the server accepts (its default is 1 MiB).
     pub max_payload: Option<usize>,
+    /// TLS on client connections.
+    pub tls: Option<crate::deploy::ServerTls>,
 }
 
 impl NatsServer {
@@ -103,7 +105,11 @@ impl NatsServer {
             .prefix("lockstep-nats-")
             .tempdir()?;
         let port = free_port()?;
-        let deployment = Deployment::init(tmp.path(), "127.0.0.1", port, options.max_payload)?;
+        let mut deployment = Deployment::init(tmp.path(), "127.0.0.1", port, options.max_payload)?;
+        if options.tls.is_some() {
+            deployment.file.tls = options.tls.clone();
+            deployment.save()?;
+        }
         Self::launch(tmp, deployment, vec![port])
     }
 

@@ -50,9 +50,21 @@ impl WorkerProcs {
     ) -> Result<()> {
         let cfg = server.enroll(name, operator)?;
         let key = cfg.nkey.expect("enrolled workers have a key");
+        let mut tls = Vec::new();
+        for (flag, path) in [
+            ("--tls-ca", &cfg.tls_ca),
+            ("--tls-cert", &cfg.tls_cert),
+            ("--tls-key", &cfg.tls_key),
+        ] {
+            if let Some(p) = path {
+                tls.push(std::ffi::OsString::from(flag));
+                tls.push(p.clone().into_os_string());
+            }
+        }
         let child = Command::new(&self.exe)
             .args(["worker", "--nats", &cfg.url, "--nkey"])
             .arg(&key)
+            .args(&tls)
             .args(["--name", name, "--backend", backend, "--threads", "1"])
             .args(args)
             .env(
