@@ -66,8 +66,9 @@ pub fn signed_result(
         timings: Timings::default(),
         job_digest: job.spec.job_digest(),
         signature: String::new(),
+        merkle: Default::default(),
     };
-    r.signature = key.sign(&result_signing_bytes(&r));
+    sign_results(key, std::slice::from_mut(&mut r));
     r
 }
 
@@ -123,20 +124,31 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
     let key = cfg.identity()?.context("the adversary needs its key")?;
     let nats = lockstep::nats::connect_worker(&cfg).await?;
     let durable = worker_consumer(&name);
-    let consumer = nats
-        .jobs
-        .get_or_create_consumer(
-            &durable,
-            jetstream::consumer::pull::Config {
-                durable_name: Some(durable.clone()),
-                filter_subject: worker_filter(&name),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ..Default::default()
-            },
-        )
-        .await
-        .context("consumer")?;
-    let beat = {
+    let config = jetstream::consumer::pull::Config {
+        durable_name: Some(durable.clone()),
+        filter_subject: worker_filter(&name),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    // (Retried: a server reloading its configuration answers nothing for a
+    // moment.)
+    let mut tries = 0;
+    let consumer = loop {
+        match nats
+            .jobs
+            .get_or_create_consumer(&durable, config.clone())
+            .await
+        {
+            Ok(c) => break c,
+            Err(_) if tries < 60 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("consumer"),
+        }
+    };
+    // Heartbeats for as long as the process lives.
+    let _beat = {
         let (nats, name) = (nats.clone(), name.clone());
         tokio::spawn(async move {
             loop {
@@ -161,7 +173,16 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
         })
     };
     let mut messages = consumer.messages().await?;
-    while let Some(Ok(msg)) = messages.next().await {
+    loop {
+        let msg = match messages.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(_)) => continue,
+            None => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                messages = consumer.messages().await?;
+                continue;
+            }
+        };
         let jobs: Vec<JobMessage> = match serde_json::from_slice::<JobBundle>(&msg.payload) {
             Ok(b) => b.jobs,
             Err(_) => serde_json::from_slice::<JobMessage>(&msg.payload)
@@ -174,8 +195,6 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
         }
         let _ = msg.ack().await;
     }
-    beat.abort();
-    Ok(())
 }
 
 /// Publishes a result on the results subject of its batch and `r.worker`.
@@ -225,7 +244,7 @@ impl Adversary {
             .await
         {
             Ok(ack) => matches!(
-                tokio::time::timeout(Duration::from_secs(2), ack).await,
+                tokio::time::timeout(Duration::from_secs(1), ack).await,
                 Ok(Ok(_))
             ),
             Err(_) => false,
@@ -255,7 +274,7 @@ impl Adversary {
         let request = self
             .js
             .request::<_, _, serde_json::Value>(api.to_string(), &body);
-        match tokio::time::timeout(Duration::from_secs(2), request).await {
+        match tokio::time::timeout(Duration::from_secs(1), request).await {
             Ok(Ok(v)) => v.get("error").is_none(),
             _ => false,
         }

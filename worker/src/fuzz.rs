@@ -142,14 +142,24 @@ pub fn targets() -> Vec<Target> {
         timings: Timings::default(),
         job_digest: job.spec.job_digest(),
         signature: String::new(),
+        merkle: Default::default(),
     };
-    result.signature = key.sign(&result_signing_bytes(&result));
+    sign_results(&key, std::slice::from_mut(&mut result));
     let job_digest = job.spec.job_digest().expect("valid");
+    let mut pair = vec![
+        result.clone(),
+        ResultMessage {
+            replica: 0,
+            ..result.clone()
+        },
+        result.clone(),
+    ];
+    sign_results(&key, &mut pair);
     let result_bundle = ResultBundle {
         protocol: PROTOCOL_VERSION,
         batch: "b-1".into(),
         worker: "w".into(),
-        results: vec![result.clone()],
+        results: pair,
     };
     let result_seeds = vec![json(&result), json(&result_bundle)];
 

@@ -483,11 +483,127 @@ pub struct ResultMessage {
     /// the message could not be read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_digest: Option<Digest>,
-    /// The worker's ed25519 signature (base64) of
-    /// [`result_signing_bytes`]; coordinators drop results whose signature
-    /// does not verify against the enrolled key of the assigned worker.
+    /// The worker's ed25519 signature (base64) of the root of the results it
+    /// signed at once ([`sign_results`]: one signature per message);
+    /// coordinators drop results whose signature does not verify against the
+    /// enrolled key of the assigned worker.
     #[serde(default)]
     pub signature: String,
+    /// Where this result's statement sits in that tree (absent: alone).
+    #[serde(default, skip_serializing_if = "MerklePath::is_alone")]
+    pub merkle: MerklePath,
+}
+
+/// A result's place among the results signed together: its index, their
+/// count, and the sibling hashes from the leaf up (a last node without a
+/// sibling at a level moves up unchanged).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MerklePath {
+    pub index: u32,
+    pub count: u32,
+    pub siblings: Vec<Digest>,
+}
+
+impl MerklePath {
+    pub fn is_alone(&self) -> bool {
+        self.count <= 1 && self.siblings.is_empty()
+    }
+}
+
+fn tagged_hash(tag: &[u8], parts: &[&[u8]]) -> Digest {
+    use sha3::Digest as _;
+    let mut h = sha3::Sha3_256::new();
+    h.update(tag);
+    for p in parts {
+        h.update(p);
+    }
+    Digest(h.finalize().into())
+}
+
+/// The leaf of a result: SHA3-256 of `"lockstep.result.leaf\0"` and its
+/// [`result_signing_bytes`].
+pub fn result_leaf(r: &ResultMessage) -> Digest {
+    tagged_hash(b"lockstep.result.leaf\0", &[&result_signing_bytes(r)])
+}
+
+fn merkle_node(l: &Digest, r: &Digest) -> Digest {
+    tagged_hash(b"lockstep.result.node\0", &[&l.0, &r.0])
+}
+
+/// The bytes a worker signs for results signed together:
+/// `"lockstep.results.root\0"` and the root.
+pub fn root_signing_bytes(root: &Digest) -> Vec<u8> {
+    [b"lockstep.results.root\0".as_slice(), &root.0].concat()
+}
+
+/// The root a leaf and its path lead to (`None`: a malformed path).
+pub fn merkle_root(leaf: Digest, path: &MerklePath) -> Option<Digest> {
+    let (mut i, mut n) = (path.index, path.count.max(1));
+    if i >= n || n > 1 << 20 || path.siblings.len() > 32 {
+        return None;
+    }
+    let mut siblings = path.siblings.iter();
+    let mut h = leaf;
+    while n > 1 {
+        if i % 2 == 1 {
+            h = merkle_node(siblings.next()?, &h);
+        } else if i + 1 < n {
+            h = merkle_node(&h, siblings.next()?);
+        }
+        i /= 2;
+        n = n.div_ceil(2);
+    }
+    siblings.next().is_none().then_some(h)
+}
+
+/// Signs results together: one ed25519 signature of the root of their
+/// leaves' tree, and each result's path to it. A message's results cost one
+/// signature, and each can still be checked (and put in a receipt) alone.
+pub fn sign_results(key: &crate::auth::Identity, results: &mut [ResultMessage]) {
+    let mut level: Vec<Digest> = results.iter().map(result_leaf).collect();
+    let count = level.len() as u32;
+    let mut paths: Vec<MerklePath> = (0..count)
+        .map(|index| MerklePath {
+            index,
+            count,
+            siblings: Vec::new(),
+        })
+        .collect();
+    // Position of each leaf's ancestor in the current level.
+    let mut pos: Vec<usize> = (0..level.len()).collect();
+    while level.len() > 1 {
+        for (leaf, p) in pos.iter_mut().enumerate() {
+            let sibling = *p ^ 1;
+            if sibling < level.len() {
+                paths[leaf].siblings.push(level[sibling]);
+            }
+            *p /= 2;
+        }
+        level = level
+            .chunks(2)
+            .map(|c| {
+                if c.len() == 2 {
+                    merkle_node(&c[0], &c[1])
+                } else {
+                    c[0]
+                }
+            })
+            .collect();
+    }
+    let Some(root) = level.first() else { return };
+    let signature = key.sign(&root_signing_bytes(root));
+    for (r, path) in results.iter_mut().zip(paths) {
+        r.signature = signature.clone();
+        r.merkle = path;
+    }
+}
+
+/// Checks a result's signature against `public_key`: its leaf, its path,
+/// and the signature of the root.
+pub fn verify_result(public_key: &str, r: &ResultMessage) -> anyhow::Result<()> {
+    let root = merkle_root(result_leaf(r), &r.merkle)
+        .ok_or_else(|| anyhow::anyhow!("its signature path is malformed"))?;
+    crate::auth::verify(public_key, &root_signing_bytes(&root), &r.signature)
 }
 
 /// What a worker signs of a result: every field that decides what the
@@ -643,6 +759,58 @@ mod tests {
         assert!(
             serde_json::from_value::<Op>(serde_json::json!({"op": "nope", "params": {}})).is_err()
         );
+    }
+
+    #[test]
+    fn results_signed_together_verify_one_by_one() {
+        let key = crate::auth::Identity::generate();
+        let other = crate::auth::Identity::generate();
+        for n in 1..=9u32 {
+            let mut rs: Vec<ResultMessage> = (0..n)
+                .map(|i| ResultMessage {
+                    protocol: PROTOCOL_VERSION,
+                    batch: "b".into(),
+                    job: format!("j{i}"),
+                    replica: 0,
+                    attempt: 0,
+                    worker: "w".into(),
+                    backend: String::new(),
+                    device: String::new(),
+                    path: String::new(),
+                    contract_version: 1,
+                    outcome: Outcome::Error {
+                        code: ErrorCode::Backend,
+                        message: String::new(),
+                    },
+                    timings: Timings::default(),
+                    job_digest: None,
+                    signature: String::new(),
+                    merkle: MerklePath::default(),
+                })
+                .collect();
+            sign_results(&key, &mut rs);
+            let sig = rs[0].signature.clone();
+            for r in &rs {
+                assert_eq!(r.signature, sig, "one signature per message");
+                verify_result(&key.public_key(), r).unwrap();
+                assert!(verify_result(&other.public_key(), r).is_err());
+                // Any field changed, or the path, breaks it.
+                let mut t = r.clone();
+                t.attempt = 1;
+                assert!(verify_result(&key.public_key(), &t).is_err());
+                if n > 1 {
+                    let mut t = r.clone();
+                    t.merkle.index = (t.merkle.index + 1) % n;
+                    assert!(verify_result(&key.public_key(), &t).is_err());
+                    let mut t = r.clone();
+                    t.merkle.siblings.push(Digest([0; 32]));
+                    assert!(verify_result(&key.public_key(), &t).is_err());
+                }
+                let mut t = r.clone();
+                t.merkle.index = n;
+                assert!(verify_result(&key.public_key(), &t).is_err());
+            }
+        }
     }
 
     #[test]

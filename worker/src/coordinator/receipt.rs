@@ -32,8 +32,11 @@ pub struct ReceiptSignature {
     pub public_key: String,
     pub replica: u32,
     pub attempt: u32,
-    /// The worker's signature of [`result_signing_bytes`] for this result.
+    /// The worker's signature of the root of the results it signed with
+    /// this one, and this result's path to it ([`verify_result`]).
     pub signature: String,
+    #[serde(default, skip_serializing_if = "MerklePath::is_alone")]
+    pub merkle: MerklePath,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -76,9 +79,9 @@ impl Receipt {
         serde_json::to_vec(&unsigned).expect("serialisable")
     }
 
-    /// What a worker signed for its result in this receipt.
-    fn worker_statement(&self, w: &ReceiptSignature) -> Vec<u8> {
-        let r = ResultMessage {
+    /// The result a worker signed, as this receipt states it.
+    fn worker_result(&self, w: &ReceiptSignature) -> ResultMessage {
+        ResultMessage {
             protocol: self.protocol,
             batch: self.batch.clone(),
             job: self.job.clone(),
@@ -95,9 +98,9 @@ impl Receipt {
             },
             timings: Timings::default(),
             job_digest: Some(self.job_digest),
-            signature: String::new(),
-        };
-        result_signing_bytes(&r)
+            signature: w.signature.clone(),
+            merkle: w.merkle.clone(),
+        }
     }
 }
 
@@ -151,6 +154,7 @@ pub(super) fn build(
                 replica: r.replica,
                 attempt: r.attempt,
                 signature: r.signature.clone(),
+                merkle: r.merkle.clone(),
             })
         })
         .collect();
@@ -216,7 +220,7 @@ pub fn verify_receipt(r: &Receipt, trust: Option<&Deployment>) -> Result<()> {
     let mut workers = BTreeSet::new();
     let mut operators = BTreeSet::new();
     for w in &r.workers {
-        verify(&w.public_key, &r.worker_statement(w), &w.signature)
+        verify_result(&w.public_key, &r.worker_result(w))
             .with_context(|| format!("worker {}'s signature", quote(&w.worker)))?;
         ensure!(
             workers.insert(w.worker.clone()),

@@ -201,7 +201,7 @@ pub fn check_statement(
     job_digest: &Digest,
     shapes: &[Vec<usize>],
 ) -> Option<String> {
-    if crate::auth::verify(key, &result_signing_bytes(res), &res.signature).is_err() {
+    if verify_result(key, res).is_err() {
         return Some("its signature does not verify against its enrolled key".into());
     }
     if res.protocol != PROTOCOL_VERSION

@@ -216,6 +216,7 @@ fn blank_result(ctx: &Ctx, batch: &str, job: &str, replica: u32, attempt: u32) -
         timings: Timings::default(),
         job_digest: None,
         signature: String::new(),
+        merkle: Default::default(),
     }
 }
 

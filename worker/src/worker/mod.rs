@@ -173,7 +173,19 @@ pub async fn run(
         }
     };
     ensure_name_is_free(&nats, &opts.name, opts.heartbeat).await?;
-    let consumer = take_over_consumer(&nats, &opts.name).await?;
+    // (A server reloading its configuration, when another worker is
+    // enrolled, leaves JetStream unanswering for a moment: retry.)
+    let t = std::time::Instant::now();
+    let consumer = loop {
+        match take_over_consumer(&nats, &opts.name).await {
+            Ok(c) => break c,
+            Err(e) if t.elapsed() < Duration::from_secs(30) => {
+                tracing::warn!("{e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     put_record(WorkerState::Up).await;
     // Heartbeats run on their own task, so a worker waiting for jobs (or busy
     // with a long one) still shows it is alive.

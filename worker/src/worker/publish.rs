@@ -160,11 +160,8 @@ pub(super) async fn publish_then_ack(
         results.into_iter().map(|r| vec![r]).collect()
     };
     let many = parts.len() > 1;
-    let sign = |part: &mut Vec<ResultMessage>| {
-        for r in part.iter_mut() {
-            r.signature = ctx.identity.sign(&result_signing_bytes(r));
-        }
-    };
+    // One signature per message: the root of its results' tree.
+    let sign = |part: &mut Vec<ResultMessage>| sign_results(&ctx.identity, part);
     for mut part in parts {
         // A part is named by what it holds, so a redelivered bundle that
         // splits differently publishes new parts rather than duplicates.
@@ -241,6 +238,7 @@ mod tests {
             timings: Timings::default(),
             job_digest: None,
             signature: String::new(),
+            merkle: Default::default(),
         }
     }
 
