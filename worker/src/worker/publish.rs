@@ -107,13 +107,18 @@ async fn fit(ctx: &Ctx, result: &mut ResultMessage, limit: usize) {
 }
 
 /// Splits results into groups whose bundles fit `limit` bytes, in order.
+/// Bytes signing adds to a result once it is measured: the signature
+/// (88 base64 characters) and its Merkle path (up to 8 siblings of 73
+/// characters for the 64 results a bundle may hold, and the field names).
+const SIGNING_BYTES: usize = 1024;
+
 fn split(results: Vec<ResultMessage>, limit: usize) -> Vec<Vec<ResultMessage>> {
     const ENVELOPE: usize = 512;
     let mut parts: Vec<Vec<ResultMessage>> = Vec::new();
     let mut cur: Vec<ResultMessage> = Vec::new();
     let mut bytes = ENVELOPE;
     for r in results {
-        let size = encoded_len(&r) + 1;
+        let size = encoded_len(&r) + 1 + SIGNING_BYTES;
         if !cur.is_empty() && bytes + size > limit {
             parts.push(std::mem::take(&mut cur));
             bytes = ENVELOPE;
@@ -152,7 +157,7 @@ pub(super) async fn publish_then_ack(
 ) -> bool {
     let limit = message_limit(ctx.nats.max_payload());
     for r in &mut results {
-        fit(ctx, r, limit.saturating_sub(512)).await;
+        fit(ctx, r, limit.saturating_sub(512 + SIGNING_BYTES)).await;
     }
     let parts = if answer.bundled {
         split(results, limit)
@@ -244,17 +249,24 @@ mod tests {
 
     #[test]
     fn split_keeps_order_and_fits_every_part() {
-        let results: Vec<ResultMessage> = (0..50).map(|i| result(&format!("j{i}"), 3000)).collect();
+        let key = crate::auth::Identity::generate();
+        // Many small results (a deep Merkle path each) and some larger ones.
+        let results: Vec<ResultMessage> = (0..50)
+            .map(|i| result(&format!("j{i}"), if i < 30 { 10 } else { 3000 }))
+            .collect();
         let limit = 20_000;
         let parts = split(results, limit);
         assert!(parts.len() > 1);
         let mut seen = Vec::new();
         for p in &parts {
+            // Measured as sent: signed, with their paths.
+            let mut signed = p.clone();
+            sign_results(&key, &mut signed);
             let bundle = ResultBundle {
                 protocol: PROTOCOL_VERSION,
                 batch: "b".into(),
                 worker: "w".into(),
-                results: p.clone(),
+                results: signed,
             };
             assert!(encoded_len(&bundle) <= limit, "{}", encoded_len(&bundle));
             seen.extend(p.iter().map(|r| r.job.clone()));
