@@ -204,7 +204,20 @@ pub fn lockstep_bin() -> std::path::PathBuf {
 /// installed. `./dev test` sets `LOCKSTEP_REQUIRE_NATS=1`, so in CI a
 /// missing server fails the test instead of skipping it.
 pub fn nats_server() -> Option<lockstep::harness::NatsServer> {
-    match lockstep::harness::NatsServer::start() {
+    started(lockstep::harness::NatsServer::start())
+}
+
+/// A real 3-node JetStream cluster, or `None` as [`nats_server`] says.
+pub fn nats_cluster() -> Option<lockstep::harness::NatsServer> {
+    started(lockstep::harness::NatsServer::start_cluster(3))
+}
+
+/// The server `r` started, or `None` (after saying why) when it could not
+/// start; with `LOCKSTEP_REQUIRE_NATS` set, that fails the test instead.
+pub fn started(
+    r: anyhow::Result<lockstep::harness::NatsServer>,
+) -> Option<lockstep::harness::NatsServer> {
+    match r {
         Ok(s) => Some(s),
         Err(e) => {
             assert!(
@@ -215,6 +228,13 @@ pub fn nats_server() -> Option<lockstep::harness::NatsServer> {
             None
         }
     }
+}
+
+/// Waits (up to 2 minutes) until every named worker has registered.
+pub async fn wait_workers(nats: &lockstep::nats::Nats, names: &[&str]) {
+    lockstep::nats::wait_for_workers(nats, names, std::time::Duration::from_secs(120))
+        .await
+        .expect("workers register");
 }
 
 /// Worker processes of the `lockstep` binary under test (SIGTERM, then

@@ -5,26 +5,13 @@
 use std::time::Duration;
 
 use lockstep::coordinator::{submit, SubmitOptions};
-use lockstep::harness::NatsServer;
-use lockstep_tests::{small_jobs, Procs};
-
-fn cluster() -> Option<NatsServer> {
-    match NatsServer::start_cluster(3) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            assert!(
-                std::env::var_os("LOCKSTEP_REQUIRE_NATS").is_none(),
-                "LOCKSTEP_REQUIRE_NATS is set: {e:#}"
-            );
-            eprintln!("SKIPPED: {e:#}");
-            None
-        }
-    }
-}
+use lockstep_tests::{nats_cluster, small_jobs, wait_workers, Procs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_loses_no_job_when_a_node_dies() {
-    let Some(mut server) = cluster() else { return };
+    let Some(mut server) = nats_cluster() else {
+        return;
+    };
     let nats = server.connect().await.unwrap();
     // Every store has three copies.
     for name in lockstep::nats::STREAM_NAMES {
@@ -37,9 +24,7 @@ async fn a_three_node_cluster_loses_no_job_when_a_node_dies() {
     for w in ["k1", "k2", "k3"] {
         procs.worker(&server, w, "cpu", &slow);
     }
-    lockstep::nats::wait_for_workers(&nats, &["k1", "k2", "k3"], Duration::from_secs(120))
-        .await
-        .unwrap();
+    wait_workers(&nats, &["k1", "k2", "k3"]).await;
     let jobs = small_jobs(40, 61);
     let opts = SubmitOptions {
         redundancy: 2,

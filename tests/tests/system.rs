@@ -7,7 +7,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use lockstep::coordinator::{submit, SubmitOptions, Verdict};
 use lockstep::protocol::*;
-use lockstep_tests::{direct_job, lockstep_bin, nats_server, send_to_worker, small_jobs, Procs};
+use lockstep_tests::{
+    direct_job, lockstep_bin, nats_server, send_to_worker, small_jobs, wait_workers, Procs,
+};
 
 fn opts(batch: &str) -> SubmitOptions {
     SubmitOptions {
@@ -20,12 +22,6 @@ fn opts(batch: &str) -> SubmitOptions {
         threads: 1,
         ..Default::default()
     }
-}
-
-async fn wait_workers(nats: &lockstep::nats::Nats, names: &[&str]) {
-    lockstep::nats::wait_for_workers(nats, names, Duration::from_secs(120))
-        .await
-        .expect("workers register");
 }
 
 /// Every job's results come from distinct workers and at most one each.

@@ -51,15 +51,11 @@ fn certs() -> Certs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates_end_to_end() {
     let certs = certs();
-    let server = match NatsServer::start_with(&ServerOptions {
+    let Some(server) = lockstep_tests::started(NatsServer::start_with(&ServerOptions {
         tls: Some(certs.tls.clone()),
         ..Default::default()
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            assert!(std::env::var_os("LOCKSTEP_REQUIRE_NATS").is_none(), "{e:#}");
-            return;
-        }
+    })) else {
+        return;
     };
     let nats = server.connect().await.unwrap();
     let mut procs = Procs::default();

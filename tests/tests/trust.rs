@@ -16,7 +16,7 @@ use lockstep::harness::NatsServer;
 use lockstep::protocol::*;
 use lockstep_kernels::{Backend, Digest};
 use lockstep_tests::adversary::{publish, publish_on, signed_result, Adversary};
-use lockstep_tests::{lockstep_bin, nats_server, small_jobs, Procs};
+use lockstep_tests::{lockstep_bin, nats_server, small_jobs, wait_workers, Procs};
 
 fn opts(server: &NatsServer, batch: &str, out: Option<&std::path::Path>) -> SubmitOptions {
     SubmitOptions {
@@ -33,12 +33,6 @@ fn opts(server: &NatsServer, batch: &str, out: Option<&std::path::Path>) -> Subm
         )),
         ..Default::default()
     }
-}
-
-async fn wait_workers(nats: &lockstep::nats::Nats, names: &[&str]) {
-    lockstep::nats::wait_for_workers(nats, names, Duration::from_secs(120))
-        .await
-        .expect("workers register");
 }
 
 /// The correct digest of every job, computed here on the CPU backend.

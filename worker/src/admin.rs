@@ -84,17 +84,13 @@ pub fn enroll_worker(connect: &ConnectArgs, name: &str, operator: &str) -> Resul
     let coordinator = connect.coordinator()?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        // A reload leaves JetStream unanswering for a moment: retry.
-        let t = std::time::Instant::now();
-        let nats = loop {
-            match crate::nats::connect(&coordinator).await {
-                Ok(n) => break n,
-                Err(_) if t.elapsed() < std::time::Duration::from_secs(10) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        // A reload leaves JetStream unanswering for a moment.
+        let nats = crate::nats::connect_retrying(
+            &coordinator,
+            &crate::store::StoreLimits::from_env()?,
+            std::time::Duration::from_secs(10),
+        )
+        .await?;
         let e = crate::deploy::register(&nats, &member).await?;
         println!("  registered: state {:?}", e.state);
         crate::deploy::wait_until_ready(&worker, std::time::Duration::from_secs(15), || {

@@ -126,6 +126,26 @@ async fn open_all(client: &async_nats::Client, js: &jetstream::Context) -> Resul
     })
 }
 
+/// [`connect_with`], retried for up to `timeout`: a server reloading its
+/// configuration (after an enrollment), or a new cluster electing its
+/// JetStream leader, answers nothing for a moment.
+pub async fn connect_retrying(
+    cfg: &ConnectConfig,
+    limits: &StoreLimits,
+    timeout: Duration,
+) -> Result<Nats> {
+    let t = std::time::Instant::now();
+    loop {
+        match connect_with(cfg, limits).await {
+            Err(e) if t.elapsed() < timeout => {
+                tracing::debug!("not ready yet: {e:#}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Connects as a coordinator and creates, where missing, every store with
 /// these limits. Existing stores keep theirs (see
 /// [`crate::store::apply_limits`]).

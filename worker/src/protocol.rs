@@ -264,6 +264,20 @@ impl TensorRef {
         lockstep_kernels::contract::elements(&self.shape).ok()
     }
 
+    /// The contract digest of the tensor's content: of its inline data (which
+    /// must fit its shape), else its object's name. `None` when the inline
+    /// data is not valid or it has neither.
+    pub fn content_digest(&self) -> Option<Digest> {
+        match (&self.inline, &self.object) {
+            (Some(b64), _) => {
+                let data = decode_f32(b64).ok()?;
+                (Some(data.len()) == self.elements()).then(|| tensor_digest_f32(&self.shape, &data))
+            }
+            (None, Some(d)) => Some(*d),
+            (None, None) => None,
+        }
+    }
+
     pub fn digest_of(shape: &[usize], data: &[f32]) -> Digest {
         tensor_digest_f32(shape, data)
     }
@@ -299,17 +313,7 @@ impl JobSpec {
     pub fn job_digest(&self) -> Option<Digest> {
         let mut inputs = Vec::with_capacity(self.inputs.len());
         for t in &self.inputs {
-            let digest = match (&t.inline, &t.object) {
-                (Some(b64), _) => {
-                    let data = decode_f32(b64).ok()?;
-                    if Some(data.len()) != t.elements() {
-                        return None;
-                    }
-                    tensor_digest_f32(&t.shape, &data)
-                }
-                (None, Some(d)) => *d,
-                (None, None) => return None,
-            };
+            let digest = t.content_digest()?;
             inputs.push(serde_json::json!({"shape": t.shape, "digest": digest.to_string()}));
         }
         let op = serde_json::to_value(&self.op).ok()?;

@@ -282,35 +282,25 @@ pub async fn purge_batch(
     referenced: &std::collections::BTreeSet<lockstep_kernels::Digest>,
     deletable: &std::collections::BTreeSet<lockstep_kernels::Digest>,
 ) -> Result<PurgeReport> {
-    let results = nats
-        .results
-        .purge()
-        .filter(results_filter(batch))
-        .await
-        .context("cannot purge the batch's results")?
-        .purged;
-    let plans = nats
-        .assign
-        .stream
-        .purge()
-        .filter(format!("$KV.{ASSIGN_BUCKET}.{batch}.>"))
-        .await
-        .context("cannot purge the batch's plan")?
-        .purged;
-    let jobs = nats
-        .jobs
-        .purge()
-        .filter(format!("{JOB_SUBJECT_PREFIX}.*.{batch}"))
-        .await
-        .context("cannot purge the batch's queued replicas")?
-        .purged;
-    let outputs = nats
-        .outputs
-        .purge()
-        .filter(format!("{OUTPUT_SUBJECT_PREFIX}.*.{batch}.>"))
-        .await
-        .context("cannot purge the batch's outputs")?
-        .purged;
+    let results = purge(&nats.results, results_filter(batch), "results").await?;
+    let plans = purge(
+        &nats.assign.stream,
+        format!("$KV.{ASSIGN_BUCKET}.{batch}.>"),
+        "plan",
+    )
+    .await?;
+    let jobs = purge(
+        &nats.jobs,
+        format!("{JOB_SUBJECT_PREFIX}.*.{batch}"),
+        "queued replicas",
+    )
+    .await?;
+    let outputs = purge(
+        &nats.outputs,
+        format!("{OUTPUT_SUBJECT_PREFIX}.*.{batch}.>"),
+        "outputs",
+    )
+    .await?;
     let mut report = PurgeReport {
         results,
         plans,
@@ -353,6 +343,20 @@ async fn forget_object(nats: &Nats, name: &str) {
         .purge()
         .filter(format!("$O.{BLOBS_BUCKET}.M.{encoded}"))
         .await;
+}
+
+/// Purges the messages of `stream` on `filter`; how many went.
+async fn purge(
+    stream: &async_nats::jetstream::stream::Stream,
+    filter: String,
+    what: &str,
+) -> Result<u64> {
+    Ok(stream
+        .purge()
+        .filter(filter)
+        .await
+        .with_context(|| format!("cannot purge the batch's {what}"))?
+        .purged)
 }
 
 /// What [`purge_batch`] removed.

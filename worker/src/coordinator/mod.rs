@@ -403,10 +403,7 @@ impl Run<'_> {
                         shorten(message, 200)
                     ));
                     js.retry.insert(i);
-                    let operator = self
-                        .enrolled
-                        .get(&res.worker)
-                        .map_or_else(|| res.worker.clone(), |e| e.operator.clone());
+                    let operator = verdict::operator_of(&self.enrolled, &res.worker);
                     js.system_failure_operators.insert(operator);
                     if js.system_failure_operators.len() >= MAX_SYSTEM_FAILURES {
                         let report = verdict::system_failed(&res.job, js);

@@ -124,20 +124,9 @@ pub(super) fn build(
         .inputs
         .iter()
         .map(|t| {
-            let digest = match (&t.inline, &t.object) {
-                (_, Some(d)) => *d,
-                (Some(b64), None) => {
-                    let data = decode_f32(b64).ok()?;
-                    if Some(data.len()) != t.elements() {
-                        return None;
-                    }
-                    TensorRef::digest_of(&t.shape, &data)
-                }
-                (None, None) => return None,
-            };
             Some(ReceiptInput {
                 shape: t.shape.clone(),
-                digest,
+                digest: t.content_digest()?,
             })
         })
         .collect::<Option<Vec<_>>>()?;

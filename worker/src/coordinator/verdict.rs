@@ -32,11 +32,7 @@ pub(super) async fn evaluate(
     // A job-level error the coordinator confirmed (an input really missing
     // or corrupt) means the job itself is bad; "too large" is a worker's own
     // limit, so it fails the job only when r workers say so.
-    let operator = |w: &str| {
-        enrolled
-            .get(w)
-            .map_or_else(|| w.to_string(), |e| e.operator.clone())
-    };
+    let operator = |w: &str| operator_of(enrolled, w);
     let too_large = js
         .results
         .values()
@@ -124,6 +120,13 @@ pub(super) async fn evaluate(
         report.faulty_workers.len()
     ));
     Ok(Some(report))
+}
+
+/// Who runs worker `w` (a worker not enrolled counts as its own operator).
+pub(super) fn operator_of(enrolled: &BTreeMap<String, Enrollment>, w: &str) -> String {
+    enrolled
+        .get(w)
+        .map_or_else(|| w.to_string(), |e| e.operator.clone())
 }
 
 /// Records a fault (KV `lockstep_faults`, the report) and quarantines the

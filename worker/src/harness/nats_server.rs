@@ -185,17 +185,7 @@ impl NatsServer {
     /// elects its JetStream leader first: this waits up to 30 s for it.
     pub async fn connect(&self) -> Result<crate::nats::Nats> {
         let limits = self.limits()?;
-        let t = Instant::now();
-        loop {
-            match crate::nats::connect_with(&self.coordinator(), &limits).await {
-                Ok(n) => return Ok(n),
-                Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                    tracing::debug!("cluster not ready: {e:#}");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        crate::nats::connect_retrying(&self.coordinator(), &limits, Duration::from_secs(30)).await
     }
 
     /// Enrolls a worker (idempotent) the way `lockstep enroll` does: its key,
@@ -225,27 +215,17 @@ impl NatsServer {
         let (coordinator, worker) = (d.coordinator(), cfg.clone());
         drop(d);
         let limits = self.limits()?;
-        let cluster = self.ports.len() > 1;
+        // (A reload leaves JetStream unanswering for a moment; a new cluster
+        // elects its leader.)
+        let patience = Duration::from_secs(if self.ports.len() > 1 { 30 } else { 10 });
         // Its own thread and runtime: callers may be inside a runtime.
         std::thread::spawn(move || -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    let t = Instant::now();
-                    let nats = loop {
-                        match crate::nats::connect_with(&coordinator, &limits).await {
-                            Ok(n) => break n,
-                            // (A reload leaves JetStream unanswering for a moment.)
-                            Err(_)
-                                if t.elapsed()
-                                    < Duration::from_secs(if cluster { 30 } else { 10 }) =>
-                            {
-                                tokio::time::sleep(Duration::from_millis(250)).await
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    };
+                    let nats =
+                        crate::nats::connect_retrying(&coordinator, &limits, patience).await?;
                     crate::deploy::register(&nats, &member).await?;
                     crate::deploy::wait_until_ready(&worker, Duration::from_secs(30), reload)
                         .await?;
