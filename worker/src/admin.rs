@@ -88,7 +88,7 @@ pub fn enroll_worker(connect: &ConnectArgs, name: &str, operator: &str) -> Resul
         let nats = crate::nats::connect_retrying(
             &coordinator,
             &crate::store::StoreLimits::from_env()?,
-            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(30),
         )
         .await?;
         let e = crate::deploy::register(&nats, &member).await?;

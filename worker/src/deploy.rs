@@ -472,7 +472,7 @@ pub async fn wait_until_ready(
             if wired {
                 return Ok(());
             }
-            if reloaded.elapsed() > std::time::Duration::from_millis(300) {
+            if reloaded.elapsed() > std::time::Duration::from_secs(1) {
                 reload();
                 reloaded = std::time::Instant::now();
             }

@@ -217,7 +217,7 @@ impl NatsServer {
         let limits = self.limits()?;
         // (A reload leaves JetStream unanswering for a moment; a new cluster
         // elects its leader.)
-        let patience = Duration::from_secs(if self.ports.len() > 1 { 30 } else { 10 });
+        let patience = Duration::from_secs(30);
         // Its own thread and runtime: callers may be inside a runtime.
         std::thread::spawn(move || -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
