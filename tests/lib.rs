@@ -7,6 +7,7 @@
 //! whose device is absent prints why and passes as skipped.
 
 pub mod adversary;
+pub mod models;
 
 use lockstep_kernels::cpu::{CpuBackend, Isa};
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions, WgpuPath};

@@ -12,6 +12,9 @@ pub enum ErrorKind {
     Unavailable,
     /// The device failed: compilation, launch, transfer or a lost device.
     Device,
+    /// A model file is unreadable, corrupt or of an unsupported kind, or a
+    /// request does not fit the model (a prompt longer than its context).
+    Model,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,9 @@ impl Error {
     }
     pub fn device(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Device, message)
+    }
+    pub fn model(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Model, message)
     }
 }
 

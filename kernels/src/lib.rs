@@ -31,6 +31,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod digest;
 mod error;
+pub mod model;
 pub mod open;
 pub mod softfloat;
 pub mod wgpu;

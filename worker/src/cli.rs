@@ -50,6 +50,19 @@ enum Command {
         #[arg(long, env = "LOCKSTEP_THREADS", default_value_t = 0)]
         threads: usize,
     },
+    /// Generate text with a language model under the contract: the same
+    /// prompt and parameters give the same tokens, bit for bit, on any
+    /// machine, thread count or batch. Streams the text, then prints the
+    /// token digest (and with --trace the trace root) and the model digest.
+    ///
+    /// Example: lockstep generate --model smollm2 --prompt "The capital of France is"
+    Generate(crate::llm::generate::GenerateArgs),
+    /// Recompute one layer of a model alone, by the scalar spec, from that
+    /// layer's inputs (written by `generate --dump-layer L --dump FILE`), and
+    /// print its output digest: what a referee checks against a trace.
+    ///
+    /// Example: lockstep replay-layer --model smollm2 --layer 7 --inputs layer7.safetensors
+    ReplayLayer(crate::llm::generate::ReplayArgs),
     /// Benchmarks against the baselines users would otherwise use, in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -565,6 +578,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Generate(args) => crate::llm::generate::run(args),
+        Command::ReplayLayer(args) => crate::llm::generate::replay(args),
         Command::Worker(args) => run_worker(args),
         Command::Submit(args) => run_submit(args),
         Command::Demo { local: true, .. } => demo_local(256),

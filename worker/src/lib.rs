@@ -34,6 +34,7 @@ pub mod demo;
 pub mod deploy;
 pub mod fuzz;
 pub mod harness;
+pub mod llm;
 pub mod nats;
 pub mod protocol;
 pub mod store;

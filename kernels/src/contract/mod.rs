@@ -10,7 +10,17 @@
 //! Every fast path (SIMD CPU, WGSL, CUDA) is tested bit for bit against the
 //! specs here. They are written for clarity, not speed: one loop per rule.
 
+pub mod argmax;
+pub mod attention;
+pub mod elementwise;
 pub mod matmul;
+pub mod prim;
+pub mod quant;
+pub mod rmsnorm;
+pub mod rope;
+pub mod sample;
+pub mod softmax;
+pub mod swiglu;
 
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};

@@ -10,7 +10,10 @@
 //! each block is computed in the same order, so the bits do not depend on the
 //! thread count, the blocking or the ISA.
 
+pub mod attention;
+mod lanes;
 mod matmul;
+pub mod qmatvec;
 
 pub use matmul::Isa;
 

@@ -1,0 +1,308 @@
+//! The fast CPU forward pass: many sequences, many tokens each, in one
+//! pass; weights read once per pass for all of them.
+//!
+//! Every row (one token of one sequence) follows the scalar spec
+//! ([`super::spec`]) exactly: the matrix products are per row
+//! ([`PackedMatrix::matmul`]), attention reads only the row's own
+//! sequence's cache up to its position, and the elementwise steps are the
+//! spec functions themselves. So a sequence's bits do not depend on the
+//! other sequences in the batch, on how its prompt is split into chunks, on
+//! the thread count or on the ISA.
+
+use rayon::prelude::*;
+
+use super::Model;
+use crate::contract::elementwise::add_spec;
+use crate::contract::rmsnorm::rmsnorm_spec;
+use crate::contract::rope::{rope_frequencies, rope_spec, rope_table};
+use crate::contract::swiglu::swiglu_spec;
+use crate::cpu::attention::KvLayer;
+use crate::cpu::Isa;
+use crate::digest::{tensor_digest_f32, Digest};
+use crate::error::{Error, Result};
+
+/// One sequence's state: its KV cache, its position, and (when traced)
+/// the digest of every layer's output at every position.
+#[derive(Clone)]
+pub struct Sequence {
+    pub pos: usize,
+    kv: Vec<KvLayer>,
+    /// `trace[pos][layer]`, when tracing.
+    pub trace: Option<Vec<Vec<Digest>>>,
+    /// `(layer, inputs)`: when set, every pass appends that layer's input
+    /// rows ([dim] per position) to `inputs`, for `lockstep replay-layer`.
+    pub capture: Option<(usize, Vec<f32>)>,
+}
+
+impl Sequence {
+    /// Positions this sequence has room for.
+    pub fn capacity(&self) -> usize {
+        self.kv.first().map_or(0, |l| l.capacity())
+    }
+
+    /// Bytes of KV cache held.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.iter().map(|l| l.bytes()).sum()
+    }
+
+    /// Layer `layer`'s cache (for replaying one layer).
+    pub fn kv(&self, layer: usize) -> &KvLayer {
+        &self.kv[layer]
+    }
+}
+
+/// Per-(position, layer) digests and their root.
+pub struct Trace;
+
+impl Trace {
+    /// SHA3-256 over `lockstep.trace\0`, the position count and layer count
+    /// (u64 LE), then every digest in (position, layer) order.
+    pub fn root(trace: &[Vec<Digest>]) -> Digest {
+        use sha3::{Digest as _, Sha3_256};
+        let mut h = Sha3_256::new();
+        h.update(b"lockstep.trace\0");
+        h.update((trace.len() as u64).to_le_bytes());
+        h.update((trace.first().map_or(0, |l| l.len()) as u64).to_le_bytes());
+        for d in trace.iter().flatten() {
+            h.update(d.0);
+        }
+        Digest(h.finalize().into())
+    }
+}
+
+/// The engine: a model, an ISA and a thread pool.
+pub struct Engine<'m> {
+    pub model: &'m Model,
+    isa: Isa,
+    pool: Option<rayon::ThreadPool>,
+    freqs: Vec<f32>,
+}
+
+/// One row of a pass: a token of a sequence at a position.
+struct Row {
+    seq: usize,
+    pos: usize,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine on `threads` threads (0: all cores) with `isa`.
+    pub fn new(model: &'m Model, threads: usize, isa: Isa) -> Result<Self> {
+        if !isa.is_supported() {
+            return Err(Error::unavailable(format!("this CPU lacks {}", isa.name())));
+        }
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("lockstep-llm-{i}"))
+                    .build()
+                    .map_err(|e| Error::device(format!("cannot start {threads} threads: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let c = &model.config;
+        Ok(Self {
+            model,
+            isa,
+            pool,
+            freqs: rope_frequencies(c.rope_theta, c.head_dim()),
+        })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+    }
+
+    /// A new, empty sequence with room for `positions` tokens (at most the
+    /// model's context), traced or not.
+    pub fn sequence(&self, positions: usize, traced: bool) -> Result<Sequence> {
+        let c = &self.model.config;
+        if positions > c.max_seq {
+            return Err(Error::model(format!(
+                "{positions} positions exceed the model's context of {}",
+                c.max_seq
+            )));
+        }
+        Ok(Sequence {
+            pos: 0,
+            kv: (0..c.n_layers)
+                .map(|_| KvLayer::new(c.attention(), positions.max(1)))
+                .collect(),
+            trace: traced.then(Vec::new),
+            capture: None,
+        })
+    }
+
+    /// Feeds `tokens[i]` to `seqs[i]` (each at its next positions) in one
+    /// pass and returns, for each sequence fed at least one token, the
+    /// logits after its last token.
+    pub fn forward(
+        &self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        assert_eq!(seqs.len(), tokens.len());
+        // Inside the pool, the calling thread takes part in every product
+        // instead of waking two others.
+        match &self.pool {
+            Some(p) => p.install(|| self.forward_in_pool(seqs, tokens)),
+            None => self.forward_in_pool(seqs, tokens),
+        }
+    }
+
+    fn forward_in_pool(
+        &self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.model.config;
+        let (dim, kvd, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
+        let mut rows = Vec::new();
+        for (s, (seq, toks)) in seqs.iter().zip(tokens).enumerate() {
+            if seq.pos + toks.len() > seq.capacity() {
+                return Err(Error::model(format!(
+                    "the sequence would reach {} positions; it has room for {}",
+                    seq.pos + toks.len(),
+                    seq.capacity()
+                )));
+            }
+            for (i, &t) in toks.iter().enumerate() {
+                if t as usize >= c.vocab_size {
+                    return Err(Error::model(format!(
+                        "token {t} is outside the vocabulary of {}",
+                        c.vocab_size
+                    )));
+                }
+                rows.push(Row {
+                    seq: s,
+                    pos: seq.pos + i,
+                });
+            }
+        }
+        let r = rows.len();
+        let flat: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
+        let pool = self.pool.as_ref();
+        let mut x = vec![0f32; r * dim];
+        for (row, &t) in x.chunks_exact_mut(dim).zip(&flat) {
+            row.copy_from_slice(&self.model.embedding.dequantize_row(t as usize));
+        }
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = rows
+            .iter()
+            .map(|row| rope_table(&self.freqs, row.pos))
+            .collect();
+        let (mut xb, mut q, mut att, mut o) = (
+            vec![0f32; r * dim],
+            vec![0f32; r * dim],
+            vec![0f32; r * dim],
+            vec![0f32; r * dim],
+        );
+        let (mut k, mut v) = (vec![0f32; r * kvd], vec![0f32; r * kvd]);
+        let (mut g, mut u, mut h) = (
+            vec![0f32; r * hidden],
+            vec![0f32; r * hidden],
+            vec![0f32; r * hidden],
+        );
+        let hd = c.head_dim();
+        for (li, layer) in self.model.layers.iter().enumerate() {
+            for (i, row) in rows.iter().enumerate() {
+                if let Some((l, inputs)) = seqs[row.seq].capture.as_mut() {
+                    if *l == li {
+                        inputs.extend_from_slice(&x[i * dim..(i + 1) * dim]);
+                    }
+                }
+            }
+            for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
+                rmsnorm_spec(xr, &layer.attn_norm, c.norm_eps, xbr);
+            }
+            layer.wq.matmul(&xb, r, &mut q, self.isa, pool);
+            layer.wk.matmul(&xb, r, &mut k, self.isa, pool);
+            layer.wv.matmul(&xb, r, &mut v, self.isa, pool);
+            for (i, row) in rows.iter().enumerate() {
+                let (cos, sin) = &tables[i];
+                rope_spec(&mut q[i * dim..(i + 1) * dim], hd, cos, sin);
+                rope_spec(&mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
+                seqs[row.seq].kv[li].write(
+                    row.pos,
+                    &k[i * kvd..(i + 1) * kvd],
+                    &v[i * kvd..(i + 1) * kvd],
+                );
+            }
+            {
+                let kv: Vec<&KvLayer> = seqs.iter().map(|s| &s.kv[li]).collect();
+                let work = |(i, out): (usize, &mut [f32])| {
+                    let row = &rows[i];
+                    kv[row.seq].attend(&q[i * dim..(i + 1) * dim], row.pos, out, self.isa);
+                };
+                match pool {
+                    Some(p) if r > 1 => {
+                        p.install(|| att.par_chunks_exact_mut(dim).enumerate().for_each(work))
+                    }
+                    _ => att.chunks_exact_mut(dim).enumerate().for_each(work),
+                }
+            }
+            layer.wo.matmul(&att, r, &mut o, self.isa, pool);
+            add_spec(&mut x, &o);
+            for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
+                rmsnorm_spec(xr, &layer.ffn_norm, c.norm_eps, xbr);
+            }
+            layer.w_gate.matmul(&xb, r, &mut g, self.isa, pool);
+            layer.w_up.matmul(&xb, r, &mut u, self.isa, pool);
+            swiglu_spec(&g, &u, &mut h);
+            layer.w_down.matmul(&h, r, &mut o, self.isa, pool);
+            add_spec(&mut x, &o);
+            for (i, row) in rows.iter().enumerate() {
+                if let Some(trace) = seqs[row.seq].trace.as_mut() {
+                    if trace.len() <= row.pos {
+                        trace.resize(row.pos + 1, Vec::new());
+                    }
+                    let t = &mut trace[row.pos];
+                    t.truncate(li);
+                    t.push(tensor_digest_f32(&[dim], &x[i * dim..(i + 1) * dim]));
+                }
+            }
+        }
+        // Logits for each sequence's last row only.
+        let mut last = Vec::new();
+        let mut at = 0;
+        for toks in tokens {
+            at += toks.len();
+            if !toks.is_empty() {
+                last.push(at - 1);
+            }
+        }
+        let mut xn = vec![0f32; last.len() * dim];
+        for (j, &i) in last.iter().enumerate() {
+            rmsnorm_spec(
+                &x[i * dim..(i + 1) * dim],
+                &self.model.final_norm,
+                c.norm_eps,
+                &mut xn[j * dim..(j + 1) * dim],
+            );
+        }
+        let mut logits = vec![0f32; last.len() * c.vocab_size];
+        self.model
+            .classifier()
+            .matmul(&xn, last.len(), &mut logits, self.isa, pool);
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut chunks = logits.chunks_exact(c.vocab_size);
+        for (seq, toks) in seqs.iter_mut().zip(tokens) {
+            seq.pos += toks.len();
+            out.push(if toks.is_empty() {
+                None
+            } else {
+                chunks.next().map(|l| l.to_vec())
+            });
+        }
+        Ok(out)
+    }
+}
