@@ -113,3 +113,285 @@ fn smollm2_engine_matches_the_spec() {
         assert_eq!(seq.trace.as_ref().unwrap(), &spec_trace, "{isa:?}");
     }
 }
+
+#[test]
+fn batch_and_prefill_chunking_do_not_change_a_bit() {
+    for model in [Model::load(&shared_model("stories260K.bin")).unwrap()] {
+        let engine = Engine::new(&model, 2, Isa::detect()).unwrap();
+        let prompt: Vec<u32> = vec![1, 400, 45, 300, 7, 90, 12, 250, 33];
+        let (alone, alone_logits, alone_trace) = greedy(&engine, &prompt, prompt.len(), 12);
+        for chunk in [1, 2, 3, 5] {
+            let (t, l, tr) = greedy(&engine, &prompt, chunk, 12);
+            assert_eq!(t, alone, "chunk {chunk}");
+            assert_eq!(bits(&l), bits(&alone_logits), "chunk {chunk}");
+            assert_eq!(tr, alone_trace, "chunk {chunk}");
+        }
+        // The same prompt inside a batch with two others of other lengths.
+        let others: [Vec<u32>; 2] = [
+            vec![1, 5, 6],
+            vec![1, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87],
+        ];
+        let mut seqs: Vec<_> = (0..3).map(|_| engine.sequence(64, true).unwrap()).collect();
+        let feeds: Vec<&[u32]> = vec![&others[0], &prompt, &others[1]];
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        let mut logits = engine.forward(&mut refs, &feeds).unwrap();
+        let mut toks = Vec::new();
+        for _ in 0..12 {
+            let next: Vec<u32> = logits
+                .iter()
+                .map(|l| argmax_spec(l.as_ref().unwrap()).unwrap() as u32)
+                .collect();
+            toks.push(next[1]);
+            let feeds: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+            let mut refs: Vec<_> = seqs.iter_mut().collect();
+            logits = engine.forward(&mut refs, &feeds).unwrap();
+        }
+        assert_eq!(toks, alone, "in a batch");
+        assert_eq!(
+            bits(logits[1].as_ref().unwrap()),
+            bits(&alone_logits),
+            "in a batch"
+        );
+        assert_eq!(seqs[1].trace.as_ref().unwrap(), &alone_trace, "in a batch");
+    }
+}
+
+/// An independent float64 forward pass of a llama2.c model, written from
+/// ../shared/README.md.
+fn forward_f64(model: &Model, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let c = &model.config;
+    let (dim, hd, kvd) = (c.dim, c.head_dim(), c.kv_dim());
+    let mat = |m: &lockstep_kernels::cpu::qmatvec::PackedMatrix, x: &[f64]| -> Vec<f64> {
+        (0..m.rows)
+            .map(|r| {
+                m.dequantize_row(r)
+                    .iter()
+                    .zip(x)
+                    .map(|(&w, &x)| w as f64 * x)
+                    .sum()
+            })
+            .collect()
+    };
+    let norm = |x: &[f64], w: &[f32]| -> Vec<f64> {
+        let ss = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let inv = 1.0 / (ss + c.norm_eps as f64).sqrt();
+        x.iter().zip(w).map(|(v, &w)| v * inv * w as f64).collect()
+    };
+    let rope = |v: &mut [f64], pos: usize| {
+        for h in v.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let f = (c.rope_theta as f64).powf(-((2 * i) as f64) / hd as f64);
+                let (s, co) = (pos as f64 * f).sin_cos();
+                let (a, b) = (h[2 * i], h[2 * i + 1]);
+                h[2 * i] = a * co - b * s;
+                h[2 * i + 1] = a * s + b * co;
+            }
+        }
+    };
+    let mut keys = vec![Vec::new(); c.n_layers];
+    let mut vals = vec![Vec::new(); c.n_layers];
+    let mut out = Vec::new();
+    for (pos, &t) in tokens.iter().enumerate() {
+        let mut x: Vec<f64> = model
+            .embedding
+            .dequantize_row(t as usize)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        for (l, layer) in model.layers.iter().enumerate() {
+            let xb = norm(&x, &layer.attn_norm);
+            let (mut q, mut k, v) = (
+                mat(&layer.wq, &xb),
+                mat(&layer.wk, &xb),
+                mat(&layer.wv, &xb),
+            );
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            keys[l].extend(k);
+            vals[l].extend(v);
+            let mut att = vec![0f64; dim];
+            let group = c.n_heads / c.n_kv_heads;
+            for h in 0..c.n_heads {
+                let kh = h / group;
+                let scores: Vec<f64> = (0..=pos)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|d| q[h * hd + d] * keys[l][t * kvd + kh * hd + d])
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    att[h * hd + d] = (0..=pos)
+                        .map(|t| e[t] / sum * vals[l][t * kvd + kh * hd + d])
+                        .sum();
+                }
+            }
+            for (x, o) in x.iter_mut().zip(mat(&layer.wo, &att)) {
+                *x += o;
+            }
+            let xb = norm(&x, &layer.ffn_norm);
+            let (g, u) = (mat(&layer.w_gate, &xb), mat(&layer.w_up, &xb));
+            let hh: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            for (x, o) in x.iter_mut().zip(mat(&layer.w_down, &hh)) {
+                *x += o;
+            }
+        }
+        out.push(mat(model.classifier(), &norm(&x, &model.final_norm)));
+    }
+    out
+}
+
+#[test]
+fn llama2c_greedy_tokens_agree_with_a_float64_forward_pass() {
+    for name in ["stories260K.bin", "aidreams260K.bin"] {
+        let model = Model::load(&shared_model(name)).unwrap();
+        let engine = Engine::new(&model, 1, Isa::detect()).unwrap();
+        let steps = 40.min(model.config.max_seq - 2);
+        let (ours, _, _) = greedy(&engine, &[1], 1, steps);
+        // The float64 pass, fed our tokens (teacher forcing), predicts each next one.
+        let mut fed = vec![1u32];
+        fed.extend(&ours[..steps - 1]);
+        let logits = forward_f64(&model, &fed);
+        let mut agree = 0;
+        for (i, l) in logits.iter().enumerate() {
+            let best = (0..l.len()).fold(0, |b, j| if l[j] > l[b] { j } else { b });
+            if best as u32 == ours[i] {
+                agree += 1;
+            } else {
+                // A flip is only acceptable at a near-tie of the float64 logits.
+                let gap = l[best] - l[ours[i] as usize];
+                assert!(
+                    gap < 1e-4 * l[best].abs().max(1.0),
+                    "{name} step {i}: ours {} vs float64 {best}, gap {gap:e}",
+                    ours[i]
+                );
+            }
+        }
+        println!("{name}: {agree}/{steps} greedy steps agree with float64");
+        assert!(agree * 10 >= steps * 9, "{name}: only {agree}/{steps}");
+    }
+}
+
+#[test]
+fn a_sampled_generation_repeats_exactly() {
+    use lockstep_kernels::contract::sample::{sample_spec, Sampling};
+    let model = Model::load(&shared_model("stories260K.bin")).unwrap();
+    let run = |seed: u64, threads: usize| {
+        let engine = Engine::new(&model, threads, Isa::detect()).unwrap();
+        let s = Sampling {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 0.95,
+            seed,
+        };
+        let mut seq = engine.sequence(64, false).unwrap();
+        let mut l = engine
+            .forward(&mut [&mut seq], &[&[1]])
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        for pos in 1..40u64 {
+            let t = sample_spec(&l, &s, pos).unwrap() as u32;
+            out.push(t);
+            l = engine
+                .forward(&mut [&mut seq], &[&[t]])
+                .unwrap()
+                .pop()
+                .unwrap()
+                .unwrap();
+        }
+        out
+    };
+    assert_eq!(run(7, 1), run(7, 2));
+    assert_ne!(run(7, 1), run(8, 1), "another seed draws another text");
+}
+
+#[test]
+fn bad_model_files_give_clear_errors() {
+    use lockstep_kernels::ErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let err = |p: &std::path::Path| {
+        let e = Model::load(p).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Model, "{e}");
+        e.to_string()
+    };
+    assert!(err(&dir.path().join("absent.gguf")).contains("cannot read"));
+    assert!(err(&write("empty.bin", b"")).contains("cannot read"));
+    assert!(
+        err(&write("text.bin", b"hello, this is not a model at all...."))
+            .contains("neither a GGUF")
+    );
+    let good = std::fs::read(shared_model("stories260K.bin")).unwrap();
+    assert!(err(&write("short.bin", &good[..good.len() / 2])).contains("truncated"));
+    // GGUF: a valid header cut short, another version, another architecture.
+    let mut g = b"GGUF".to_vec();
+    g.extend(3u32.to_le_bytes());
+    g.extend(1u64.to_le_bytes());
+    g.extend(1u64.to_le_bytes());
+    assert!(err(&write("cut.gguf", &g)).contains("not a valid GGUF"));
+    let mut v9 = g.clone();
+    v9[4] = 9;
+    assert!(err(&write("v9.gguf", &v9)).contains("version 9"));
+    let mut arch = b"GGUF".to_vec();
+    arch.extend(3u32.to_le_bytes());
+    arch.extend(0u64.to_le_bytes());
+    arch.extend(1u64.to_le_bytes());
+    let key = b"general.architecture";
+    arch.extend((key.len() as u64).to_le_bytes());
+    arch.extend(key);
+    arch.extend(8u32.to_le_bytes());
+    arch.extend(5u64.to_le_bytes());
+    arch.extend(b"gpt2x");
+    assert!(err(&write("arch.gguf", &arch)).contains("\"gpt2x\" is not supported"));
+}
+
+#[test]
+fn smollm2_file_faults_give_clear_errors() {
+    let Some(path) = smollm2() else { return };
+    let bytes = std::fs::read(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Truncated inside the tensor data.
+    let p = dir.path().join("cut.gguf");
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = Model::load(&p).unwrap_err().to_string();
+    assert!(e.contains("past the end of the file"), "{e}");
+    // An unknown quantisation type on the first tensor: find its type field
+    // (the u32 after token_embd.weight's two dims) and make it 2 (Q4_0).
+    let g = lockstep_kernels::model::gguf::Gguf::open(&path).unwrap();
+    assert_eq!(g.tensors[0].name, "token_embd.weight");
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
+    let mut bad = bytes[..(g.tensors.iter().map(|t| t.offset).min().unwrap() as usize)].to_vec();
+    bad[at..at + 4].copy_from_slice(&2u32.to_le_bytes());
+    bad.extend(&bytes[bad.len()..]);
+    std::fs::write(&p, &bad).unwrap();
+    let e = Model::load(&p).unwrap_err().to_string();
+    assert!(e.contains("GGML type 2, which is not supported"), "{e}");
+    // Mutated headers never panic (a small fuzz of the parser).
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let header = &bytes[..1 << 20];
+    for _ in 0..300 {
+        let mut h = header.to_vec();
+        for _ in 0..rng.random_range(1..8) {
+            let i = rng.random_range(0..h.len().min(4096));
+            h[i] = rng.random();
+        }
+        let _ = lockstep_kernels::model::gguf::Gguf::parse(&h, bytes.len() as u64);
+    }
+}

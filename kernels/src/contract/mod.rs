@@ -29,7 +29,7 @@ pub use matmul::{matmul_spec, Matmul, MatmulDims};
 
 /// Version of the arithmetic contract. Every result carries it; any change to
 /// the arithmetic of any op bumps it.
-pub const CONTRACT_VERSION: u32 = 1;
+pub const CONTRACT_VERSION: u32 = 2;
 
 /// Length of the fixed reduction chunks (CONTRACT.md §4). A sum is formed
 /// chunk by chunk, so a GPU may hand different chunks to different threads

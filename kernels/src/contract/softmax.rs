@@ -6,7 +6,7 @@ use super::{canonicalize, K_CHUNK};
 /// In place over `x`:
 /// - any NaN in the row → every output is NaN;
 /// - `m` = the row's maximum (`−inf` for an all-`−inf` row, whose outputs
-///   are then NaN: `−inf − −inf`);
+///   are then NaN: `−inf − −inf`; a `+inf` likewise makes every output NaN);
 /// - `e_i = exp(sub(x_i, m))`;
 /// - `s` = the sum of `e_i` by the 256-chunk rule (`add` from +0 per chunk,
 ///   chunk sums added in order to +0);
