@@ -1,0 +1,265 @@
+//! `lockstep generate` and `lockstep replay-layer` end to end: a sensible
+//! completion from the real model, the same tokens on every ISA and thread
+//! count, one batch equal to separate runs, one layer replayed alone equal
+//! to its trace entry, and clear errors.
+
+use std::process::Output;
+
+use lockstep_tests::lockstep_bin;
+use lockstep_tests::models::{shared_model, smollm2};
+
+fn run(args: &[&str]) -> Output {
+    std::process::Command::new(lockstep_bin())
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run lockstep")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    let s = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "lockstep {args:?} failed:\n{s}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s
+}
+
+fn failure(args: &[&str]) -> String {
+    let o = run(args);
+    let s = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "lockstep {args:?} should fail:\n{s}");
+    assert!(!s.contains("panicked"), "{s}");
+    s
+}
+
+fn json(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_capital_of_france_is_paris_on_every_isa_and_thread_count() {
+    let Some(model) = smollm2() else { return };
+    let model = model.to_str().unwrap();
+    let text = ok(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(text.starts_with(" Paris"), "{text}");
+    let mut digests = std::collections::BTreeSet::new();
+    for isa in ["avx512", "avx2", "portable"] {
+        for threads in ["1", "2", "3"] {
+            let o = run(&[
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "The capital of France is",
+                "--max-tokens",
+                "8",
+                "--isa",
+                isa,
+                "--threads",
+                threads,
+                "--json",
+                "--trace",
+                "/dev/null",
+            ]);
+            if !o.status.success() {
+                let e = String::from_utf8_lossy(&o.stderr);
+                assert!(e.contains("this CPU lacks"), "{e}");
+                continue;
+            }
+            let r = &json(&String::from_utf8_lossy(&o.stdout))[0];
+            digests.insert((
+                r["token_digest"].as_str().unwrap().to_string(),
+                r["trace_root"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    assert_eq!(digests.len(), 1, "{digests:?}");
+}
+
+#[test]
+fn a_batch_equals_separate_runs_and_sampling_repeats() {
+    let Some(model) = smollm2() else { return };
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = [
+        "Once upon a time",
+        "The best way to learn Rust is",
+        "2 + 2 =",
+    ];
+    let file = dir.path().join("prompts.txt");
+    std::fs::write(&file, prompts.join("\n")).unwrap();
+    let sampled = [
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "11",
+        "--max-tokens",
+        "6",
+        "--json",
+    ];
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompts",
+        file.to_str().unwrap(),
+    ];
+    args.extend(sampled);
+    let batch = json(&ok(&args));
+    assert_eq!(batch.len(), 3);
+    for (p, b) in prompts.iter().zip(&batch) {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            p,
+            "--threads",
+            "1",
+        ];
+        args.extend(sampled);
+        let alone = &json(&ok(&args))[0];
+        assert_eq!(alone["token_digest"], b["token_digest"], "{p}");
+        assert_eq!(alone["tokens"], b["tokens"], "{p}");
+    }
+}
+
+#[test]
+fn one_layer_replayed_alone_matches_the_trace() {
+    // The tiny model keeps this quick; the path is the same for any model.
+    let model = shared_model("stories260K.bin");
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (trace, dump) = (
+        dir.path().join("trace.jsonl"),
+        dir.path().join("l3.safetensors"),
+    );
+    ok(&[
+        "generate",
+        "--model",
+        model,
+        "--tokens",
+        "1 400 45 300",
+        "--max-tokens",
+        "5",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--dump-layer",
+        "3",
+        "--dump",
+        dump.to_str().unwrap(),
+    ]);
+    let entries = json(&std::fs::read_to_string(&trace).unwrap());
+    // Positions 0..=7 were computed (4 prompt tokens, then 4 fed back).
+    let want: Vec<String> = entries
+        .iter()
+        .filter(|e| e["layer"] == 3)
+        .map(|e| e["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(want.len(), 8);
+    let out = ok(&[
+        "replay-layer",
+        "--model",
+        model,
+        "--layer",
+        "3",
+        "--inputs",
+        dump.to_str().unwrap(),
+        "--all",
+    ]);
+    let got: Vec<String> = out
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let tiny = shared_model("stories260K.bin");
+    let tiny = tiny.to_str().unwrap();
+    assert!(failure(&[
+        "generate",
+        "--model",
+        tiny,
+        "--tokens",
+        "1 2",
+        "--max-tokens",
+        "0"
+    ])
+    .contains("--max-tokens must be at least 1"));
+    assert!(failure(&[
+        "generate",
+        "--model",
+        tiny,
+        "--tokens",
+        "1 2",
+        "--max-tokens",
+        "600"
+    ])
+    .contains("exceeds the model's context of 512"));
+    assert!(
+        failure(&["generate", "--model", tiny, "--tokens", "1 99999"])
+            .contains("outside the vocabulary")
+    );
+    assert!(failure(&["generate", "--model", tiny, "--prompt", "hello"]).contains("no tokenizer"));
+    assert!(failure(&[
+        "generate",
+        "--model",
+        tiny,
+        "--tokens",
+        "1",
+        "--backend",
+        "wgpu"
+    ])
+    .contains("CPU backend for now"));
+    assert!(failure(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "x"
+    ])
+    .contains("no model file"));
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"GGUF\x03\0\0\0garbage").unwrap();
+    assert!(failure(&[
+        "generate",
+        "--model",
+        junk.to_str().unwrap(),
+        "--prompt",
+        "x"
+    ])
+    .contains("not a valid GGUF"));
+    assert!(failure(&[
+        "replay-layer",
+        "--model",
+        tiny,
+        "--layer",
+        "9",
+        "--inputs",
+        "x"
+    ])
+    .contains("has 5 layers"));
+}
