@@ -348,6 +348,33 @@ struct SubmitArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Prefill and decode tokens/s of the exact engine (median of runs),
+    /// peak resident memory against model file + KV cache + 64 MiB, and the
+    /// weight bandwidth decode achieves against this machine's read
+    /// bandwidth measured in the same run.
+    ///
+    /// Example: lockstep bench generate --model smollm2 --backend cpu --threads 1
+    Generate {
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Only cpu for now.
+        #[arg(long, default_value = "cpu")]
+        backend: BackendKind,
+        /// CPU threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Prompt tokens prefilled in one pass.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Greedy tokens decoded one at a time.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Runs (medians are reported).
+        #[arg(long, default_value_t = 9)]
+        runs: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// GFLOP/s of lockstep's matmul against faer/matrixmultiply (CPU), the CPU
     /// backend (WGSL) or cuBLAS SGEMM (CUDA), timed interleaved in one run.
     ///
@@ -575,6 +602,64 @@ fn run(cli: Cli) -> Result<()> {
                     "  one job at a time: p50 {:.2} ms dispatch to verdict vs {:.2} ms per raw round trip: p50 overhead per job {:.2} ms\n  (a one-job batch end to end, with the coordinator's set-up: p50 {:.2} ms)",
                     r.single_p50_ms, r.raw_single_p50_ms, r.p50_overhead_ms, r.single_e2e_p50_ms
                 );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Generate {
+            model,
+            backend,
+            threads,
+            prompt_tokens,
+            tokens,
+            runs,
+            json,
+        }) => {
+            if backend != BackendKind::Cpu {
+                anyhow::bail!("bench generate: only --backend cpu runs models for now");
+            }
+            let r = crate::bench::generate::bench_generate(
+                &model,
+                threads,
+                prompt_tokens,
+                tokens,
+                runs,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                println!(
+                    "generate: {} ({}), {} thread(s), {}",
+                    r.model, r.model_digest, r.threads, r.isa
+                );
+                println!(
+                    "  prefill {:>7.1} tok/s   ({} tokens in one pass, median of {})",
+                    r.prefill_tok_s, r.prompt_tokens, r.runs
+                );
+                println!(
+                    "  decode  {:>7.1} tok/s   ({} greedy tokens; runs {:?})",
+                    r.decode_tok_s,
+                    r.decode_tokens,
+                    r.decode_runs_tok_s
+                        .iter()
+                        .map(|v| (v * 10.0).round() / 10.0)
+                        .collect::<Vec<_>>()
+                );
+                println!(
+                    "  peak RSS {:.1} MiB (budget: file {:.1} + KV {:.1} + 64 = {:.1} MiB)",
+                    mib(r.peak_rss_bytes),
+                    mib(r.model_file_bytes),
+                    mib(r.kv_bytes as u64),
+                    mib(r.rss_budget_bytes)
+                );
+                println!(
+                    "  decode reads {:.2} GB/s of weights; this machine reads {:.2} GB/s on {} thread(s): {:.0}%",
+                    r.decode_weight_gb_s,
+                    r.machine_read_gb_s,
+                    r.threads,
+                    r.bandwidth_fraction * 100.0
+                );
+                println!("  tokens {}", r.tokens_digest);
             }
             Ok(())
         }

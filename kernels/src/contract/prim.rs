@@ -97,7 +97,7 @@ pub fn exp(x: f32) -> f32 {
     p = fma(p, r, 8.333_452e-3);
     p = fma(p, r, 4.166_579_6e-2);
     p = fma(p, r, 1.666_666_5e-1);
-    p = fma(p, r, 5.000_000_1e-1);
+    p = fma(p, r, 0.5); // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
     let y = add(fma(p, mul(r, r), r), 1.0);
     let n = n as i32;
     if n > 127 {
@@ -151,7 +151,7 @@ pub fn ln(x: f32) -> f32 {
     p = fma(p, f, -1.666_805_8e-1);
     p = fma(p, f, 2.000_071_4e-1);
     p = fma(p, f, -2.499_999_4e-1);
-    p = fma(p, f, 3.333_333_1e-1);
+    p = fma(p, f, f32::from_bits(0x3EAA_AAAA)); // 3.3333331174e-1
     let ef = e as f32;
     let mut y = mul(mul(p, f), z);
     y = fma(ef, -2.121_944_4e-4, y);

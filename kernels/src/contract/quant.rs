@@ -74,7 +74,7 @@ impl Format {
     /// whole number of blocks (or overflows).
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         let (n, b) = self.block();
-        if cols % n != 0 {
+        if !cols.is_multiple_of(n) {
             return None;
         }
         (cols / n).checked_mul(b)

@@ -137,7 +137,7 @@ unsafe fn attend_with<V: Lanes>(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [
         softmax_spec(row);
         let o = &mut out[h * hd..(h + 1) * hd];
         let vbase = kv.v.as_ptr().add(kvh * hd);
-        if hd % L == 0 {
+        if hd.is_multiple_of(L) {
             for d0 in (0..hd).step_by(L) {
                 let mut total = V::zero();
                 for c0 in (0..n).step_by(K_CHUNK) {

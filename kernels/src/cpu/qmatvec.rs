@@ -203,38 +203,7 @@ impl PackedMatrix {
         isa: Isa,
         pool: Option<&rayon::ThreadPool>,
     ) {
-        assert_eq!(x.len(), tokens * self.cols);
-        assert_eq!(y.len(), tokens * self.rows);
-        if tokens == 0 || self.rows == 0 {
-            return;
-        }
-        // Per-block sums of x for Q4_1's m term (CONTRACT.md §9.2), once.
-        let xs: Vec<f32> = if self.format == Format::Q4_1 {
-            x.chunks_exact(QK)
-                .map(|c| c.iter().fold(0.0f32, |a, &v| add(a, v)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let out = SendPtr(y.as_mut_ptr());
-        let job = |g0: usize, g1: usize| {
-            let out = &out;
-            // SAFETY: each call writes only the columns of groups g0..g1.
-            unsafe { self.groups_range(x, &xs, tokens, out.0, g0, g1, isa) }
-        };
-        match pool {
-            Some(pool) if pool.current_num_threads() > 1 && self.groups > 1 => {
-                let parts = pool.current_num_threads().min(self.groups);
-                pool.scope(|s| {
-                    for p in 0..parts {
-                        let (g0, g1) = (self.groups * p / parts, self.groups * (p + 1) / parts);
-                        let job = &job;
-                        s.spawn(move |_| job(g0, g1));
-                    }
-                });
-            }
-            _ => job(0, self.groups),
-        }
+        matmuls(&mut [(self, x, y)], tokens, isa, pool)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -256,6 +225,59 @@ impl PackedMatrix {
                 avx2_range(self, x, xs, tokens, y, g0, g1)
             }
             _ => tiles::<Portable>(self, x, xs, tokens, y, g0, g1),
+        }
+    }
+}
+
+/// Several independent products `y_i = W_i·x_i` on `tokens` rows each,
+/// split over the pool in one parallel region (one wake-up of the threads
+/// instead of one per product). Each product is exactly
+/// [`PackedMatrix::matmul`]'s.
+pub fn matmuls(
+    jobs: &mut [(&PackedMatrix, &[f32], &mut [f32])],
+    tokens: usize,
+    isa: Isa,
+    pool: Option<&rayon::ThreadPool>,
+) {
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for (m, x, y) in jobs.iter_mut() {
+        assert_eq!(x.len(), tokens * m.cols);
+        assert_eq!(y.len(), tokens * m.rows);
+        if tokens == 0 || m.rows == 0 {
+            continue;
+        }
+        // Per-block sums of x for Q4_1's m term (CONTRACT.md §9.2), once.
+        let xs: Vec<f32> = if m.format == Format::Q4_1 {
+            x.chunks_exact(QK)
+                .map(|c| c.iter().fold(0.0f32, |a, &v| add(a, v)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        prepared.push((*m, *x, xs, SendPtr(y.as_mut_ptr())));
+    }
+    let threads = pool.map_or(1, |p| p.current_num_threads());
+    let run = |i: usize, g0: usize, g1: usize| {
+        let (m, x, xs, out) = &prepared[i];
+        // SAFETY: each call writes only the columns of groups g0..g1 of its
+        // own output.
+        unsafe { m.groups_range(x, xs, tokens, out.0, g0, g1, isa) }
+    };
+    match pool {
+        Some(pool) if threads > 1 => pool.scope(|s| {
+            for (i, (m, ..)) in prepared.iter().enumerate() {
+                let parts = threads.min(m.groups);
+                for p in 0..parts {
+                    let (g0, g1) = (m.groups * p / parts, m.groups * (p + 1) / parts);
+                    let run = &run;
+                    s.spawn(move |_| run(i, g0, g1));
+                }
+            }
+        }),
+        _ => {
+            for (i, (m, ..)) in prepared.iter().enumerate() {
+                run(i, 0, m.groups);
+            }
         }
     }
 }
@@ -327,6 +349,7 @@ unsafe fn tiles<L: Lanes>(
 
 /// NG groups × TT tokens, starting at group `g` and token `t`.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // indices keep the tile's shape readable
 unsafe fn tile<L: Lanes, const NG: usize, const TT: usize>(
     m: &PackedMatrix,
     x: &[f32],

@@ -17,6 +17,7 @@ use crate::contract::rmsnorm::rmsnorm_spec;
 use crate::contract::rope::{rope_frequencies, rope_spec, rope_table};
 use crate::contract::swiglu::swiglu_spec;
 use crate::cpu::attention::KvLayer;
+use crate::cpu::qmatvec::matmuls;
 use crate::cpu::Isa;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
@@ -224,9 +225,16 @@ impl<'m> Engine<'m> {
             for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
                 rmsnorm_spec(xr, &layer.attn_norm, c.norm_eps, xbr);
             }
-            layer.wq.matmul(&xb, r, &mut q, self.isa, pool);
-            layer.wk.matmul(&xb, r, &mut k, self.isa, pool);
-            layer.wv.matmul(&xb, r, &mut v, self.isa, pool);
+            matmuls(
+                &mut [
+                    (&layer.wq, &xb, &mut q),
+                    (&layer.wk, &xb, &mut k),
+                    (&layer.wv, &xb, &mut v),
+                ],
+                r,
+                self.isa,
+                pool,
+            );
             for (i, row) in rows.iter().enumerate() {
                 let (cos, sin) = &tables[i];
                 rope_spec(&mut q[i * dim..(i + 1) * dim], hd, cos, sin);
@@ -255,8 +263,12 @@ impl<'m> Engine<'m> {
             for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
                 rmsnorm_spec(xr, &layer.ffn_norm, c.norm_eps, xbr);
             }
-            layer.w_gate.matmul(&xb, r, &mut g, self.isa, pool);
-            layer.w_up.matmul(&xb, r, &mut u, self.isa, pool);
+            matmuls(
+                &mut [(&layer.w_gate, &xb, &mut g), (&layer.w_up, &xb, &mut u)],
+                r,
+                self.isa,
+                pool,
+            );
             swiglu_spec(&g, &u, &mut h);
             layer.w_down.matmul(&h, r, &mut o, self.isa, pool);
             add_spec(&mut x, &o);

@@ -3,6 +3,7 @@
 //! then each baseline, repeated) and each side's median is reported, so a
 //! noisy machine slows both sides alike and the ratio stays meaningful.
 
+pub mod generate;
 pub mod soak;
 
 use std::time::Instant;

@@ -1,0 +1,167 @@
+//! `lockstep bench generate`: prefill and decode tokens/s of the exact
+//! engine, its peak resident memory against the model and KV cache, and the
+//! weight bandwidth decode achieves against this machine's bandwidth
+//! measured in the same run.
+//!
+//! The engines users compare with (llama.cpp, candle) are not built into
+//! this benchmark yet; see the README for their numbers on this machine.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use lockstep_kernels::contract::argmax::argmax_spec;
+use lockstep_kernels::cpu::Isa;
+use lockstep_kernels::model::Engine;
+
+#[derive(Debug, serde::Serialize)]
+pub struct GenerateBench {
+    pub model: String,
+    pub model_digest: String,
+    pub isa: &'static str,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub runs: usize,
+    /// Medians over the runs.
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub prefill_runs_tok_s: Vec<f64>,
+    pub decode_runs_tok_s: Vec<f64>,
+    pub model_file_bytes: u64,
+    pub weight_bytes: usize,
+    pub kv_bytes: usize,
+    pub peak_rss_bytes: u64,
+    /// Model file + KV cache + 64 MiB: the goal for peak RSS.
+    pub rss_budget_bytes: u64,
+    /// Weight bytes read per decoded token × decode tokens/s.
+    pub decode_weight_gb_s: f64,
+    /// Reading a 512 MiB buffer with the same threads, same run.
+    pub machine_read_gb_s: f64,
+    pub bandwidth_fraction: f64,
+    /// Greedy tokens of the last run (identical in every run).
+    pub tokens_digest: String,
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or(0, |k| k * 1024)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// GB/s reading a large buffer (summing it as integers) on `threads`.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("threads");
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: u64 = pool.install(|| {
+            use rayon::prelude::*;
+            buf.par_chunks(words / threads.max(1) + 1)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+pub fn bench_generate(
+    model: &str,
+    threads: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    runs: usize,
+) -> Result<GenerateBench> {
+    let path = crate::llm::models::resolve(model)?;
+    let file_bytes = std::fs::metadata(&path)?.len();
+    let (model, _) = crate::llm::generate::load(model)?;
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    let engine = Engine::new(&model, threads, Isa::detect())?;
+    let vocab = model.config.vocab_size as u32;
+    // A fixed pseudo-text prompt of ordinary tokens.
+    let prompt: Vec<u32> = (0..prompt_tokens as u32)
+        .map(|i| 200 + (i * 7919) % (vocab - 400))
+        .collect();
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let mut kv_bytes = 0;
+    let mut digest = String::new();
+    for run in 0..runs.max(1) {
+        let mut seq = engine.sequence(prompt_tokens + decode_tokens + 1, false)?;
+        kv_bytes = seq.kv_bytes();
+        let t = Instant::now();
+        let mut logits = engine
+            .forward(&mut [&mut seq], &[&prompt])?
+            .pop()
+            .flatten()
+            .expect("logits");
+        pre.push(prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut out = Vec::with_capacity(decode_tokens);
+        for _ in 0..decode_tokens {
+            let tok = argmax_spec(&logits).expect("vocabulary") as u32;
+            out.push(tok);
+            logits = engine
+                .forward(&mut [&mut seq], &[&[tok]])?
+                .pop()
+                .flatten()
+                .expect("logits");
+        }
+        dec.push(decode_tokens as f64 / t.elapsed().as_secs_f64());
+        let d = crate::llm::generate::token_digest(&prompt, &out).to_string();
+        if run > 0 && d != digest {
+            anyhow::bail!(
+                "run {run} decoded other tokens than run 0: the engine is not deterministic"
+            );
+        }
+        digest = d;
+    }
+    let peak = peak_rss();
+    let (prefill, decode) = (median(&pre), median(&dec));
+    let weight_gb_s = model.weight_bytes() as f64 * decode / 1e9;
+    let machine = read_bandwidth(threads);
+    Ok(GenerateBench {
+        model: model.source.clone(),
+        model_digest: model.digest.to_string(),
+        isa: engine.isa().name(),
+        threads,
+        prompt_tokens,
+        decode_tokens,
+        runs: runs.max(1),
+        prefill_tok_s: prefill,
+        decode_tok_s: decode,
+        prefill_runs_tok_s: pre,
+        decode_runs_tok_s: dec,
+        model_file_bytes: file_bytes,
+        weight_bytes: model.weight_bytes(),
+        kv_bytes,
+        peak_rss_bytes: peak,
+        rss_budget_bytes: file_bytes + kv_bytes as u64 + (64 << 20),
+        decode_weight_gb_s: weight_gb_s,
+        machine_read_gb_s: machine,
+        bandwidth_fraction: weight_gb_s / machine,
+        tokens_digest: digest,
+    })
+}
