@@ -415,7 +415,7 @@ enum BenchCommand {
     ///
     /// Example: lockstep bench fuzz --inputs 200000
     Fuzz {
-        /// Inputs per target (6 targets).
+        /// Inputs per target (7 targets).
         #[arg(long, default_value_t = 100_000)]
         inputs: u64,
         /// Random seed (default: from the clock; printed).

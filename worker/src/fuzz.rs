@@ -12,7 +12,8 @@
 //!
 //! Targets: job messages (as a worker reads and computes them, on the CPU
 //! backend with small limits), result messages (as a coordinator checks
-//! them), batch lines, safetensors files, key files, receipts.
+//! them), batch lines, safetensors files, key files, GGUF model headers,
+//! receipts.
 
 use std::panic::AssertUnwindSafe;
 
@@ -28,6 +29,47 @@ pub const MAX_ERROR_CHARS: usize = 2000;
 
 /// Reads one input; the errors it produced (none: accepted).
 type Reader = Box<dyn Fn(&[u8]) -> Vec<String>>;
+
+/// A small valid GGUF header: every metadata kind, an array of strings,
+/// two tensor infos.
+fn gguf_seed() -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(2u64.to_le_bytes()); // tensors
+    b.extend(5u64.to_le_bytes()); // metadata
+    let s = |b: &mut Vec<u8>, t: &str| {
+        b.extend((t.len() as u64).to_le_bytes());
+        b.extend(t.as_bytes());
+    };
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    s(&mut b, "llama.block_count");
+    b.extend(4u32.to_le_bytes());
+    b.extend(2u32.to_le_bytes());
+    s(&mut b, "llama.rope.freq_base");
+    b.extend(6u32.to_le_bytes());
+    b.extend(10000f32.to_le_bytes());
+    s(&mut b, "tokenizer.ggml.tokens");
+    b.extend(9u32.to_le_bytes());
+    b.extend(8u32.to_le_bytes());
+    b.extend(3u64.to_le_bytes());
+    for t in ["<s>", "a", "Ġb"] {
+        s(&mut b, t);
+    }
+    s(&mut b, "general.alignment");
+    b.extend(4u32.to_le_bytes());
+    b.extend(32u32.to_le_bytes());
+    for (name, ty) in [("token_embd.weight", 8u32), ("output_norm.weight", 0)] {
+        s(&mut b, name);
+        b.extend(2u32.to_le_bytes());
+        b.extend(32u64.to_le_bytes());
+        b.extend(3u64.to_le_bytes());
+        b.extend(ty.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+    }
+    b
+}
 
 /// One input format and the code that reads it.
 pub struct Target {
@@ -286,6 +328,16 @@ pub fn targets() -> Vec<Target> {
                     let sig = id.sign(b"x");
                     crate::auth::verify(&id.public_key(), b"x", &sig)
                 }))
+            }),
+        },
+        Target {
+            name: "gguf header",
+            seeds: vec![gguf_seed()],
+            run: Box::new(|bytes| {
+                match lockstep_kernels::model::gguf::Gguf::parse(bytes, bytes.len() as u64 + 64) {
+                    Ok(_) => vec![],
+                    Err(e) => vec![e.to_string()],
+                }
             }),
         },
         Target {

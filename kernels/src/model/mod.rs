@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod gguf;
+mod hf;
 mod llama2c;
 pub mod spec;
 
@@ -208,9 +209,20 @@ impl Raw {
 }
 
 impl Model {
-    /// Loads a GGUF file (by its magic) or a llama2.c checkpoint.
+    /// Loads a GGUF file (by its magic), a Hugging Face checkpoint (a
+    /// folder with config.json and safetensors, or a .safetensors file in
+    /// one) or a llama2.c checkpoint.
     pub fn load(path: &Path) -> Result<Model> {
         use std::io::Read;
+        if path.is_dir() || path.extension().is_some_and(|e| e == "safetensors") {
+            return match hf::is_checkpoint(path) {
+                Some(dir) => hf::load(&dir),
+                None => Err(Error::model(format!(
+                    "{}: a Hugging Face checkpoint needs a config.json beside its safetensors",
+                    path.display()
+                ))),
+            };
+        }
         let mut magic = [0u8; 4];
         std::fs::File::open(path)
             .and_then(|mut f| f.read_exact(&mut magic))
