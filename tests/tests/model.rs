@@ -396,6 +396,9 @@ fn smollm2_file_faults_give_clear_errors() {
     }
 }
 
+/// A tensor's shape and little-endian bytes.
+type Shaped = (Vec<usize>, Vec<u8>);
+
 /// Writes a llama2.c model as a Hugging Face checkpoint (config.json and
 /// model.safetensors, F32), with q/k rows in Hugging Face's rotate-half
 /// order, as a converter from llama2.c to Hugging Face would.
@@ -427,7 +430,7 @@ fn write_hf(model: &Model, dir: &std::path::Path) {
             v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
         )
     };
-    let mut tensors: Vec<(String, (Vec<usize>, Vec<u8>))> = vec![(
+    let mut tensors: Vec<(String, Shaped)> = vec![(
         "model.embed_tokens.weight".into(),
         rows(&model.embedding, None),
     )];
