@@ -61,12 +61,37 @@ fn the_capital_of_france_is_paris_on_every_isa_and_thread_count() {
     ]);
     assert!(text.starts_with(" Paris"), "{text}");
     // The tokenizer as the model's own (tokenizer.json) splits this prompt.
-    let r = &json(&ok(&["generate", "--model", model, "--prompt", "The capital of France is", "--max-tokens", "1", "--json"]))[0];
-    assert_eq!(r["prompt_tokens"], serde_json::json!([504, 3575, 282, 4649, 314]));
+    let r = &json(&ok(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "1",
+        "--json",
+    ]))[0];
+    assert_eq!(
+        r["prompt_tokens"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
     // The chat template, and generation stopping at the end of the turn.
-    let r = &json(&ok(&["generate", "--model", model, "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "40", "--json"]))[0];
+    let r = &json(&ok(&[
+        "generate",
+        "--model",
+        model,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "40",
+        "--json",
+    ]))[0];
     assert!(r["text"].as_str().unwrap().contains("Paris"), "{r}");
-    assert!(r["tokens"].as_array().unwrap().len() < 40, "stops at <|im_end|>: {r}");
+    assert!(
+        r["tokens"].as_array().unwrap().len() < 40,
+        "stops at <|im_end|>: {r}"
+    );
     let mut digests = std::collections::BTreeSet::new();
     for isa in ["avx512", "avx2", "portable"] {
         for threads in ["1", "2", "3"] {

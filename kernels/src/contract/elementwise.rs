@@ -4,6 +4,7 @@ use super::canonicalize;
 use super::prim::{add, mul};
 
 /// `x_i = add(x_i, y_i)`, canonicalised (the residual connection).
+#[inline(always)]
 pub fn add_spec(x: &mut [f32], y: &[f32]) {
     for (x, &y) in x.iter_mut().zip(y) {
         *x = canonicalize(add(*x, y));
@@ -11,6 +12,7 @@ pub fn add_spec(x: &mut [f32], y: &[f32]) {
 }
 
 /// `x_i = mul(x_i, y_i)`, canonicalised.
+#[inline(always)]
 pub fn mul_spec(x: &mut [f32], y: &[f32]) {
     for (x, &y) in x.iter_mut().zip(y) {
         *x = canonicalize(mul(*x, y));

@@ -79,6 +79,7 @@ const EXP_MIN: f32 = f32::from_bits(0xC2CF_F1B5); // -103.972076
 /// NaN → NaN, +inf → +inf, −inf → +0. Measured against e^x in float64,
 /// rounded to f32: at most 1 ulp (every 97th f32 bit pattern of the finite
 /// range; `tests/tests/transcendentals.rs`).
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     if x.is_nan() {
         return x;
@@ -177,6 +178,7 @@ pub const SIN_COS_MAX: f32 = 65536.0;
 /// position below 65536. Measured against float64 on every 97th f32 of
 /// [0, 65536] (and their negatives, which are exactly odd/even): an absolute
 /// error of at most 2^−23 · max(1, |x|/2^13), and 1 ulp on [0, π/4].
+#[inline(always)]
 pub fn sin_cos(x: f32) -> (f32, f32) {
     if !x.is_finite() {
         return (f32::NAN, f32::NAN);
@@ -222,7 +224,7 @@ pub fn sin_cos(x: f32) -> (f32, f32) {
 
 /// SiLU, `x·σ(x) = x / (1 + e^−x)` (CONTRACT.md §9.5):
 /// `div(x, add(1, exp(−x)))`.
-#[inline]
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
     div(x, add(1.0, exp(-x)))
 }

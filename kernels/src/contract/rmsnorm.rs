@@ -8,6 +8,7 @@ use super::{canonicalize, K_CHUNK};
 ///   per chunk, chunk sums added in order to +0);
 /// - `inv = div(1, sqrt(add(div(ss, n), eps)))`;
 /// - `y_i = mul(mul(x_i, inv), w_i)`, canonicalised.
+#[inline(always)]
 pub fn rmsnorm_spec(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let inv = rms_inverse(x, eps);
     for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
@@ -16,6 +17,7 @@ pub fn rmsnorm_spec(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
 }
 
 /// `1 / √(Σx²/n + eps)` as [`rmsnorm_spec`] computes it.
+#[inline(always)]
 pub fn rms_inverse(x: &[f32], eps: f32) -> f32 {
     let mut ss = 0.0f32;
     for c in x.chunks(K_CHUNK) {

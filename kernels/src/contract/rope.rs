@@ -17,6 +17,7 @@ pub fn rope_frequencies(theta: f32, head_dim: usize) -> Vec<f32> {
 
 /// `(cos, sin)` of `pos · f_i` for every frequency: the angle is
 /// `mul(pos, f_i)` (`pos` is exact in f32 below 2^24), then [`sin_cos`].
+#[inline(always)]
 pub fn rope_table(freqs: &[f32], pos: usize) -> (Vec<f32>, Vec<f32>) {
     freqs
         .iter()
@@ -32,6 +33,7 @@ pub fn rope_table(freqs: &[f32], pos: usize) -> (Vec<f32>, Vec<f32>) {
 /// `(fma(a, cos_i, −mul(b, sin_i)), fma(a, sin_i, mul(b, cos_i)))`,
 /// canonicalised. (Adjacent pairs, as llama2.c and GGUF's llama; GGUF
 /// converters permute Hugging Face's q/k rows to match.)
+#[inline(always)]
 pub fn rope_spec(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     for head in x.chunks_exact_mut(head_dim) {
         for i in 0..head_dim / 2 {

@@ -13,6 +13,7 @@ use super::{canonicalize, K_CHUNK};
 /// - `y_i = div(e_i, s)`, canonicalised.
 ///
 /// An empty row stays empty.
+#[inline(always)]
 pub fn softmax_spec(x: &mut [f32]) {
     if x.iter().any(|v| v.is_nan()) {
         x.fill(canonicalize(f32::NAN));

@@ -6,6 +6,7 @@ use super::prim::{mul, silu};
 
 /// `h_i = mul(silu(g_i), u_i)`, canonicalised, with
 /// `silu(g) = div(g, add(1, exp(−g)))` ([`silu`]).
+#[inline(always)]
 pub fn swiglu_spec(g: &[f32], u: &[f32], h: &mut [f32]) {
     for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
         *h = canonicalize(mul(silu(g), u));

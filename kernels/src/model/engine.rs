@@ -22,6 +22,44 @@ use crate::cpu::Isa;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
 
+/// The elementwise steps, compiled with FMA instructions where the CPU has
+/// them. They are the spec functions themselves, inlined here; without this
+/// every `mul_add` in them is a call into a software fma (same bits, about
+/// a tenth of decode time).
+mod elementwise {
+    use super::*;
+
+    macro_rules! fma_wrapped {
+        ($($name:ident => $spec:ident ($($arg:ident: $ty:ty),*);)*) => {
+            $(
+                pub fn $name(isa: Isa, $($arg: $ty),*) {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        #[target_feature(enable = "avx2,fma")]
+                        unsafe fn with_fma($($arg: $ty),*) {
+                            $spec($($arg),*)
+                        }
+                        if isa != Isa::Portable {
+                            // SAFETY: AVX-512 and AVX2 engines run only on
+                            // CPUs with FMA (Engine::new checked the ISA).
+                            return unsafe { with_fma($($arg),*) };
+                        }
+                    }
+                    let _ = isa;
+                    $spec($($arg),*)
+                }
+            )*
+        };
+    }
+
+    fma_wrapped! {
+        rmsnorm => rmsnorm_spec(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]);
+        rope => rope_spec(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]);
+        swiglu => swiglu_spec(g: &[f32], u: &[f32], h: &mut [f32]);
+        residual => add_spec(x: &mut [f32], y: &[f32]);
+    }
+}
+
 /// One sequence's state: its KV cache, its position, and (when traced)
 /// the digest of every layer's output at every position.
 #[derive(Clone)]
@@ -223,7 +261,7 @@ impl<'m> Engine<'m> {
                 }
             }
             for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
-                rmsnorm_spec(xr, &layer.attn_norm, c.norm_eps, xbr);
+                elementwise::rmsnorm(self.isa, xr, &layer.attn_norm, c.norm_eps, xbr);
             }
             matmuls(
                 &mut [
@@ -237,8 +275,8 @@ impl<'m> Engine<'m> {
             );
             for (i, row) in rows.iter().enumerate() {
                 let (cos, sin) = &tables[i];
-                rope_spec(&mut q[i * dim..(i + 1) * dim], hd, cos, sin);
-                rope_spec(&mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
+                elementwise::rope(self.isa, &mut q[i * dim..(i + 1) * dim], hd, cos, sin);
+                elementwise::rope(self.isa, &mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
                 seqs[row.seq].kv[li].write(
                     row.pos,
                     &k[i * kvd..(i + 1) * kvd],
@@ -259,9 +297,9 @@ impl<'m> Engine<'m> {
                 }
             }
             layer.wo.matmul(&att, r, &mut o, self.isa, pool);
-            add_spec(&mut x, &o);
+            elementwise::residual(self.isa, &mut x, &o);
             for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
-                rmsnorm_spec(xr, &layer.ffn_norm, c.norm_eps, xbr);
+                elementwise::rmsnorm(self.isa, xr, &layer.ffn_norm, c.norm_eps, xbr);
             }
             matmuls(
                 &mut [(&layer.w_gate, &xb, &mut g), (&layer.w_up, &xb, &mut u)],
@@ -269,9 +307,9 @@ impl<'m> Engine<'m> {
                 self.isa,
                 pool,
             );
-            swiglu_spec(&g, &u, &mut h);
+            elementwise::swiglu(self.isa, &g, &u, &mut h);
             layer.w_down.matmul(&h, r, &mut o, self.isa, pool);
-            add_spec(&mut x, &o);
+            elementwise::residual(self.isa, &mut x, &o);
             for (i, row) in rows.iter().enumerate() {
                 if let Some(trace) = seqs[row.seq].trace.as_mut() {
                     if trace.len() <= row.pos {
