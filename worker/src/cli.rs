@@ -372,6 +372,11 @@ enum BenchCommand {
         /// Runs (medians are reported).
         #[arg(long, default_value_t = 9)]
         runs: usize,
+        /// Also run llama.cpp and candle (benches/llm-baselines, built
+        /// separately) on the same model, one run each after each of
+        /// lockstep's, and print the ratios.
+        #[arg(long)]
+        baselines: bool,
         #[arg(long)]
         json: bool,
     },
@@ -612,6 +617,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt_tokens,
             tokens,
             runs,
+            baselines,
             json,
         }) => {
             if backend != BackendKind::Cpu {
@@ -623,6 +629,8 @@ fn run(cli: Cli) -> Result<()> {
                 prompt_tokens,
                 tokens,
                 runs,
+                baselines,
+                |line| eprintln!("  {line}"),
             )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -660,6 +668,17 @@ fn run(cli: Cli) -> Result<()> {
                     r.bandwidth_fraction * 100.0
                 );
                 println!("  tokens {}", r.tokens_digest);
+                for b in &r.baselines {
+                    println!(
+                        "  {:<10} prefill {:>7.1} tok/s (lockstep ÷ it {:.2})   decode {:>7.1} tok/s (lockstep ÷ it {:.2})   peak RSS {:.1} MiB",
+                        b.engine,
+                        b.prefill_tok_s,
+                        b.prefill_ratio,
+                        b.decode_tok_s,
+                        b.decode_ratio,
+                        mib(b.peak_rss_bytes)
+                    );
+                }
             }
             Ok(())
         }

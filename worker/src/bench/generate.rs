@@ -3,8 +3,11 @@
 //! weight bandwidth decode achieves against this machine's bandwidth
 //! measured in the same run.
 //!
-//! The engines users compare with (llama.cpp, candle) are not built into
-//! this benchmark yet; see the README for their numbers on this machine.
+//! With `--baselines`, llama.cpp and candle (`benches/llm-baselines`, a
+//! separate crate built with `-C target-cpu=native` that CI does not build)
+//! run the same prompt and greedy decode on the same GGUF, one run of each
+//! engine after each of lockstep's, each in its own process; the ratios are
+//! of medians measured in this one run.
 
 use std::time::Instant;
 
@@ -40,6 +43,84 @@ pub struct GenerateBench {
     pub bandwidth_fraction: f64,
     /// Greedy tokens of the last run (identical in every run).
     pub tokens_digest: String,
+    /// The other engines, measured interleaved with lockstep.
+    pub baselines: Vec<Baseline>,
+}
+
+/// Another engine on the same model, prompt and decode, same run.
+#[derive(Debug, serde::Serialize)]
+pub struct Baseline {
+    pub engine: String,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub prefill_runs_tok_s: Vec<f64>,
+    pub decode_runs_tok_s: Vec<f64>,
+    pub peak_rss_bytes: u64,
+    /// lockstep ÷ this engine.
+    pub prefill_ratio: f64,
+    pub decode_ratio: f64,
+}
+
+/// The baselines' binary: `$LOCKSTEP_BASELINES_BIN`, or where
+/// `benches/llm-baselines` builds it (`target/baselines/release/`).
+fn baselines_bin() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("LOCKSTEP_BASELINES_BIN") {
+        return Ok(p.into());
+    }
+    let mut tried = Vec::new();
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1) {
+        let p = dir.join("baselines/release/llm-baselines");
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(p);
+        let p = dir.join("target/baselines/release/llm-baselines");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!(
+        "--baselines: no llm-baselines binary; build it once with \
+         `cd benches/llm-baselines && cargo build --release` (needs cmake and libclang: \
+         apt-get install cmake libclang-dev; about 15 minutes on 2 cores), or set LOCKSTEP_BASELINES_BIN"
+    )
+}
+
+/// One run of `engine` in its own process: (prefill, decode, peak RSS).
+fn baseline_run(
+    bin: &std::path::Path,
+    engine: &str,
+    model: &std::path::Path,
+    threads: usize,
+    prompt: usize,
+    tokens: usize,
+) -> Result<(f64, f64, u64)> {
+    let out = std::process::Command::new(bin)
+        .args(["--engine", engine, "--model"])
+        .arg(model)
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--prompt-tokens",
+            &prompt.to_string(),
+        ])
+        .args(["--tokens", &tokens.to_string(), "--runs", "1"])
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("{} failed ({})", engine, out.status);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let f = |k: &str| {
+        v[k].as_f64()
+            .ok_or_else(|| anyhow::anyhow!("{engine}: no {k} in its output"))
+    };
+    Ok((
+        f("prefill_tok_s")?,
+        f("decode_tok_s")?,
+        v["peak_rss_bytes"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -90,8 +171,22 @@ pub fn bench_generate(
     prompt_tokens: usize,
     decode_tokens: usize,
     runs: usize,
+    baselines: bool,
+    mut progress: impl FnMut(&str),
 ) -> Result<GenerateBench> {
     let path = crate::llm::models::resolve(model)?;
+    let engines: &[&str] = if baselines {
+        &["llama.cpp", "candle"]
+    } else {
+        &[]
+    };
+    let bin = if baselines {
+        Some(baselines_bin()?)
+    } else {
+        None
+    };
+    let mut others: Vec<(Vec<f64>, Vec<f64>, u64)> =
+        vec![(Vec::new(), Vec::new(), 0); engines.len()];
     let file_bytes = std::fs::metadata(&path)?.len();
     let (model, _) = crate::llm::generate::load(model)?;
     let threads = if threads == 0 {
@@ -130,6 +225,30 @@ pub fn bench_generate(
                 .expect("logits");
         }
         dec.push(decode_tokens as f64 / t.elapsed().as_secs_f64());
+        progress(&format!(
+            "run {}: lockstep prefill {:.1} decode {:.1} tok/s",
+            run + 1,
+            pre[run],
+            dec[run]
+        ));
+        drop(seq);
+        for (e, engine) in engines.iter().enumerate() {
+            let (p, d, rss) = baseline_run(
+                bin.as_ref().unwrap(),
+                engine,
+                &path,
+                threads,
+                prompt_tokens,
+                decode_tokens,
+            )?;
+            progress(&format!(
+                "run {}: {engine} prefill {p:.1} decode {d:.1} tok/s",
+                run + 1
+            ));
+            others[e].0.push(p);
+            others[e].1.push(d);
+            others[e].2 = others[e].2.max(rss);
+        }
         let d = crate::llm::generate::token_digest(&prompt, &out).to_string();
         if run > 0 && d != digest {
             anyhow::bail!(
@@ -163,5 +282,22 @@ pub fn bench_generate(
         machine_read_gb_s: machine,
         bandwidth_fraction: weight_gb_s / machine,
         tokens_digest: digest,
+        baselines: engines
+            .iter()
+            .zip(others)
+            .map(|(e, (p, d, rss))| {
+                let (pm, dm) = (median(&p), median(&d));
+                Baseline {
+                    engine: e.to_string(),
+                    prefill_tok_s: pm,
+                    decode_tok_s: dm,
+                    prefill_runs_tok_s: p,
+                    decode_runs_tok_s: d,
+                    peak_rss_bytes: rss,
+                    prefill_ratio: prefill / pm,
+                    decode_ratio: decode / dm,
+                }
+            })
+            .collect(),
     })
 }
