@@ -265,3 +265,54 @@ fn softmax_argmax_and_sampling_edges() {
     let greedy = Sampling::GREEDY;
     assert_eq!(sample_spec(&logits, &greedy, 3), argmax_spec(&logits));
 }
+
+#[test]
+fn elementwise_steps_match_spec() {
+    use lockstep_kernels::contract::elementwise::add_spec;
+    use lockstep_kernels::contract::rmsnorm::rmsnorm_spec;
+    use lockstep_kernels::contract::rope::{rope_frequencies, rope_spec, rope_table};
+    use lockstep_kernels::contract::swiglu::swiglu_spec;
+    use lockstep_kernels::model::engine::steps;
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    for kind in [Values::Plain, Values::Specials, Values::MixedMagnitudes] {
+        for n in [1usize, 64, 255, 256, 257, 576] {
+            let x = random_values(&mut rng, n, kind);
+            let w = random_values(&mut rng, n, kind);
+            let mut want = vec![0f32; n];
+            rmsnorm_spec(&x, &w, 1e-5, &mut want);
+            let mut want_add = x.clone();
+            add_spec(&mut want_add, &w);
+            let mut want_swiglu = vec![0f32; n];
+            swiglu_spec(&x, &w, &mut want_swiglu);
+            for isa in isas() {
+                let mut got = vec![0f32; n];
+                steps::rmsnorm(isa, &x, &w, 1e-5, &mut got);
+                assert_bits_eq(&got, &want, &format!("rmsnorm {n} {kind:?} {isa:?}"));
+                let mut got = x.clone();
+                steps::residual(isa, &mut got, &w);
+                assert_bits_eq(&got, &want_add, &format!("add {n} {kind:?} {isa:?}"));
+                let mut got = vec![0f32; n];
+                steps::swiglu(isa, &x, &w, &mut got);
+                assert_bits_eq(&got, &want_swiglu, &format!("swiglu {n} {kind:?} {isa:?}"));
+            }
+        }
+        for (theta, hd) in [(10_000.0f32, 8usize), (100_000.0, 64)] {
+            let freqs = rope_frequencies(theta, hd);
+            for pos in [0usize, 1, 17, 511, 8191] {
+                let (cos, sin) = rope_table(&freqs, pos);
+                let x = random_values(&mut rng, hd * 3, kind);
+                let mut want = x.clone();
+                rope_spec(&mut want, hd, &cos, &sin);
+                for isa in isas() {
+                    let mut got = x.clone();
+                    steps::rope(isa, &mut got, hd, &cos, &sin);
+                    assert_bits_eq(
+                        &got,
+                        &want,
+                        &format!("rope θ {theta} pos {pos} {kind:?} {isa:?}"),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -22,11 +22,11 @@ use crate::cpu::Isa;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
 
-/// The elementwise steps, compiled with FMA instructions where the CPU has
-/// them. They are the spec functions themselves, inlined here; without this
+/// The elementwise steps of a layer, compiled with FMA instructions where
+/// the CPU has them (`isa` other than portable). They are the spec functions themselves, inlined here; without this
 /// every `mul_add` in them is a call into a software fma (same bits, about
 /// a tenth of decode time).
-mod elementwise {
+pub mod steps {
     use super::*;
 
     macro_rules! fma_wrapped {
@@ -261,7 +261,7 @@ impl<'m> Engine<'m> {
                 }
             }
             for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
-                elementwise::rmsnorm(self.isa, xr, &layer.attn_norm, c.norm_eps, xbr);
+                steps::rmsnorm(self.isa, xr, &layer.attn_norm, c.norm_eps, xbr);
             }
             matmuls(
                 &mut [
@@ -275,8 +275,8 @@ impl<'m> Engine<'m> {
             );
             for (i, row) in rows.iter().enumerate() {
                 let (cos, sin) = &tables[i];
-                elementwise::rope(self.isa, &mut q[i * dim..(i + 1) * dim], hd, cos, sin);
-                elementwise::rope(self.isa, &mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
+                steps::rope(self.isa, &mut q[i * dim..(i + 1) * dim], hd, cos, sin);
+                steps::rope(self.isa, &mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
                 seqs[row.seq].kv[li].write(
                     row.pos,
                     &k[i * kvd..(i + 1) * kvd],
@@ -297,9 +297,9 @@ impl<'m> Engine<'m> {
                 }
             }
             layer.wo.matmul(&att, r, &mut o, self.isa, pool);
-            elementwise::residual(self.isa, &mut x, &o);
+            steps::residual(self.isa, &mut x, &o);
             for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
-                elementwise::rmsnorm(self.isa, xr, &layer.ffn_norm, c.norm_eps, xbr);
+                steps::rmsnorm(self.isa, xr, &layer.ffn_norm, c.norm_eps, xbr);
             }
             matmuls(
                 &mut [(&layer.w_gate, &xb, &mut g), (&layer.w_up, &xb, &mut u)],
@@ -307,9 +307,9 @@ impl<'m> Engine<'m> {
                 self.isa,
                 pool,
             );
-            elementwise::swiglu(self.isa, &g, &u, &mut h);
+            steps::swiglu(self.isa, &g, &u, &mut h);
             layer.w_down.matmul(&h, r, &mut o, self.isa, pool);
-            elementwise::residual(self.isa, &mut x, &o);
+            steps::residual(self.isa, &mut x, &o);
             for (i, row) in rows.iter().enumerate() {
                 if let Some(trace) = seqs[row.seq].trace.as_mut() {
                     if trace.len() <= row.pos {
