@@ -222,6 +222,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     let stream = prompts.len() == 1 && !args.json && tok.is_some();
+    // Without streamed text, a bar on a terminal shows the decode going.
+    use std::io::IsTerminal;
+    let bar = if !stream && std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(args.max_tokens as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tokens  {per_sec}")
+                .expect("valid template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut done = vec![false; prompts.len()];
     let mut text = TextStream::default();
@@ -248,6 +260,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 out.flush()?;
             }
         }
+        bar.set_position(generated.iter().map(Vec::len).max().unwrap_or(0) as u64);
         if done.iter().all(|&d| d) {
             break;
         }
@@ -261,6 +274,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             })
             .collect();
     }
+    bar.finish_and_clear();
     if stream {
         println!();
     }
