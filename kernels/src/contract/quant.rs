@@ -177,8 +177,10 @@ pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
 /// - F32, F16, BF16: the row dequantised, then [`dot_f32`];
 /// - Q8_0, per block in order: `s = Σ fma(q_j, x_j, s)` from +0 in element
 ///   order; `total = fma(d, s, total)` from +0;
-/// - Q4_1, per block in order: `s` as for Q8_0 and `xs = Σ add(xs, x_j)`
-///   from +0; `total = fma(d, s, total)`, then `total = fma(m, xs, total)`.
+/// - Q4_1, per block in order: `s = fma(q_j, x_j, s)` then
+///   `s = fma(q_{j+16}, x_{j+16}, s)` for j = 0..15 (byte by byte: low nibble,
+///   high nibble), from +0; `xs = Σ add(xs, x_j)` from +0 in element order;
+///   `total = fma(d, s, total)`, then `total = fma(m, xs, total)`.
 pub fn dot(format: Format, row: &[u8], x: &[f32]) -> f32 {
     match format {
         Format::F32 | Format::F16 | Format::BF16 => dot_f32(&dequantize(format, row, x.len()), x),
@@ -188,8 +190,17 @@ pub fn dot(format: Format, row: &[u8], x: &[f32]) -> f32 {
             for (blk, xb) in row.chunks_exact(bb).zip(x.chunks_exact(QK)) {
                 let (d, m, q) = q_block(format, blk);
                 let mut s = 0.0f32;
-                for (&q, &x) in q.iter().zip(xb) {
-                    s = fma(q, x, s);
+                if format == Format::Q4_1 {
+                    // Byte by byte: its low nibble (element j), then its
+                    // high nibble (element j+16).
+                    for j in 0..QK / 2 {
+                        s = fma(q[j], xb[j], s);
+                        s = fma(q[j + QK / 2], xb[j + QK / 2], s);
+                    }
+                } else {
+                    for (&q, &x) in q.iter().zip(xb) {
+                        s = fma(q, x, s);
+                    }
                 }
                 total = fma(d, s, total);
                 if format == Format::Q4_1 {

@@ -16,6 +16,8 @@ pub(crate) trait Lanes: Copy {
     unsafe fn nib_lo(p: *const u8) -> Self;
     unsafe fn nib_hi(p: *const u8) -> Self;
     unsafe fn i8(p: *const u8) -> Self;
+    /// 16 bytes → (low nibbles, high nibbles) as f32.
+    unsafe fn nibbles(p: *const u8) -> (Self, Self);
     unsafe fn store(self, p: *mut f32);
 }
 
@@ -62,6 +64,10 @@ impl Lanes for Portable {
     #[inline(always)]
     unsafe fn i8(p: *const u8) -> Self {
         Portable(std::array::from_fn(|i| *p.add(i) as i8 as f32))
+    }
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> (Self, Self) {
+        (Self::nib_lo(p), Self::nib_hi(p))
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
@@ -122,6 +128,14 @@ pub(crate) mod x86 {
             Avx512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                 p as *const __m128i,
             ))))
+        }
+        #[inline(always)]
+        unsafe fn nibbles(p: *const u8) -> (Self, Self) {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+            (
+                Avx512(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))),
+                Avx512(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))),
+            )
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -191,6 +205,22 @@ pub(crate) mod x86 {
             let a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
             let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
             Avx2(_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b))
+        }
+        #[inline(always)]
+        unsafe fn nibbles(p: *const u8) -> (Self, Self) {
+            let m = _mm256_set1_epi32(15);
+            let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+            (
+                Avx2(
+                    _mm256_cvtepi32_ps(_mm256_and_si256(a, m)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(b, m)),
+                ),
+                Avx2(
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)),
+                ),
+            )
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {

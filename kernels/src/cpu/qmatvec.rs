@@ -372,19 +372,14 @@ unsafe fn tile<L: Lanes, const NG: usize, const TT: usize>(
                 let blk: [*const u8; NG] = std::array::from_fn(|i| base.add((g + i) * pg + b * gb));
                 let xb = xp.add(b * QK);
                 if m.format == Format::Q4_1 {
+                    // Byte j of each row: element j (low nibble), then
+                    // element j+16 (high nibble), as the spec's chain.
                     for j in 0..16 {
                         for i in 0..NG {
-                            let w = L::nib_lo(blk[i].add(64 + j * GROUP));
+                            let (lo, hi) = L::nibbles(blk[i].add(64 + j * GROUP));
                             for k in 0..TT {
-                                s[i][k] = L::fma(w, L::splat(*xb.add(k * cols + j)), s[i][k]);
-                            }
-                        }
-                    }
-                    for j in 0..16 {
-                        for i in 0..NG {
-                            let w = L::nib_hi(blk[i].add(64 + j * GROUP));
-                            for k in 0..TT {
-                                s[i][k] = L::fma(w, L::splat(*xb.add(k * cols + 16 + j)), s[i][k]);
+                                s[i][k] = L::fma(lo, L::splat(*xb.add(k * cols + j)), s[i][k]);
+                                s[i][k] = L::fma(hi, L::splat(*xb.add(k * cols + 16 + j)), s[i][k]);
                             }
                         }
                     }
