@@ -262,6 +262,12 @@ fn softmax_argmax_and_sampling_edges() {
     assert!(draws.len() > 1, "different positions draw differently");
     let top1 = Sampling { top_k: 1, ..s };
     assert_eq!(sample_spec(&logits, &top1, 3), argmax_spec(&logits));
+    // A temperature so small that the scaled logits overflow: argmax.
+    let tiny = Sampling {
+        temperature: 1e-40,
+        ..s
+    };
+    assert_eq!(sample_spec(&logits, &tiny, 3), argmax_spec(&logits));
     let greedy = Sampling::GREEDY;
     assert_eq!(sample_spec(&logits, &greedy, 3), argmax_spec(&logits));
 }

@@ -488,6 +488,14 @@ fn a_hugging_face_checkpoint_of_the_same_weights_is_the_same_model() {
         let b = spec::forward_spec(&hf, &prompt);
         assert_eq!(bits(a.0.last().unwrap()), bits(b.0.last().unwrap()));
     }
+    // Impossible hyper-parameters are refused clearly, never a panic.
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let zero_heads = cfg.replace("\"num_attention_heads\":8", "\"num_attention_heads\":0");
+    assert_ne!(zero_heads, cfg);
+    std::fs::write(dir.path().join("config.json"), zero_heads).unwrap();
+    let e = Model::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("unsupported hyper-parameters"), "{e}");
+    std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
     // A checkpoint of another architecture is refused clearly.
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     std::fs::write(

@@ -173,7 +173,8 @@ pub const SIN_COS_MAX: f32 = 65536.0;
 /// parts (each product exact), then the sine or cosine polynomial on
 /// |r| ≤ π/4 and the octant's signs.
 ///
-/// Defined for every f32 (NaN or ±inf → NaN, NaN); accurate for
+/// Defined for every f32 (NaN or ±inf → NaN, NaN; when `|x|·4/π ≥ 2^24`
+/// the octant is taken as 0, which keeps every conversion exact); accurate for
 /// |x| ≤ [`SIN_COS_MAX`], which covers RoPE angles `pos·θ^(−2i/d)` for any
 /// position below 65536. Measured against float64 on every 97th f32 of
 /// [0, 65536] (and their negatives, which are exactly odd/even): an absolute
@@ -184,7 +185,10 @@ pub fn sin_cos(x: f32) -> (f32, f32) {
         return (f32::NAN, f32::NAN);
     }
     let ax = x.abs();
-    let mut j = mul(ax, FOPI) as u32; // truncation, exact for these sizes
+    let t = mul(ax, FOPI);
+    // The integer part (exact); angles this large (|x| ≥ 2^24·π/4, far
+    // outside the accurate range) take j = 0, so every conversion is exact.
+    let mut j = if t < 16_777_216.0 { t as u32 } else { 0 };
     let mut y = j as f32;
     if j & 1 == 1 {
         j += 1;

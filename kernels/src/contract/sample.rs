@@ -45,7 +45,8 @@ pub fn uniform(seed: u64, position: u64) -> f32 {
 
 /// The token chosen from `logits` at `position`:
 /// - temperature 0, or any NaN logit: [`argmax_spec`];
-/// - `z_i = div(l_i, temperature)`, `p = softmax(z)`;
+/// - `z_i = div(l_i, temperature)`; any infinite `z_i`: [`argmax_spec`];
+///   else `p = softmax(z)`;
 /// - candidates ordered by probability, highest first, lower index first
 ///   among equals; the first `top_k` kept (all when 0);
 /// - of those, the shortest prefix whose running `add` from +0 reaches
@@ -61,6 +62,10 @@ pub fn sample_spec(logits: &[f32], s: &Sampling, position: u64) -> Option<usize>
         return None;
     }
     let mut p: Vec<f32> = logits.iter().map(|&l| div(l, s.temperature)).collect();
+    if p.iter().any(|z| z.is_infinite()) {
+        // A tiny temperature (or infinite logits) leaves nothing to sample.
+        return argmax_spec(logits);
+    }
     softmax_spec(&mut p);
     let mut order: Vec<usize> = (0..p.len()).collect();
     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));

@@ -33,11 +33,15 @@ pub struct KvLayer {
 impl KvLayer {
     pub fn new(dims: AttentionDims, positions: usize) -> Self {
         let cap = positions.div_ceil(L) * L;
+        let n = dims
+            .kv_dim()
+            .checked_mul(cap)
+            .expect("KV cache size overflows (the engine bounds positions by the context)");
         Self {
             dims,
             cap,
-            kt: vec![0.0; dims.kv_dim() * cap],
-            v: vec![0.0; dims.kv_dim() * cap],
+            kt: vec![0.0; n],
+            v: vec![0.0; n],
         }
     }
 
@@ -81,8 +85,16 @@ impl KvLayer {
     /// `out` [q_dim] for query `q` at `pos` over positions `0..=pos`.
     pub fn attend(&self, q: &[f32], pos: usize, out: &mut [f32], isa: Isa) {
         assert!(pos < self.cap);
-        // SAFETY: the ISA is supported (the engine checked it) and every
-        // index stays within the cache (positions rounded up to 16).
+        assert_eq!(q.len(), self.dims.q_dim());
+        assert_eq!(out.len(), self.dims.q_dim());
+        // An ISA this CPU lacks runs the portable path (same bits).
+        let isa = if isa.is_supported() {
+            isa
+        } else {
+            Isa::Portable
+        };
+        // SAFETY: the ISA is supported (checked above) and every index
+        // stays within the cache (positions rounded up to 16).
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
@@ -123,12 +135,17 @@ unsafe fn attend_with<V: Lanes>(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [
         let qh = &q[h * hd..(h + 1) * hd];
         let kt = kv.kt.as_ptr().add(kvh * hd * cap);
         for t0 in (0..n).step_by(L) {
-            let mut acc = V::zero();
-            for (d, &qd) in qh.iter().enumerate() {
-                acc = V::fma(V::splat(qd), V::f32(kt.add(d * cap + t0) as *const u8), acc);
+            // The dot by the 256-chunk rule over the head's dims: each
+            // chunk's sum added in order to +0 (so −0 becomes +0).
+            let mut total = V::zero();
+            for d0 in (0..hd).step_by(K_CHUNK) {
+                let mut acc = V::zero();
+                for (d, &qd) in qh.iter().enumerate().take((d0 + K_CHUNK).min(hd)).skip(d0) {
+                    acc = V::fma(V::splat(qd), V::f32(kt.add(d * cap + t0) as *const u8), acc);
+                }
+                total = V::add(total, acc);
             }
-            // The dot's one chunk sum is added to +0 (−0 becomes +0).
-            V::add(V::zero(), acc).store(scores.as_mut_ptr().add(t0));
+            total.store(scores.as_mut_ptr().add(t0));
         }
         let row = &mut scores[..n];
         for s in row.iter_mut() {

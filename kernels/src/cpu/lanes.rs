@@ -133,7 +133,10 @@ pub(crate) mod x86 {
         unsafe fn nibbles(p: *const u8) -> (Self, Self) {
             let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
             (
-                Avx512(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))),
+                Avx512(_mm512_cvtepi32_ps(_mm512_and_si512(
+                    v,
+                    _mm512_set1_epi32(15),
+                ))),
                 Avx512(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))),
             )
         }

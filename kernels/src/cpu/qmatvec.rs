@@ -239,6 +239,12 @@ pub fn matmuls(
     isa: Isa,
     pool: Option<&rayon::ThreadPool>,
 ) {
+    // An ISA this CPU lacks runs the portable path (same bits).
+    let isa = if isa.is_supported() {
+        isa
+    } else {
+        Isa::Portable
+    };
     let mut prepared = Vec::with_capacity(jobs.len());
     for (m, x, y) in jobs.iter_mut() {
         assert_eq!(x.len(), tokens * m.cols);

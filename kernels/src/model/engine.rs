@@ -39,9 +39,8 @@ pub mod steps {
                         unsafe fn with_fma($($arg: $ty),*) {
                             $spec($($arg),*)
                         }
-                        if isa != Isa::Portable {
-                            // SAFETY: AVX-512 and AVX2 engines run only on
-                            // CPUs with FMA (Engine::new checked the ISA).
+                        if matches!(isa, Isa::Avx512 | Isa::Avx2) && isa.is_supported() {
+                            // SAFETY: this CPU has AVX-512 or AVX2+FMA.
                             return unsafe { with_fma($($arg),*) };
                         }
                     }

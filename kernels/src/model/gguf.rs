@@ -1,8 +1,8 @@
 //! A small GGUF reader (versions 2 and 3): the metadata and the tensor
 //! table. Every length and count read from the file is checked against the
 //! file's size before anything is allocated, so a corrupt or hostile file
-//! gives an error, never a panic or a huge allocation (fuzzed in
-//! `tests/tests/model_files.rs`).
+//! gives an error, never a panic or a huge allocation (fuzzed by `lockstep
+//! bench fuzz`, target "gguf header"; bad files in `tests/tests/model.rs`).
 
 use std::collections::BTreeMap;
 
@@ -70,6 +70,8 @@ pub struct Gguf {
 struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
+    /// The whole file's size (`buf` may be its first part).
+    file_size: u64,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -77,12 +79,17 @@ fn bad(msg: impl Into<String>) -> Error {
 }
 
 impl Reader<'_> {
+    /// Bytes of the file after the cursor, given `left` in the buffer.
+    fn file_left(&self, left: u64) -> u64 {
+        left.max(self.file_size.saturating_sub(self.at as u64))
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8]> {
         let end = self
             .at
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| bad(format!("truncated at byte {}", self.at)))?;
+            .ok_or_else(|| bad(format!("{TRUNCATED} {}", self.at)))?;
         let s = &self.buf[self.at..end];
         self.at = end;
         Ok(s)
@@ -98,8 +105,13 @@ impl Reader<'_> {
     fn count(&mut self, min_bytes: usize, what: &str) -> Result<usize> {
         let n = self.u64()?;
         let left = (self.buf.len() - self.at) as u64;
-        if n.saturating_mul(min_bytes.max(1) as u64) > left {
+        let need = n.saturating_mul(min_bytes.max(1) as u64);
+        if need > self.file_left(left) {
             return Err(bad(format!("{what} count {n} exceeds the file")));
+        }
+        if need > left {
+            // Fits the file, not what was read of it.
+            return Err(bad(format!("{TRUNCATED} {} ({what} count {n})", self.at)));
         }
         Ok(n as usize)
     }
@@ -141,6 +153,10 @@ impl Reader<'_> {
 /// How much of a file's start to read for its header: grown until the
 /// header fits.
 const FIRST_READ: usize = 8 << 20;
+/// The largest header read.
+const MAX_HEADER: usize = 512 << 20;
+/// The words of every error that more bytes could cure.
+const TRUNCATED: &str = "truncated at byte";
 
 impl Gguf {
     /// Reads the header of the file at `path`.
@@ -163,9 +179,13 @@ impl Gguf {
                 buf.extend_from_slice(&more);
             }
             match Gguf::parse(&buf, size) {
-                // A header longer than what was read: read more.
-                Err(_) if buf.len() < size as usize => {
-                    want = want.saturating_mul(4);
+                // A header longer than what was read: read more, up to a
+                // bound (real headers are a few MiB: the vocabulary).
+                Err(e) if buf.len() < size as usize && e.message.contains(TRUNCATED) => {
+                    if want >= MAX_HEADER {
+                        return Err(bad(format!("header larger than {} MiB", MAX_HEADER >> 20)));
+                    }
+                    want = want.saturating_mul(4).min(MAX_HEADER);
                 }
                 r => return r,
             }
@@ -175,7 +195,11 @@ impl Gguf {
     /// Parses a header from the file's first bytes (`file_size` is the whole
     /// file's size, for the tensor bounds).
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Gguf> {
-        let mut r = Reader { buf, at: 0 };
+        let mut r = Reader {
+            buf,
+            at: 0,
+            file_size,
+        };
         if r.take(4)? != b"GGUF" {
             return Err(bad("the magic is not GGUF"));
         }

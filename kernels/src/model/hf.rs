@@ -98,8 +98,9 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
         rope_theta: cfg.rope_theta.unwrap_or(10_000.0),
         norm_eps: cfg.rms_norm_eps.unwrap_or(1e-6),
     };
+    config.check()?;
     if let Some(hd) = cfg.head_dim {
-        if cfg.num_attention_heads == 0 || hd * cfg.num_attention_heads != cfg.hidden_size {
+        if hd.checked_mul(cfg.num_attention_heads) != Some(cfg.hidden_size) {
             return Err(Error::model(format!(
                 "{source}: head_dim {hd} × heads ≠ hidden_size is not supported"
             )));
@@ -115,10 +116,22 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
         }
         let idx: Index = serde_json::from_slice(&read(&index)?)
             .map_err(|e| Error::model(format!("{}: {e}", index.display())))?;
-        let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+        let mut shards: Vec<PathBuf> = idx
+            .weight_map
+            .values()
+            .filter(|f| !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
+            .map(|f| dir.join(f))
+            .collect();
         shards.sort();
         shards.dedup();
         for (t, f) in idx.weight_map {
+            // Shards are files beside the index, nothing else.
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                return Err(Error::model(format!(
+                    "{}: shard name {f:?} is not a plain file name",
+                    index.display()
+                )));
+            }
             files.insert(t, dir.join(f));
         }
         shards

@@ -65,6 +65,7 @@ impl Config {
             && self.n_layers > 0
             && self.vocab_size > 0
             && self.max_seq > 0
+            && self.max_seq <= 1 << 24
             && self.dim <= 1 << 16
             && self.hidden_dim <= 1 << 18
             && self.n_layers <= 1024
@@ -263,42 +264,48 @@ impl Model {
             }
             Ok(raw)
         };
-        let mut matrix =
-            |b: &mut Builder, name: &str, rows: usize, cols: usize| -> Result<PackedMatrix> {
-                let raw = fetch(name, rows, cols)?;
-                if rows == 1 {
-                    let v = raw.f32s(name)?;
-                    b.vector(&v);
-                    // A vector travels as a one-row F32 matrix.
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    return PackedMatrix::pack(Format::F32, 1, cols, &bytes);
-                }
-                b.matrix(name, raw.format, rows, cols, &raw.bytes)
-            };
+        let mut matrix = |b: &mut Builder,
+                          name: &str,
+                          rows: usize,
+                          cols: usize,
+                          is_vector: bool|
+         -> Result<PackedMatrix> {
+            let raw = fetch(name, rows, cols)?;
+            // Norm weights are vectors by role (a weight matrix may have
+            // one row: a vocabulary of 1).
+            if is_vector {
+                let v = raw.f32s(name)?;
+                b.vector(&v);
+                // A vector travels as a one-row F32 matrix.
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                return PackedMatrix::pack(Format::F32, 1, cols, &bytes);
+            }
+            b.matrix(name, raw.format, rows, cols, &raw.bytes)
+        };
         let vector = |m: PackedMatrix| m.dequantize_row(0);
         let kv = c.kv_dim();
-        let embedding = matrix(&mut b, "token_embd", c.vocab_size, c.dim)?;
+        let embedding = matrix(&mut b, "token_embd", c.vocab_size, c.dim, false)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let p = |s: &str| format!("blk.{l}.{s}");
             layers.push(Layer {
-                attn_norm: vector(matrix(&mut b, &p("attn_norm"), 1, c.dim)?),
-                wq: matrix(&mut b, &p("attn_q"), c.dim, c.dim)?,
-                wk: matrix(&mut b, &p("attn_k"), kv, c.dim)?,
-                wv: matrix(&mut b, &p("attn_v"), kv, c.dim)?,
-                wo: matrix(&mut b, &p("attn_output"), c.dim, c.dim)?,
-                ffn_norm: vector(matrix(&mut b, &p("ffn_norm"), 1, c.dim)?),
-                w_gate: matrix(&mut b, &p("ffn_gate"), c.hidden_dim, c.dim)?,
-                w_up: matrix(&mut b, &p("ffn_up"), c.hidden_dim, c.dim)?,
-                w_down: matrix(&mut b, &p("ffn_down"), c.dim, c.hidden_dim)?,
+                attn_norm: vector(matrix(&mut b, &p("attn_norm"), 1, c.dim, true)?),
+                wq: matrix(&mut b, &p("attn_q"), c.dim, c.dim, false)?,
+                wk: matrix(&mut b, &p("attn_k"), kv, c.dim, false)?,
+                wv: matrix(&mut b, &p("attn_v"), kv, c.dim, false)?,
+                wo: matrix(&mut b, &p("attn_output"), c.dim, c.dim, false)?,
+                ffn_norm: vector(matrix(&mut b, &p("ffn_norm"), 1, c.dim, true)?),
+                w_gate: matrix(&mut b, &p("ffn_gate"), c.hidden_dim, c.dim, false)?,
+                w_up: matrix(&mut b, &p("ffn_up"), c.hidden_dim, c.dim, false)?,
+                w_down: matrix(&mut b, &p("ffn_down"), c.dim, c.hidden_dim, false)?,
             });
         }
-        let final_norm = vector(matrix(&mut b, "output_norm", 1, c.dim)?);
+        let final_norm = vector(matrix(&mut b, "output_norm", 1, c.dim, true)?);
         b.tied(tied);
         let output = if tied {
             None
         } else {
-            Some(matrix(&mut b, "output", c.vocab_size, c.dim)?)
+            Some(matrix(&mut b, "output", c.vocab_size, c.dim, false)?)
         };
         Ok(Model {
             config,
@@ -349,48 +356,69 @@ impl Model {
                 path.display()
             )));
         }
+        let src = path.display().to_string();
+        // A key present with the wrong type is an error, never a default.
+        let opt_u = |k: &str| -> Result<Option<usize>> {
+            match g.get(&format!("llama.{k}")) {
+                None => Ok(None),
+                Some(v) => v.as_u64().map(|v| Some(v as usize)).ok_or_else(|| {
+                    Error::model(format!("{src}: llama.{k} is not an unsigned integer"))
+                }),
+            }
+        };
         let u = |k: &str| -> Result<usize> {
-            g.get(&format!("llama.{k}"))
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| {
-                    Error::model(format!("{}: no llama.{k} in the metadata", path.display()))
-                })
+            opt_u(k)?.ok_or_else(|| Error::model(format!("{src}: no llama.{k} in the metadata")))
+        };
+        let opt_f = |k: &str| -> Result<Option<f32>> {
+            match g.get(k) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f32()
+                    .map(Some)
+                    .ok_or_else(|| Error::model(format!("{src}: {k} is not a float"))),
+            }
         };
         let dim = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
-        let vocab = match g.get("llama.vocab_size").and_then(|v| v.as_u64()) {
-            Some(v) => v as usize,
+        let vocab = match opt_u("vocab_size")? {
+            Some(v) => v,
             None => g
                 .get("tokenizer.ggml.tokens")
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
-                .ok_or_else(|| Error::model("no vocabulary size"))?,
+                .ok_or_else(|| Error::model(format!("{src}: no vocabulary size")))?,
         };
         let config = Config {
             dim,
             hidden_dim: u("feed_forward_length")?,
             n_layers: u("block_count")?,
             n_heads,
-            n_kv_heads: u("attention.head_count_kv").unwrap_or(n_heads),
+            n_kv_heads: opt_u("attention.head_count_kv")?.unwrap_or(n_heads),
             vocab_size: vocab,
             max_seq: u("context_length")?,
-            rope_theta: g
-                .get("llama.rope.freq_base")
-                .and_then(|v| v.as_f32())
-                .unwrap_or(10_000.0),
-            norm_eps: g
-                .get("llama.attention.layer_norm_rms_epsilon")
-                .and_then(|v| v.as_f32())
-                .unwrap_or(1e-5),
+            rope_theta: opt_f("llama.rope.freq_base")?.unwrap_or(10_000.0),
+            norm_eps: opt_f("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         };
-        if let Ok(rd) = u("rope.dimension_count") {
+        config.check()?;
+        if let Some(rd) = opt_u("rope.dimension_count")? {
             if rd != config.head_dim() {
                 return Err(Error::model(format!(
                     "partial rotary embedding ({rd} of {} dims) is not supported",
                     config.head_dim()
                 )));
             }
+        }
+        if opt_u("expert_count")?.is_some_and(|n| n > 0) {
+            return Err(Error::model(format!(
+                "{src}: mixture-of-experts models are not supported"
+            )));
+        }
+        if g.get("llama.rope.scaling.type")
+            .is_some_and(|v| v.as_str() != Some("none"))
+        {
+            return Err(Error::model(format!(
+                "{src}: RoPE scaling is not supported"
+            )));
         }
         let tied = g.tensor("output.weight").is_none();
         let mut file = std::fs::File::open(path)

@@ -195,10 +195,16 @@ pub fn bench_generate(
         threads
     };
     let engine = Engine::new(&model, threads, Isa::detect())?;
-    let vocab = model.config.vocab_size as u32;
-    // A fixed pseudo-text prompt of ordinary tokens.
-    let prompt: Vec<u32> = (0..prompt_tokens as u32)
-        .map(|i| 200 + (i * 7919) % (vocab - 400))
+    if prompt_tokens == 0 || decode_tokens == 0 {
+        anyhow::bail!("--prompt-tokens and --tokens must be at least 1");
+    }
+    let vocab = model.config.vocab_size as u64;
+    if vocab <= 400 {
+        anyhow::bail!("the benchmark's prompt needs a vocabulary of more than 400 tokens");
+    }
+    // A fixed pseudo-text prompt of ordinary tokens (the same as benches/llm-baselines').
+    let prompt: Vec<u32> = (0..prompt_tokens as u64)
+        .map(|i| (200 + (i * 7919) % (vocab - 400)) as u32)
         .collect();
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     let mut kv_bytes = 0;

@@ -188,7 +188,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if p.is_empty() {
             bail!("a prompt has no tokens");
         }
-        if p.len() + args.max_tokens > c.max_seq {
+        if p.len()
+            .checked_add(args.max_tokens)
+            .is_none_or(|n| n > c.max_seq)
+        {
             bail!(
                 "a prompt of {} tokens plus --max-tokens {} exceeds the model's context of {} tokens",
                 p.len(),
@@ -213,6 +216,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .iter()
         .map(|p| engine.sequence(p.len() + args.max_tokens, traced))
         .collect::<Result<_, _>>()?;
+    if args.dump.is_some() && prompts.len() > 1 {
+        bail!("--dump saves one sequence's layer inputs: give a single prompt");
+    }
     if let Some(l) = args.dump_layer {
         if l >= c.n_layers {
             bail!("--dump-layer {l}: the model has {} layers", c.n_layers);
@@ -227,8 +233,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let bar = if !stream && std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(args.max_tokens as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tokens  {per_sec}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tokens  {per_sec}",
+            )
+            .expect("valid template"),
         );
         b
     } else {

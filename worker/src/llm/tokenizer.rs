@@ -168,7 +168,9 @@ impl TextStream {
         if text.ends_with('\u{FFFD}') || text.len() < self.printed {
             return Ok(String::new());
         }
-        let new = text[self.printed..].to_string();
+        let Some(new) = text.get(self.printed..).map(str::to_string) else {
+            return Ok(String::new());
+        };
         self.printed = text.len();
         Ok(new)
     }
