@@ -11,6 +11,7 @@ use lockstep_kernels::contract::sample::{sample_spec, Sampling};
 use lockstep_kernels::contract::softmax::softmax_spec;
 use lockstep_kernels::cpu::attention::KvLayer;
 use lockstep_kernels::cpu::qmatvec::PackedMatrix;
+use lockstep_kernels::cpu::team::Team;
 use lockstep_kernels::cpu::Isa;
 use lockstep_tests::{assert_bits_eq, random_values, Values};
 use rand::{Rng, SeedableRng};
@@ -23,15 +24,10 @@ fn isas() -> Vec<Isa> {
         .collect()
 }
 
-fn pools() -> Vec<Option<rayon::ThreadPool>> {
+fn pools() -> Vec<Option<Team>> {
     let mut v = vec![None];
     for t in [2, 3] {
-        v.push(Some(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .unwrap(),
-        ));
+        v.push(Some(Team::new(t).unwrap()));
     }
     v
 }
@@ -131,7 +127,7 @@ fn quantised_matvec_matches_spec() {
                         for pool in &pools {
                             let mut y = vec![0f32; tokens * rows];
                             m.matmul(&x, tokens, &mut y, isa, pool.as_ref());
-                            let what = format!("{format:?} [{rows}, {cols}] × {tokens} tokens on {isa:?}, {:?} threads", pool.as_ref().map(|p| p.current_num_threads()));
+                            let what = format!("{format:?} [{rows}, {cols}] × {tokens} tokens on {isa:?}, {:?} threads", pool.as_ref().map(|p| p.size()));
                             assert_bits_eq(&y, &want, &what);
                         }
                     }
@@ -199,6 +195,17 @@ fn attention_matches_spec() {
                     let mut got = vec![0f32; dims.q_dim()];
                     kv.attend(&q, pos, &mut got, isa);
                     assert_bits_eq(&got, &want, &format!("{dims:?} pos {pos} {kind:?} {isa:?}"));
+                    // Head by head, as the engine's team splits it.
+                    let hd = dims.head_dim;
+                    for h in 0..dims.n_heads {
+                        let mut one = vec![0f32; hd];
+                        kv.attend_heads(&q, pos, h..h + 1, &mut one, isa);
+                        assert_bits_eq(
+                            &one,
+                            &want[h * hd..(h + 1) * hd],
+                            &format!("{dims:?} head {h} pos {pos} {isa:?}"),
+                        );
+                    }
                 }
             }
         }

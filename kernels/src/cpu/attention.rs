@@ -84,9 +84,24 @@ impl KvLayer {
 
     /// `out` [q_dim] for query `q` at `pos` over positions `0..=pos`.
     pub fn attend(&self, q: &[f32], pos: usize, out: &mut [f32], isa: Isa) {
+        self.attend_heads(q, pos, 0..self.dims.n_heads, out, isa)
+    }
+
+    /// [`KvLayer::attend`] for query heads `heads` only: `out` holds those
+    /// heads' outputs ([heads.len()·head_dim]); each head's bits are the
+    /// same however the heads are split.
+    pub fn attend_heads(
+        &self,
+        q: &[f32],
+        pos: usize,
+        heads: std::ops::Range<usize>,
+        out: &mut [f32],
+        isa: Isa,
+    ) {
         assert!(pos < self.cap);
+        assert!(heads.end <= self.dims.n_heads);
         assert_eq!(q.len(), self.dims.q_dim());
-        assert_eq!(out.len(), self.dims.q_dim());
+        assert_eq!(out.len(), heads.len() * self.dims.head_dim);
         // An ISA this CPU lacks runs the portable path (same bits).
         let isa = if isa.is_supported() {
             isa
@@ -98,12 +113,12 @@ impl KvLayer {
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => attend_avx512(self, q, pos, out),
+                Isa::Avx512 => attend_avx512(self, q, pos, heads, out),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 if std::arch::is_x86_feature_detected!("f16c") => {
-                    attend_avx2(self, q, pos, out)
+                    attend_avx2(self, q, pos, heads, out)
                 }
-                _ => attend_with::<Portable>(self, q, pos, out),
+                _ => attend_with::<Portable>(self, q, pos, heads, out),
             }
         }
     }
@@ -111,18 +126,37 @@ impl KvLayer {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [f32]) {
-    attend_with::<x86::Avx512>(kv, q, pos, out)
+unsafe fn attend_avx512(
+    kv: &KvLayer,
+    q: &[f32],
+    pos: usize,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    attend_with::<x86::Avx512>(kv, q, pos, heads, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_avx2(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [f32]) {
-    attend_with::<x86::Avx2>(kv, q, pos, out)
+unsafe fn attend_avx2(
+    kv: &KvLayer,
+    q: &[f32],
+    pos: usize,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    attend_with::<x86::Avx2>(kv, q, pos, heads, out)
 }
 
 #[inline(always)]
-unsafe fn attend_with<V: Lanes>(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [f32]) {
+unsafe fn attend_with<V: Lanes>(
+    kv: &KvLayer,
+    q: &[f32],
+    pos: usize,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let h0 = heads.start;
     let dims = kv.dims;
     let (hd, kvd, cap) = (dims.head_dim, dims.kv_dim(), kv.cap);
     let group = dims.n_heads / dims.n_kv_heads;
@@ -130,7 +164,7 @@ unsafe fn attend_with<V: Lanes>(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [
     let n = pos + 1;
     let mut scores = vec![0f32; n.div_ceil(L) * L];
     let mut buf = [0f32; L];
-    for h in 0..dims.n_heads {
+    for h in heads {
         let kvh = h / group;
         let qh = &q[h * hd..(h + 1) * hd];
         let kt = kv.kt.as_ptr().add(kvh * hd * cap);
@@ -152,7 +186,7 @@ unsafe fn attend_with<V: Lanes>(kv: &KvLayer, q: &[f32], pos: usize, out: &mut [
             *s = mul(*s, scale);
         }
         softmax_spec(row);
-        let o = &mut out[h * hd..(h + 1) * hd];
+        let o = &mut out[(h - h0) * hd..(h - h0 + 1) * hd];
         let vbase = kv.v.as_ptr().add(kvh * hd);
         if hd.is_multiple_of(L) {
             for d0 in (0..hd).step_by(L) {

@@ -14,6 +14,7 @@ pub mod attention;
 mod lanes;
 mod matmul;
 pub mod qmatvec;
+pub mod team;
 
 pub use matmul::Isa;
 

@@ -27,6 +27,7 @@ use crate::contract::K_CHUNK;
 use crate::cpu::lanes::x86;
 use crate::cpu::lanes::{Lanes, Portable};
 use crate::cpu::matmul::Isa;
+use crate::cpu::team::{share, Team};
 use crate::error::{Error, Result};
 
 /// Rows per packed group (one AVX-512 vector of f32).
@@ -194,16 +195,9 @@ impl PackedMatrix {
     }
 
     /// `y[t] = W·x[t]` for `tokens` rows of `x` ([tokens, cols]) into `y`
-    /// ([tokens, rows]), canonicalised; groups split over `pool`'s threads.
-    pub fn matmul(
-        &self,
-        x: &[f32],
-        tokens: usize,
-        y: &mut [f32],
-        isa: Isa,
-        pool: Option<&rayon::ThreadPool>,
-    ) {
-        matmuls(&mut [(self, x, y)], tokens, isa, pool)
+    /// ([tokens, rows]), canonicalised; groups split over `team`'s threads.
+    pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32], isa: Isa, team: Option<&Team>) {
+        matmuls(&mut [(self, x, y)], tokens, isa, team)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -230,14 +224,14 @@ impl PackedMatrix {
 }
 
 /// Several independent products `y_i = W_i·x_i` on `tokens` rows each,
-/// split over the pool in one parallel region (one wake-up of the threads
+/// split over the team in one parallel step (one start of the threads
 /// instead of one per product). Each product is exactly
 /// [`PackedMatrix::matmul`]'s.
 pub fn matmuls(
     jobs: &mut [(&PackedMatrix, &[f32], &mut [f32])],
     tokens: usize,
     isa: Isa,
-    pool: Option<&rayon::ThreadPool>,
+    team: Option<&Team>,
 ) {
     // An ISA this CPU lacks runs the portable path (same bits).
     let isa = if isa.is_supported() {
@@ -262,21 +256,19 @@ pub fn matmuls(
         };
         prepared.push((*m, *x, xs, SendPtr(y.as_mut_ptr())));
     }
-    let threads = pool.map_or(1, |p| p.current_num_threads());
     let run = |i: usize, g0: usize, g1: usize| {
         let (m, x, xs, out) = &prepared[i];
         // SAFETY: each call writes only the columns of groups g0..g1 of its
         // own output.
         unsafe { m.groups_range(x, xs, tokens, out.0, g0, g1, isa) }
     };
-    match pool {
-        Some(pool) if threads > 1 => pool.scope(|s| {
+    match team {
+        Some(team) if team.size() > 1 => team.run(&|member| {
+            // Each member owns its share of every product's groups.
             for (i, (m, ..)) in prepared.iter().enumerate() {
-                let parts = threads.min(m.groups);
-                for p in 0..parts {
-                    let (g0, g1) = (m.groups * p / parts, m.groups * (p + 1) / parts);
-                    let run = &run;
-                    s.spawn(move |_| run(i, g0, g1));
+                let (g0, g1) = share(m.groups, member, team.size());
+                if g0 < g1 {
+                    run(i, g0, g1);
                 }
             }
         }),

@@ -9,8 +9,6 @@
 //! other sequences in the batch, on how its prompt is split into chunks, on
 //! the thread count or on the ISA.
 
-use rayon::prelude::*;
-
 use super::Model;
 use crate::contract::elementwise::add_spec;
 use crate::contract::rmsnorm::rmsnorm_spec;
@@ -18,6 +16,7 @@ use crate::contract::rope::{rope_frequencies, rope_spec, rope_table};
 use crate::contract::swiglu::swiglu_spec;
 use crate::cpu::attention::KvLayer;
 use crate::cpu::qmatvec::matmuls;
+use crate::cpu::team::{share, Team};
 use crate::cpu::Isa;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
@@ -108,13 +107,18 @@ impl Trace {
     }
 }
 
-/// The engine: a model, an ISA and a thread pool.
+/// The engine: a model, an ISA and a team of threads.
 pub struct Engine<'m> {
     pub model: &'m Model,
     isa: Isa,
-    pool: Option<rayon::ThreadPool>,
+    team: Team,
     freqs: Vec<f32>,
 }
+
+/// A pointer the team's members write through, each to its own part.
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
 
 /// One row of a pass: a token of a sequence at a position.
 struct Row {
@@ -133,22 +137,13 @@ impl<'m> Engine<'m> {
         } else {
             threads
         };
-        let pool = if threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("lockstep-llm-{i}"))
-                    .build()
-                    .map_err(|e| Error::device(format!("cannot start {threads} threads: {e}")))?,
-            )
-        } else {
-            None
-        };
+        let team = Team::new(threads)
+            .map_err(|e| Error::device(format!("cannot start {threads} threads: {e}")))?;
         let c = &model.config;
         Ok(Self {
             model,
             isa,
-            pool,
+            team,
             freqs: rope_frequencies(c.rope_theta, c.head_dim()),
         })
     }
@@ -158,7 +153,7 @@ impl<'m> Engine<'m> {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.as_ref().map_or(1, |p| p.current_num_threads())
+        self.team.size()
     }
 
     /// A new, empty sequence with room for `positions` tokens (at most the
@@ -190,12 +185,7 @@ impl<'m> Engine<'m> {
         tokens: &[&[u32]],
     ) -> Result<Vec<Option<Vec<f32>>>> {
         assert_eq!(seqs.len(), tokens.len());
-        // Inside the pool, the calling thread takes part in every product
-        // instead of waking two others.
-        match &self.pool {
-            Some(p) => p.install(|| self.forward_in_pool(seqs, tokens)),
-            None => self.forward_in_pool(seqs, tokens),
-        }
+        self.forward_in_pool(seqs, tokens)
     }
 
     fn forward_in_pool(
@@ -229,7 +219,7 @@ impl<'m> Engine<'m> {
         }
         let r = rows.len();
         let flat: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
-        let pool = self.pool.as_ref();
+        let pool = Some(&self.team);
         let mut x = vec![0f32; r * dim];
         for (row, &t) in x.chunks_exact_mut(dim).zip(&flat) {
             row.copy_from_slice(&self.model.embedding.dequantize_row(t as usize));
@@ -283,17 +273,34 @@ impl<'m> Engine<'m> {
                 );
             }
             {
+                // One unit per (row, head), split over the team.
                 let kv: Vec<&KvLayer> = seqs.iter().map(|s| &s.kv[li]).collect();
-                let work = |(i, out): (usize, &mut [f32])| {
-                    let row = &rows[i];
-                    kv[row.seq].attend(&q[i * dim..(i + 1) * dim], row.pos, out, self.isa);
-                };
-                match pool {
-                    Some(p) if r > 1 => {
-                        p.install(|| att.par_chunks_exact_mut(dim).enumerate().for_each(work))
+                let nh = c.n_heads;
+                let out = SendPtr(att.as_mut_ptr());
+                let q = &q;
+                let units = |lo: usize, hi: usize| {
+                    let out = &out;
+                    for u in lo..hi {
+                        let (i, h) = (u / nh, u % nh);
+                        let row = &rows[i];
+                        // SAFETY: unit (i, h) alone writes att[i][h·hd..(h+1)·hd].
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(out.0.add(i * dim + h * hd), hd)
+                        };
+                        kv[row.seq].attend_heads(
+                            &q[i * dim..(i + 1) * dim],
+                            row.pos,
+                            h..h + 1,
+                            o,
+                            self.isa,
+                        );
                     }
-                    _ => att.chunks_exact_mut(dim).enumerate().for_each(work),
-                }
+                };
+                let n = r * nh;
+                self.team.run(&|m| {
+                    let (lo, hi) = share(n, m, self.team.size());
+                    units(lo, hi)
+                });
             }
             layer.wo.matmul(&att, r, &mut o, self.isa, pool);
             steps::residual(self.isa, &mut x, &o);
