@@ -2,6 +2,7 @@
 //! (CONTRACT.md §9.8).
 
 use super::prim::{add, div, fma, mul, sqrt};
+use super::quant::dot_f32;
 use super::softmax::softmax_spec;
 use super::{canonicalize, K_CHUNK};
 
@@ -53,7 +54,7 @@ pub fn attention_spec(
         let qh = &q[h * hd..(h + 1) * hd];
         for (t, s) in scores.iter_mut().enumerate() {
             let k = &keys[t * kvd + kvh * hd..][..hd];
-            *s = mul(dot_chunked(qh, k), scale);
+            *s = mul(dot_f32(qh, k), scale);
         }
         softmax_spec(&mut scores);
         for d in 0..hd {
@@ -69,9 +70,4 @@ pub fn attention_spec(
             out[h * hd + d] = canonicalize(total);
         }
     }
-}
-
-/// The 256-chunk dot product (as matmul).
-pub fn dot_chunked(a: &[f32], b: &[f32]) -> f32 {
-    super::quant::dot_f32(a, b)
 }

@@ -13,8 +13,6 @@ pub(crate) trait Lanes: Copy {
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn f16(p: *const u8) -> Self;
     unsafe fn f32(p: *const u8) -> Self;
-    unsafe fn nib_lo(p: *const u8) -> Self;
-    unsafe fn nib_hi(p: *const u8) -> Self;
     unsafe fn i8(p: *const u8) -> Self;
     /// 16 bytes → (low nibbles, high nibbles) as f32.
     unsafe fn nibbles(p: *const u8) -> (Self, Self);
@@ -54,20 +52,15 @@ impl Lanes for Portable {
         }))
     }
     #[inline(always)]
-    unsafe fn nib_lo(p: *const u8) -> Self {
-        Portable(std::array::from_fn(|i| (*p.add(i) & 15) as f32))
-    }
-    #[inline(always)]
-    unsafe fn nib_hi(p: *const u8) -> Self {
-        Portable(std::array::from_fn(|i| (*p.add(i) >> 4) as f32))
-    }
-    #[inline(always)]
     unsafe fn i8(p: *const u8) -> Self {
         Portable(std::array::from_fn(|i| *p.add(i) as i8 as f32))
     }
     #[inline(always)]
     unsafe fn nibbles(p: *const u8) -> (Self, Self) {
-        (Self::nib_lo(p), Self::nib_hi(p))
+        (
+            Portable(std::array::from_fn(|i| (*p.add(i) & 15) as f32)),
+            Portable(std::array::from_fn(|i| (*p.add(i) >> 4) as f32)),
+        )
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
@@ -109,19 +102,6 @@ pub(crate) mod x86 {
         #[inline(always)]
         unsafe fn f32(p: *const u8) -> Self {
             Avx512(_mm512_loadu_ps(p as *const f32))
-        }
-        #[inline(always)]
-        unsafe fn nib_lo(p: *const u8) -> Self {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-            Avx512(_mm512_cvtepi32_ps(_mm512_and_si512(
-                v,
-                _mm512_set1_epi32(15),
-            )))
-        }
-        #[inline(always)]
-        unsafe fn nib_hi(p: *const u8) -> Self {
-            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-            Avx512(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)))
         }
         #[inline(always)]
         unsafe fn i8(p: *const u8) -> Self {
@@ -182,25 +162,6 @@ pub(crate) mod x86 {
             Avx2(
                 _mm256_loadu_ps(p as *const f32),
                 _mm256_loadu_ps((p as *const f32).add(8)),
-            )
-        }
-        #[inline(always)]
-        unsafe fn nib_lo(p: *const u8) -> Self {
-            let m = _mm256_set1_epi32(15);
-            let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
-            Avx2(
-                _mm256_cvtepi32_ps(_mm256_and_si256(a, m)),
-                _mm256_cvtepi32_ps(_mm256_and_si256(b, m)),
-            )
-        }
-        #[inline(always)]
-        unsafe fn nib_hi(p: *const u8) -> Self {
-            let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
-            Avx2(
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)),
             )
         }
         #[inline(always)]

@@ -27,7 +27,7 @@ use crate::contract::K_CHUNK;
 use crate::cpu::lanes::x86;
 use crate::cpu::lanes::{Lanes, Portable};
 use crate::cpu::matmul::Isa;
-use crate::cpu::team::{share, Team};
+use crate::cpu::team::{share, SendPtr, Team};
 use crate::error::{Error, Result};
 
 /// Rows per packed group (one AVX-512 vector of f32).
@@ -279,10 +279,6 @@ pub fn matmuls(
         }
     }
 }
-
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]

@@ -153,6 +153,12 @@ impl Drop for Team {
     }
 }
 
+/// A pointer the members of a team write through, each to its own part.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: users write disjoint parts only (each says which in its SAFETY).
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
 /// The part `[lo, hi)` of `0..n` that member `i` of `size` owns.
 pub fn share(n: usize, i: usize, size: usize) -> (usize, usize) {
     (n * i / size, n * (i + 1) / size)

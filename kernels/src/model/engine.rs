@@ -16,7 +16,7 @@ use crate::contract::rope::{rope_frequencies, rope_spec, rope_table};
 use crate::contract::swiglu::swiglu_spec;
 use crate::cpu::attention::KvLayer;
 use crate::cpu::qmatvec::matmuls;
-use crate::cpu::team::{share, Team};
+use crate::cpu::team::{share, SendPtr, Team};
 use crate::cpu::Isa;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
@@ -114,11 +114,6 @@ pub struct Engine<'m> {
     team: Team,
     freqs: Vec<f32>,
 }
-
-/// A pointer the team's members write through, each to its own part.
-struct SendPtr(*mut f32);
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// One row of a pass: a token of a sequence at a position.
 struct Row {

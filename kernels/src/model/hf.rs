@@ -116,14 +116,6 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
         }
         let idx: Index = serde_json::from_slice(&read(&index)?)
             .map_err(|e| Error::model(format!("{}: {e}", index.display())))?;
-        let mut shards: Vec<PathBuf> = idx
-            .weight_map
-            .values()
-            .filter(|f| !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
-            .map(|f| dir.join(f))
-            .collect();
-        shards.sort();
-        shards.dedup();
         for (t, f) in idx.weight_map {
             // Shards are files beside the index, nothing else.
             if f.contains('/') || f.contains('\\') || f.starts_with('.') {
@@ -134,6 +126,9 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
             }
             files.insert(t, dir.join(f));
         }
+        let mut shards: Vec<PathBuf> = files.values().cloned().collect();
+        shards.sort();
+        shards.dedup();
         shards
     } else {
         vec![dir.join("model.safetensors")]

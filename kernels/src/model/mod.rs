@@ -116,12 +116,17 @@ pub struct Model {
 /// Receives a model's tensors in the canonical order (embedding; per layer
 /// attention norm, q, k, v, o, FFN norm, gate, up, down; final norm;
 /// classifier if not tied), hashes each and packs it. Loaders feed it.
-struct Builder {
+/// A loader's reader of one tensor: (name, rows, cols) → its stored bytes.
+type Loader<'a> = dyn FnMut(&str, usize, usize) -> Result<Raw> + 'a;
+
+struct Builder<'a> {
     hasher: Sha3_256,
+    /// The loader: reads tensor (name, rows, cols) when asked.
+    next: Box<Loader<'a>>,
 }
 
-impl Builder {
-    fn new(c: &Config) -> Self {
+impl<'a> Builder<'a> {
+    fn new(c: &Config, next: impl FnMut(&str, usize, usize) -> Result<Raw> + 'a) -> Self {
         let mut hasher = Sha3_256::new();
         hasher.update(b"lockstep.model\0");
         for v in [
@@ -137,7 +142,10 @@ impl Builder {
         }
         hasher.update(c.rope_theta.to_bits().to_le_bytes());
         hasher.update(c.norm_eps.to_bits().to_le_bytes());
-        Self { hasher }
+        Self {
+            hasher,
+            next: Box::new(next),
+        }
     }
 
     fn header(&mut self, format: Format, rows: usize, cols: usize) {
@@ -151,32 +159,43 @@ impl Builder {
         self.hasher.update((cols as u64).to_le_bytes());
     }
 
-    fn matrix(
-        &mut self,
-        what: &str,
-        format: Format,
-        rows: usize,
-        cols: usize,
-        raw: &[u8],
-    ) -> Result<PackedMatrix> {
-        let m = PackedMatrix::pack(format, rows, cols, raw)
-            .map_err(|e| Error::model(format!("{what}: {}", e.message)))?;
+    /// The loader's tensor `name`, checked to be [rows, cols].
+    fn fetch(&mut self, name: &str, rows: usize, cols: usize) -> Result<Raw> {
+        let raw = (self.next)(name, rows, cols)?;
+        if (raw.rows, raw.cols) != (rows, cols) {
+            return Err(Error::model(format!(
+                "{name} is [{}, {}], the model needs [{rows}, {cols}]",
+                raw.rows, raw.cols
+            )));
+        }
+        Ok(raw)
+    }
+
+    /// A weight matrix: hashed, then packed.
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<PackedMatrix> {
+        let Raw { format, bytes, .. } = self.fetch(name, rows, cols)?;
+        let m = PackedMatrix::pack(format, rows, cols, &bytes)
+            .map_err(|e| Error::model(format!("{name}: {}", e.message)))?;
         self.header(format, rows, cols);
         if matches!(format, Format::F16 | Format::BF16) {
             for r in 0..rows {
                 self.hasher.update(m.raw_row(r));
             }
         } else {
-            self.hasher.update(raw);
+            self.hasher.update(&bytes);
         }
         Ok(m)
     }
 
-    fn vector(&mut self, v: &[f32]) {
+    /// A norm weight vector (a vector by role: a weight matrix may have one
+    /// row), hashed as the f32 it dequantises to.
+    fn vector(&mut self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let v = self.fetch(name, 1, n)?.f32s(name)?;
         self.header(Format::F32, 1, v.len());
-        for x in v {
+        for x in &v {
             self.hasher.update(x.to_le_bytes());
         }
+        Ok(v)
     }
 
     fn tied(&mut self, tied: bool) {
@@ -249,63 +268,34 @@ impl Model {
         tied: bool,
         source: String,
         gguf: Option<gguf::Gguf>,
-        mut next: impl FnMut(&str, usize, usize) -> Result<Raw>,
+        next: impl FnMut(&str, usize, usize) -> Result<Raw>,
     ) -> Result<Model> {
         config.check()?;
         let c = config.clone();
-        let mut b = Builder::new(&c);
-        let mut fetch = |name: &str, rows: usize, cols: usize| -> Result<Raw> {
-            let raw = next(name, rows, cols)?;
-            if (raw.rows, raw.cols) != (rows, cols) {
-                return Err(Error::model(format!(
-                    "{name} is [{}, {}], the model needs [{rows}, {cols}]",
-                    raw.rows, raw.cols
-                )));
-            }
-            Ok(raw)
-        };
-        let mut matrix = |b: &mut Builder,
-                          name: &str,
-                          rows: usize,
-                          cols: usize,
-                          is_vector: bool|
-         -> Result<PackedMatrix> {
-            let raw = fetch(name, rows, cols)?;
-            // Norm weights are vectors by role (a weight matrix may have
-            // one row: a vocabulary of 1).
-            if is_vector {
-                let v = raw.f32s(name)?;
-                b.vector(&v);
-                // A vector travels as a one-row F32 matrix.
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                return PackedMatrix::pack(Format::F32, 1, cols, &bytes);
-            }
-            b.matrix(name, raw.format, rows, cols, &raw.bytes)
-        };
-        let vector = |m: PackedMatrix| m.dequantize_row(0);
+        let mut b = Builder::new(&c, next);
         let kv = c.kv_dim();
-        let embedding = matrix(&mut b, "token_embd", c.vocab_size, c.dim, false)?;
+        let embedding = b.matrix("token_embd", c.vocab_size, c.dim)?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let p = |s: &str| format!("blk.{l}.{s}");
             layers.push(Layer {
-                attn_norm: vector(matrix(&mut b, &p("attn_norm"), 1, c.dim, true)?),
-                wq: matrix(&mut b, &p("attn_q"), c.dim, c.dim, false)?,
-                wk: matrix(&mut b, &p("attn_k"), kv, c.dim, false)?,
-                wv: matrix(&mut b, &p("attn_v"), kv, c.dim, false)?,
-                wo: matrix(&mut b, &p("attn_output"), c.dim, c.dim, false)?,
-                ffn_norm: vector(matrix(&mut b, &p("ffn_norm"), 1, c.dim, true)?),
-                w_gate: matrix(&mut b, &p("ffn_gate"), c.hidden_dim, c.dim, false)?,
-                w_up: matrix(&mut b, &p("ffn_up"), c.hidden_dim, c.dim, false)?,
-                w_down: matrix(&mut b, &p("ffn_down"), c.dim, c.hidden_dim, false)?,
+                attn_norm: b.vector(&p("attn_norm"), c.dim)?,
+                wq: b.matrix(&p("attn_q"), c.dim, c.dim)?,
+                wk: b.matrix(&p("attn_k"), kv, c.dim)?,
+                wv: b.matrix(&p("attn_v"), kv, c.dim)?,
+                wo: b.matrix(&p("attn_output"), c.dim, c.dim)?,
+                ffn_norm: b.vector(&p("ffn_norm"), c.dim)?,
+                w_gate: b.matrix(&p("ffn_gate"), c.hidden_dim, c.dim)?,
+                w_up: b.matrix(&p("ffn_up"), c.hidden_dim, c.dim)?,
+                w_down: b.matrix(&p("ffn_down"), c.dim, c.hidden_dim)?,
             });
         }
-        let final_norm = vector(matrix(&mut b, "output_norm", 1, c.dim, true)?);
+        let final_norm = b.vector("output_norm", c.dim)?;
         b.tied(tied);
         let output = if tied {
             None
         } else {
-            Some(matrix(&mut b, "output", c.vocab_size, c.dim, false)?)
+            Some(b.matrix("output", c.vocab_size, c.dim)?)
         };
         Ok(Model {
             config,
