@@ -8,14 +8,18 @@
 //!   credentials (forbidden reads and writes, forged and unassigned
 //!   results), each returning whether the server or the protocol refused.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream;
 use futures::StreamExt;
 use lockstep::auth::{ConnectConfig, Identity};
+use lockstep::coordinator::{Report, SubmitOptions, Verdict};
+use lockstep::harness::NatsServer;
 use lockstep::nats::Nats;
 use lockstep::protocol::*;
+use lockstep_kernels::{Backend, Digest};
 
 /// How the worker loop answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +33,14 @@ pub enum Mode {
     Wrong,
     /// A correct-looking result signed with a key that is not its own.
     BadSignature,
+    /// A lazy worker: `ok` with the correct digest (as if learned from
+    /// another worker) naming outputs it never stored.
+    Copy,
+    /// `too_large` for every job, with no limits in its record ("not me").
+    TooLarge,
+    /// `too_large` for every job, though its record advertises limits that
+    /// admit it (a lie).
+    LyingTooLarge,
 }
 
 impl std::str::FromStr for Mode {
@@ -39,6 +51,9 @@ impl std::str::FromStr for Mode {
             "false-error" => Mode::FalseError,
             "wrong" => Mode::Wrong,
             "bad-signature" => Mode::BadSignature,
+            "copy" => Mode::Copy,
+            "too-large" => Mode::TooLarge,
+            "lying-too-large" => Mode::LyingTooLarge,
             _ => return Err(format!("unknown mode {s}")),
         })
     }
@@ -93,6 +108,41 @@ fn answer(mode: Mode, key: &Identity, worker: &str, job: &JobMessage) -> ResultM
             code: ErrorCode::TamperedBlob,
             message: "input hashes wrong (a lie)".into(),
         },
+        Mode::TooLarge | Mode::LyingTooLarge => Outcome::Error {
+            code: ErrorCode::TooLarge,
+            message: "over this worker's limits (maybe a lie)".into(),
+        },
+        Mode::Copy => {
+            // The right digest (here computed, standing for one learned
+            // from another worker), every output named as an object that
+            // was never stored.
+            use lockstep_kernels::Backend;
+            let data: Vec<Vec<f32>> = job
+                .spec
+                .inputs
+                .iter()
+                .map(|t| decode_f32(t.inline.as_deref().unwrap_or_default()).unwrap_or_default())
+                .collect();
+            let shapes_in: Vec<Vec<usize>> =
+                job.spec.inputs.iter().map(|t| t.shape.clone()).collect();
+            let out = lockstep_kernels::cpu::CpuBackend::new(1)
+                .and_then(|cpu| {
+                    cpu.run(
+                        &job.spec.op,
+                        &lockstep_kernels::contract::views(&shapes_in, &data),
+                    )
+                })
+                .unwrap_or_default();
+            let digests: Vec<_> = out.iter().map(|t| t.digest()).collect();
+            Outcome::Ok {
+                digest: lockstep_kernels::outputs_digest(&digests),
+                outputs: out
+                    .iter()
+                    .zip(&digests)
+                    .map(|(t, d)| TensorRef::object(t.shape.clone(), *d))
+                    .collect(),
+            }
+        }
         Mode::Wrong | Mode::BadSignature => {
             let outputs: Vec<TensorRef> = shapes
                 .iter()
@@ -163,6 +213,10 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
                     state: WorkerState::Up,
                     jobs_done: 0,
                     jobs_failed: 0,
+                    limits: (mode == Mode::LyingTooLarge).then_some(WorkerLimits {
+                        max_elements: 1 << 26,
+                        max_macs: 1 << 36,
+                    }),
                 };
                 let _ = nats
                     .workers
@@ -278,5 +332,99 @@ impl Adversary {
             Ok(Ok(v)) => v.get("error").is_none(),
             _ => false,
         }
+    }
+}
+
+// Shared by the trust tests: options, the reference, the checks.
+
+pub fn opts(server: &NatsServer, batch: &str, out: Option<&std::path::Path>) -> SubmitOptions {
+    SubmitOptions {
+        redundancy: 2,
+        batch_id: Some(batch.into()),
+        worker_timeout: Duration::from_secs(2),
+        job_timeout: Duration::from_secs(60),
+        deadline: Some(Duration::from_secs(240)),
+        progress: false,
+        threads: 1,
+        out_dir: out.map(Into::into),
+        signer: Some(std::sync::Arc::new(
+            server.coordinator().identity().unwrap().unwrap(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The correct digest of every job, computed here on the CPU backend.
+pub fn reference(jobs: &[lockstep::batch::BatchJob]) -> BTreeMap<String, Digest> {
+    let cpu = lockstep_kernels::cpu::CpuBackend::new(1).unwrap();
+    jobs.iter()
+        .map(|j| {
+            let (shapes, data): (Vec<Vec<usize>>, Vec<Vec<f32>>) = j
+                .inputs
+                .iter()
+                .map(|t| match t {
+                    lockstep::batch::Tensor::Data { shape, data } => (shape.clone(), data.clone()),
+                    _ => panic!("inline jobs only"),
+                })
+                .unzip();
+            let out = cpu
+                .run(&j.op, &lockstep_kernels::contract::views(&shapes, &data))
+                .unwrap();
+            let digests: Vec<Digest> = out.iter().map(|t| t.digest()).collect();
+            (j.id.clone(), lockstep_kernels::outputs_digest(&digests))
+        })
+        .collect()
+}
+
+/// Every job accepted, with the correct digest, and no honest worker named.
+pub fn assert_all_correct(report: &Report, want: &BTreeMap<String, Digest>, honest: &[&str]) {
+    assert_eq!(report.failed + report.unresolved, 0, "{report:#?}");
+    for j in &report.jobs {
+        assert!(
+            matches!(j.verdict, Verdict::Verified | Verdict::Resolved),
+            "{j:#?}"
+        );
+        assert_eq!(
+            j.digest,
+            Some(want[&j.job]),
+            "{}: wrong output accepted",
+            j.job
+        );
+        for w in honest {
+            assert!(
+                !j.faulty_workers.iter().any(|f| f == w),
+                "{w} blamed: {j:#?}"
+            );
+        }
+    }
+    for f in &report.faults {
+        assert!(!honest.contains(&f.worker.as_str()), "honest {f:?}");
+    }
+}
+
+pub async fn enrollment(nats: &lockstep::nats::Nats, name: &str) -> Enrollment {
+    lockstep::nats::enrollments(nats).await.unwrap()[name].clone()
+}
+
+/// A `lockstep-adversary` process, killed on drop.
+pub struct AdversaryProc(std::process::Child);
+
+impl AdversaryProc {
+    pub fn start(server: &NatsServer, name: &str, operator: &str, mode: &str) -> Self {
+        let cfg = server.enroll(name, operator).unwrap();
+        let bin = crate::lockstep_bin().with_file_name("lockstep-adversary");
+        let child = std::process::Command::new(bin)
+            .args(["--mode", mode, "--nats", &cfg.url, "--name", name, "--nkey"])
+            .arg(cfg.nkey.unwrap())
+            .spawn()
+            .expect("start the adversary");
+        Self(child)
+    }
+}
+
+impl Drop for AdversaryProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

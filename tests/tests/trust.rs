@@ -7,108 +7,16 @@
 //! blamed, the batch completes where an honest majority exists, and the
 //! server refuses what the permissions forbid.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lockstep::coordinator::receipt::{parse_receipts, verify_receipt, Receipt};
-use lockstep::coordinator::{submit, Report, SubmitOptions, Verdict};
-use lockstep::harness::NatsServer;
+use lockstep::coordinator::{submit, Verdict};
 use lockstep::protocol::*;
-use lockstep_kernels::{Backend, Digest};
-use lockstep_tests::adversary::{publish, publish_on, signed_result, Adversary};
+use lockstep_tests::adversary::{
+    assert_all_correct, enrollment, opts, publish, publish_on, reference, signed_result, Adversary,
+    AdversaryProc,
+};
 use lockstep_tests::{lockstep_bin, nats_server, small_jobs, wait_workers, Procs};
-
-fn opts(server: &NatsServer, batch: &str, out: Option<&std::path::Path>) -> SubmitOptions {
-    SubmitOptions {
-        redundancy: 2,
-        batch_id: Some(batch.into()),
-        worker_timeout: Duration::from_secs(2),
-        job_timeout: Duration::from_secs(60),
-        deadline: Some(Duration::from_secs(240)),
-        progress: false,
-        threads: 1,
-        out_dir: out.map(Into::into),
-        signer: Some(std::sync::Arc::new(
-            server.coordinator().identity().unwrap().unwrap(),
-        )),
-        ..Default::default()
-    }
-}
-
-/// The correct digest of every job, computed here on the CPU backend.
-fn reference(jobs: &[lockstep::batch::BatchJob]) -> BTreeMap<String, Digest> {
-    let cpu = lockstep_kernels::cpu::CpuBackend::new(1).unwrap();
-    jobs.iter()
-        .map(|j| {
-            let (shapes, data): (Vec<Vec<usize>>, Vec<Vec<f32>>) = j
-                .inputs
-                .iter()
-                .map(|t| match t {
-                    lockstep::batch::Tensor::Data { shape, data } => (shape.clone(), data.clone()),
-                    _ => panic!("inline jobs only"),
-                })
-                .unzip();
-            let out = cpu
-                .run(&j.op, &lockstep_kernels::contract::views(&shapes, &data))
-                .unwrap();
-            let digests: Vec<Digest> = out.iter().map(|t| t.digest()).collect();
-            (j.id.clone(), lockstep_kernels::outputs_digest(&digests))
-        })
-        .collect()
-}
-
-/// Every job accepted, with the correct digest, and no honest worker named.
-fn assert_all_correct(report: &Report, want: &BTreeMap<String, Digest>, honest: &[&str]) {
-    assert_eq!(report.failed + report.unresolved, 0, "{report:#?}");
-    for j in &report.jobs {
-        assert!(
-            matches!(j.verdict, Verdict::Verified | Verdict::Resolved),
-            "{j:#?}"
-        );
-        assert_eq!(
-            j.digest,
-            Some(want[&j.job]),
-            "{}: wrong output accepted",
-            j.job
-        );
-        for w in honest {
-            assert!(
-                !j.faulty_workers.iter().any(|f| f == w),
-                "{w} blamed: {j:#?}"
-            );
-        }
-    }
-    for f in &report.faults {
-        assert!(!honest.contains(&f.worker.as_str()), "honest {f:?}");
-    }
-}
-
-async fn enrollment(nats: &lockstep::nats::Nats, name: &str) -> Enrollment {
-    lockstep::nats::enrollments(nats).await.unwrap()[name].clone()
-}
-
-/// A `lockstep-adversary` process, killed on drop.
-struct AdversaryProc(std::process::Child);
-
-impl AdversaryProc {
-    fn start(server: &NatsServer, name: &str, operator: &str, mode: &str) -> Self {
-        let cfg = server.enroll(name, operator).unwrap();
-        let bin = lockstep_bin().with_file_name("lockstep-adversary");
-        let child = std::process::Command::new(bin)
-            .args(["--mode", mode, "--nats", &cfg.url, "--name", name, "--nkey"])
-            .arg(cfg.nkey.unwrap())
-            .spawn()
-            .expect("start the adversary");
-        Self(child)
-    }
-}
-
-impl Drop for AdversaryProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_refuses_what_a_worker_may_not_do() {

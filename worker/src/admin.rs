@@ -188,7 +188,12 @@ pub fn clear_worker(cfg: &ConnectConfig, name: &str) -> Result<()> {
 }
 
 /// `lockstep verify RECEIPTS`.
-pub fn verify(path: &Path, deployment: Option<&Path>) -> Result<()> {
+pub fn verify(
+    path: &Path,
+    deployment: Option<&Path>,
+    coordinator_key: Option<&str>,
+    self_consistent_only: bool,
+) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let receipts = parse_receipts(&text)?;
@@ -196,7 +201,15 @@ pub fn verify(path: &Path, deployment: Option<&Path>) -> Result<()> {
     let trust = deployment.map(Deployment::open).transpose()?;
     let mut bad = 0;
     for r in &receipts {
-        match verify_receipt(r, trust.as_ref()) {
+        let checked = verify_receipt(r, trust.as_ref()).and_then(|()| match coordinator_key {
+            Some(k) if r.coordinator.public_key != k => Err(anyhow::anyhow!(
+                "signed by coordinator {}, not the one trusted ({})",
+                quote(&r.coordinator.public_key),
+                quote(k)
+            )),
+            _ => Ok(()),
+        });
+        match checked {
             Ok(()) => println!(
                 "ok    {} {} {:?} {} by {}",
                 quote(&r.batch),
@@ -220,6 +233,17 @@ pub fn verify(path: &Path, deployment: Option<&Path>) -> Result<()> {
         "{bad} of {} receipts do not verify",
         receipts.len()
     );
+    if trust.is_none() && coordinator_key.is_none() {
+        println!(
+            "{} receipts are consistent in themselves; no trust anchor was given",
+            receipts.len()
+        );
+        anyhow::ensure!(
+            self_consistent_only,
+            "checked self-consistency only: without --deployment or --coordinator-key anyone can make receipts that pass (add --self-consistent-only if that is all you want)"
+        );
+        return Ok(());
+    }
     println!("{} receipts verify", receipts.len());
     Ok(())
 }

@@ -118,7 +118,14 @@ enum Command {
     /// Check receipts (receipts.jsonl from `lockstep submit`) offline: every
     /// worker's and the coordinator's signature, the job digest, and that a
     /// verified job had r workers of distinct operators. Exits non-zero on
-    /// any mismatch. With --deployment, also that every key is enrolled.
+    /// any mismatch.
+    ///
+    /// A receipt is only as good as the keys it is checked against: give a
+    /// trust anchor, --deployment (every key must be enrolled there, workers
+    /// under the operator named) or --coordinator-key (the coordinator you
+    /// trust). Without one, anyone can make receipts that pass (worker keys
+    /// are free to generate), so `verify` says so and exits non-zero unless
+    /// --self-consistent-only asks for exactly that.
     ///
     /// Example: lockstep verify lockstep-out/b-1234/receipts.jsonl --deployment ./lockstep-deployment
     Verify {
@@ -126,6 +133,13 @@ enum Command {
         /// A deployment folder whose enrolled keys the receipts must use.
         #[arg(long)]
         deployment: Option<PathBuf>,
+        /// The public key (U…) of the coordinator whose receipts you trust.
+        #[arg(long, value_name = "KEY")]
+        coordinator_key: Option<String>,
+        /// Check only that each receipt is consistent in itself (no trust
+        /// anchor): exits 0 when they are.
+        #[arg(long, conflicts_with_all = ["deployment", "coordinator_key"])]
+        self_consistent_only: bool,
     },
     /// The whole system on this machine: a local nats-server with
     /// authorization on (keys made in a temporary folder), three enrolled
@@ -730,7 +744,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Verify {
             receipts,
             deployment,
-        } => crate::admin::verify(&receipts, deployment.as_deref()),
+            coordinator_key,
+            self_consistent_only,
+        } => crate::admin::verify(
+            &receipts,
+            deployment.as_deref(),
+            coordinator_key.as_deref(),
+            self_consistent_only,
+        ),
     }
 }
 

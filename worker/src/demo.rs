@@ -108,7 +108,7 @@ pub fn run(n_jobs: usize) -> Result<()> {
     drop(workers);
     let receipts = dir.path().join("out").join("receipts.jsonl");
     println!("\nreceipts, checked offline (lockstep verify):");
-    crate::admin::verify(&receipts, Some(&server.dir()))?;
+    crate::admin::verify(&receipts, Some(&server.dir()), None, false)?;
     anyhow::ensure!(
         report.all_accepted(),
         "{} job(s) failed, {} unresolved",

@@ -326,14 +326,18 @@ pub async fn live_workers_of(
         else {
             continue;
         };
-        if let Ok(Some(v)) = nats.workers.get(&k).await {
-            if let Ok(rec) = serde_json::from_slice::<WorkerRecord>(&v) {
+        if let Ok(Some(entry)) = nats.workers.entry(&k).await {
+            // When the server stored the heartbeat, not the time the worker
+            // writes in it: a worker cannot date its own heartbeat ahead.
+            let stored_ms = (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            if let Ok(rec) = serde_json::from_slice::<WorkerRecord>(&entry.value) {
                 // Only workers that speak this protocol and contract.
                 if rec.id == k
+                    && entry.operation == kv::Operation::Put
                     && rec.state == WorkerState::Up
                     && rec.protocol == PROTOCOL_VERSION
                     && rec.contract_version == lockstep_kernels::CONTRACT_VERSION
-                    && now.saturating_sub(rec.heartbeat_ms) <= timeout.as_millis() as u64
+                    && now.saturating_sub(stored_ms) <= timeout.as_millis() as u64
                 {
                     out.push(LiveWorker {
                         id: k.clone(),
@@ -559,6 +563,19 @@ pub async fn put_output(
     Ok(())
 }
 
+/// Why an output could not be read back from its worker's copy.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// Not there (never stored, or no longer): nobody can tell whose fault
+    /// that is, so it blames no one.
+    #[error("{0}")]
+    Missing(String),
+    /// There, under the worker's own name, but not what it signed: only that
+    /// worker can have written it.
+    #[error("{0}")]
+    Bad(String),
+}
+
 /// Reads an output `worker` stored for `batch` and checks it against its
 /// digest and shape.
 pub async fn get_output(
@@ -567,11 +584,11 @@ pub async fn get_output(
     batch: &str,
     shape: &[usize],
     digest: &lockstep_kernels::Digest,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<f32>, OutputError> {
     let total = lockstep_kernels::contract::elements(shape)
         .ok()
         .and_then(|n| n.checked_mul(4))
-        .context("output shape overflows")?;
+        .ok_or_else(|| OutputError::Bad("output shape overflows".into()))?;
     let mut buf = Vec::with_capacity(total);
     let mut chunk = 0;
     let mut i = 0;
@@ -580,20 +597,25 @@ pub async fn get_output(
             .outputs
             .direct_get_last_for_subject(output_subject(worker, batch, digest, i))
             .await
-            .with_context(|| format!("output {digest} of {worker}: chunk {i} is missing"))?;
+            .map_err(|e| {
+                OutputError::Missing(format!(
+                    "output {digest} of {worker}: chunk {i} is missing ({e})"
+                ))
+            })?;
         if i == 0 {
             chunk = m.payload.len();
         }
-        anyhow::ensure!(
-            chunk > 0 && (m.payload.len() == chunk || buf.len() + m.payload.len() == total),
-            "output {digest} of {worker}: chunk {i} has {} bytes",
-            m.payload.len()
-        );
+        if !(chunk > 0 && (m.payload.len() == chunk || buf.len() + m.payload.len() == total)) {
+            return Err(OutputError::Bad(format!(
+                "output {digest} of {worker}: chunk {i} has {} bytes",
+                m.payload.len()
+            )));
+        }
         buf.extend_from_slice(&m.payload);
         i += 1;
         if total == 0 {
             break;
         }
     }
-    decode_blob(shape, digest, &buf).map_err(anyhow::Error::msg)
+    decode_blob(shape, digest, &buf).map_err(OutputError::Bad)
 }

@@ -306,6 +306,24 @@ impl JobSpec {
         self.inputs.iter().map(|t| t.shape.as_slice()).collect()
     }
 
+    /// What the job asks of a worker (`None` if its op refuses the shapes):
+    /// its largest input or output tensor and its multiply-adds.
+    pub fn size(&self) -> Option<JobSize> {
+        let plan = self.op.plan(&self.shapes()).ok()?;
+        let elements = |s: &[usize]| s.iter().map(|&d| d as u64).product::<u64>();
+        let max_elements = self
+            .inputs
+            .iter()
+            .map(|t| elements(&t.shape))
+            .chain(plan.output_shapes().iter().map(|s| elements(s)))
+            .max()
+            .unwrap_or(0);
+        Some(JobSize {
+            max_elements,
+            work: plan.work(),
+        })
+    }
+
     /// What a job is, as one digest: SHA3-256 of the JSON
     /// `{"op":…,"params":…,"inputs":[{"shape":[…],"digest":"sha3-256:…"}]}`
     /// (params with sorted keys; inline inputs by the digest of their data,
@@ -705,6 +723,35 @@ pub struct WorkerRecord {
     pub state: WorkerState,
     pub jobs_done: u64,
     pub jobs_failed: u64,
+    /// What this worker takes: a coordinator offers it no job over these,
+    /// and a `too_large` claim for a job within them is a lie (a fault).
+    /// Absent in a record: the worker states no limits, and its
+    /// `too_large` only takes it off that job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<WorkerLimits>,
+}
+
+/// A worker's capacity, as its record advertises it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerLimits {
+    /// Most elements of any one input or output tensor.
+    pub max_elements: u64,
+    /// Most multiply-adds (the op's `work`) of one job.
+    pub max_macs: u64,
+}
+
+impl WorkerLimits {
+    /// Whether a job of this size is within these limits.
+    pub fn admit(&self, size: &JobSize) -> bool {
+        size.max_elements <= self.max_elements && size.work <= self.max_macs
+    }
+}
+
+/// What a job asks of a worker, in the terms of [`WorkerLimits`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobSize {
+    pub max_elements: u64,
+    pub work: u64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

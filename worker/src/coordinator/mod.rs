@@ -25,7 +25,7 @@ pub mod report;
 mod schedule;
 pub(crate) mod verdict;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,6 +98,8 @@ struct JobState {
     job_digest: lockstep_kernels::Digest,
     /// Output shapes, from the op's contract module.
     shapes: Vec<Vec<usize>>,
+    /// What it asks of a worker (largest tensor, multiply-adds).
+    size: JobSize,
     /// Per replica: who computes it now.
     assignments: Vec<Option<Assignment>>,
     /// At most one result per worker.
@@ -184,6 +186,9 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         full_at: Instant::now(),
         last_result: Instant::now(),
         abort: None,
+        revoked: HashSet::new(),
+        refused: HashMap::new(),
+        reevaluate: Vec::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while run.undecided > 0 && run.abort.is_none() {
@@ -203,7 +208,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                     run.on_results(&m.subject, &m.payload).await?
                 }
             },
-            _ = tick.tick() => run.on_tick().await,
+            _ = tick.tick() => run.on_tick().await?,
         }
     }
     run.bar.finish_and_clear();
@@ -254,12 +259,14 @@ async fn load_jobs(
             .plan(&spec.shapes())
             .with_context(|| format!("job `{}`", j.id))?
             .output_shapes();
+        let size = spec.size().unwrap_or_default();
         state.insert(
             j.id,
             JobState {
                 spec,
                 job_digest,
                 shapes,
+                size,
                 assignments: vec![None; redundancy],
                 results: BTreeMap::new(),
                 excluded: HashSet::new(),
@@ -302,6 +309,15 @@ struct Run<'a> {
     /// Why the batch cannot go on (a store is full): its undecided jobs fail
     /// with this reason.
     abort: Option<String>,
+    /// Quarantined workers whose results this run no longer counts (see
+    /// [`Run::revoke`]).
+    revoked: HashSet<String>,
+    /// Jobs each worker refused as `too_large`: it is offered none as large
+    /// again in this batch.
+    refused: HashMap<String, Vec<JobSize>>,
+    /// Jobs reopened by [`Run::revoke`], to be decided again on what is
+    /// left (or given new replicas).
+    reevaluate: Vec<String>,
 }
 
 impl Run<'_> {
@@ -329,10 +345,25 @@ impl Run<'_> {
             tracing::warn!(worker = %quote(&sender), "ignoring results from a worker that is not enrolled");
             return Ok(());
         };
+        // A quarantined worker's word counts for nothing, whatever it holds.
+        if self.revoked.contains(&sender)
+            || self.enrolled.get(&sender).map(|e| e.state) == Some(EnrollmentState::Quarantined)
+        {
+            tracing::debug!(worker = %quote(&sender), "ignoring results from a quarantined worker");
+            return Ok(());
+        }
+        let limits = self
+            .live
+            .iter()
+            .find(|w| w.id == sender)
+            .and_then(|w| w.record.limits);
         for mut res in answers {
             if res.worker != sender {
                 tracing::warn!(worker = %quote(&sender), "ignoring a result naming another worker");
                 continue;
+            }
+            if self.revoked.contains(&sender) {
+                break;
             }
             let Some(js) = self.state.get_mut(&res.job) else {
                 continue;
@@ -354,37 +385,53 @@ impl Run<'_> {
                 tracing::warn!(job = %res.job, worker = %res.worker, "ignoring a result for an assignment the worker does not hold");
                 continue;
             }
-            let why = if res.batch != self.batch {
-                Some("it signed a result for another batch".to_string())
+            let checked = if res.batch != self.batch {
+                verdict::Checked::Rejected("it signed a result for another batch".to_string())
             } else {
-                verdict::check(self.nats, &key, &res, js).await
+                verdict::check(self.nats, &self.batch, &key, &res, js, limits).await
             };
-            if let Some(why) = why {
-                let f = FaultRecord {
-                    worker: res.worker.clone(),
-                    batch: self.batch.clone(),
-                    job: res.job.clone(),
-                    reported: match &res.outcome {
-                        Outcome::Ok { digest, .. } => Some(*digest),
-                        Outcome::Error { .. } => None,
-                    },
-                    correct: None,
-                    reason: format!("result rejected: {why}"),
-                    at_ms: now_ms(),
-                };
-                if let Err(e) =
-                    verdict::record_fault(self.nats, &mut self.enrolled, f, &mut self.faults).await
-                {
-                    tracing::error!("{e:#}");
+            let mut data = None;
+            let mut unavailable = false;
+            match checked {
+                verdict::Checked::Fine(d) => data = d,
+                verdict::Checked::Rejected(why) => {
+                    let f = FaultRecord {
+                        worker: res.worker.clone(),
+                        batch: self.batch.clone(),
+                        job: res.job.clone(),
+                        reported: match &res.outcome {
+                            Outcome::Ok { digest, .. } => Some(*digest),
+                            Outcome::Error { .. } => None,
+                        },
+                        correct: None,
+                        reason: format!("result rejected: {why}"),
+                        at_ms: now_ms(),
+                    };
+                    if let Err(e) =
+                        verdict::record_fault(self.nats, &mut self.enrolled, f, &mut self.faults)
+                            .await
+                    {
+                        tracing::error!("{e:#}");
+                    }
+                    res.outcome = Outcome::Error {
+                        code: ErrorCode::Rejected,
+                        message: format!("rejected by the coordinator: {why}"),
+                    };
                 }
-                self.live.retain(|w| w.id != res.worker);
-                res.outcome = Outcome::Error {
-                    code: ErrorCode::Rejected,
-                    message: format!("rejected by the coordinator: {why}"),
-                };
+                verdict::Checked::Unavailable(why) => {
+                    // Its output is not where it says (never stored, or
+                    // no longer there): the result cannot count, nobody is
+                    // blamed, and the replica goes to another worker.
+                    unavailable = true;
+                    res.outcome = Outcome::Error {
+                        code: ErrorCode::Unpublishable,
+                        message: format!("its stored output cannot be read back: {why}"),
+                    };
+                }
             }
+            let js = self.state.get_mut(&res.job).expect("looked up above");
             if let Outcome::Error { code, message } = &res.outcome {
-                if code.is_system_fault() {
+                if code.is_system_fault() && !unavailable {
                     // Not the worker's fault: retry the replica (the same
                     // worker may take it), and fail the job only if the
                     // system keeps failing it.
@@ -407,9 +454,17 @@ impl Run<'_> {
                     js.system_failure_operators.insert(operator);
                     if js.system_failure_operators.len() >= MAX_SYSTEM_FAILURES {
                         let report = verdict::system_failed(&res.job, js);
-                        self.decide(&res.job, report);
+                        self.decide(&res.job, report, None)?;
                     }
                     continue;
+                }
+                if *code == ErrorCode::TooLarge {
+                    // "Not me": this worker is offered nothing as large again
+                    // in this batch.
+                    self.refused
+                        .entry(res.worker.clone())
+                        .or_default()
+                        .push(js.size);
                 }
                 if !code.is_job_fault() || *code == ErrorCode::TooLarge {
                     tracing::warn!(job = %res.job, worker = %res.worker, "worker error ({message}); reassigning");
@@ -417,6 +472,10 @@ impl Run<'_> {
                 }
             }
             let id = res.job.clone();
+            let digest = match &res.outcome {
+                Outcome::Ok { digest, .. } => Some(*digest),
+                Outcome::Error { .. } => None,
+            };
             js.results.insert(res.worker.clone(), res);
             let decided = verdict::evaluate(
                 self.nats,
@@ -430,30 +489,104 @@ impl Run<'_> {
                 self.opts.audit_rate,
             )
             .await?;
-            if decided
-                .as_ref()
-                .is_some_and(|d| !d.faulty_workers.is_empty())
-            {
-                let faulty = &decided.as_ref().expect("some").faulty_workers;
-                self.live.retain(|w| !faulty.contains(&w.id));
+            if let Some(d) = decided {
+                // The outputs to write: this result's own (checked above)
+                // when it is the accepted one, else the coordinator's.
+                let data = match (d.report.digest, digest) {
+                    (Some(want), Some(got)) if want == got && data.is_some() => data,
+                    _ => d.reference,
+                };
+                self.decide(&id, d.report, data)?;
             }
-            if let Some(report) = decided {
-                self.decide(&id, report);
-            }
+            self.sweep_quarantined();
         }
+        self.sweep_quarantined();
         Ok(())
     }
 
-    /// Records a job's verdict.
-    fn decide(&mut self, id: &str, report: JobReport) {
+    /// Every worker newly quarantined (by this coordinator, another one, or
+    /// an admin) loses its standing in this batch: see [`Run::revoke`].
+    fn sweep_quarantined(&mut self) {
+        let caught: Vec<String> = self
+            .enrolled
+            .values()
+            .filter(|e| e.state == EnrollmentState::Quarantined && !self.revoked.contains(&e.name))
+            .map(|e| e.name.clone())
+            .collect();
+        for w in caught {
+            self.revoke(&w);
+        }
+    }
+
+    /// A caught worker's results stop counting: its results of undecided
+    /// jobs are dropped and their replicas reassigned; every job it helped
+    /// verify (its digest accepted without the coordinator's own
+    /// recomputation) is decided again, its replica going to another
+    /// worker, so a cheat it signed before or after being caught is
+    /// re-checked before the batch is reported.
+    fn revoke(&mut self, worker: &str) {
+        self.revoked.insert(worker.to_string());
+        self.live.retain(|w| w.id != worker);
+        let mut reopened = 0;
+        for js in self.state.values_mut() {
+            let held = js.assignments.iter().flatten().any(|a| a.worker == worker);
+            let answered = js.results.contains_key(worker);
+            if !held && !answered {
+                continue;
+            }
+            js.excluded.insert(worker.to_string());
+            let Some(rep) = &js.decided else {
+                js.results.remove(worker);
+                continue;
+            };
+            let helped = rep.verdict == Verdict::Verified
+                && !rep.audited
+                && matches!(js.results.get(worker), Some(r) if matches!(&r.outcome, Outcome::Ok { digest, .. } if Some(*digest) == rep.digest));
+            if helped {
+                let (v, job) = (rep.verdict as usize, rep.job.clone());
+                js.results.remove(worker);
+                js.decided = None;
+                self.verdicts[v] -= 1;
+                self.undecided += 1;
+                reopened += 1;
+                self.reevaluate.push(job);
+            }
+        }
+        if reopened > 0 {
+            tracing::warn!(worker = %quote(worker), jobs = reopened, "quarantined: re-checking the jobs it helped verify");
+            self.bar
+                .set_position(self.bar.position().saturating_sub(reopened));
+        }
+    }
+
+    /// Records a job's verdict, and writes its outputs (`data`, checked
+    /// against the accepted digest) when the batch has an output folder.
+    fn decide(
+        &mut self,
+        id: &str,
+        mut report: JobReport,
+        data: Option<Vec<Vec<f32>>>,
+    ) -> Result<()> {
         let Some(js) = self.state.get_mut(id) else {
-            return;
+            return Ok(());
         };
+        if let (Some(dir), Some(want)) = (&self.opts.out_dir, report.digest) {
+            match data.filter(|d| report::outputs_match(js, d, &want)) {
+                Some(d) => report::write_outputs(dir, id, js, &d)?,
+                None => {
+                    // Never reported as a success without its output.
+                    tracing::error!(job = %id, "the accepted outputs are not at hand; the job fails");
+                    report.verdict = Verdict::Failed;
+                    report.reason = Some("the accepted outputs could not be read back".into());
+                }
+            }
+        }
         self.bar.inc(1);
         self.undecided -= 1;
         self.verdicts[report.verdict as usize] += 1;
         js.decided = Some(report);
         self.bar.set_message(report::summary_line(&self.verdicts));
+        Ok(())
     }
 
     /// Results can only arrive while their stream has room: when it is full
@@ -473,7 +606,34 @@ impl Run<'_> {
 
     /// Every 100 ms: refresh the live workers (at most every 500 ms) and
     /// give every replica that needs one a worker.
-    async fn on_tick(&mut self) {
+    async fn on_tick(&mut self) -> Result<()> {
+        for id in std::mem::take(&mut self.reevaluate) {
+            let Some(js) = self.state.get_mut(&id).filter(|j| j.decided.is_none()) else {
+                continue;
+            };
+            let decided = verdict::evaluate(
+                self.nats,
+                &self.batch,
+                &id,
+                js,
+                self.opts.redundancy as usize,
+                &self.cpu,
+                &mut self.faults,
+                &mut self.enrolled,
+                self.opts.audit_rate,
+            )
+            .await?;
+            if let Some(d) = decided {
+                // Outputs from a worker that agreed, read back again.
+                let data = match d.reference {
+                    Some(r) => Some(r),
+                    None => {
+                        report::read_agreeing(self.nats, &self.batch, js, d.report.digest).await
+                    }
+                };
+                self.decide(&id, d.report, data)?;
+            }
+        }
         if self.live_at.elapsed() > Duration::from_millis(500) {
             let live = match enrollments(self.nats).await {
                 Ok(e) => {
@@ -487,6 +647,7 @@ impl Run<'_> {
                 Err(e) => tracing::warn!("cannot read the worker registry: {e}"),
             }
             self.live_at = Instant::now();
+            self.sweep_quarantined();
         }
         let assigned = schedule::schedule(
             self.nats,
@@ -494,6 +655,7 @@ impl Run<'_> {
             &mut self.state,
             &self.live,
             &self.enrolled,
+            &self.refused,
             self.opts,
         )
         .await
@@ -531,5 +693,6 @@ impl Run<'_> {
             self.waiting_note = false;
             self.bar.set_message(report::summary_line(&self.verdicts));
         }
+        Ok(())
     }
 }

@@ -142,9 +142,6 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
                 r
             }
         }));
-        if let (Some(dir), Some(rep)) = (&opts.out_dir, &js.decided) {
-            write_output(nats, dir, &batch, &js, rep).await?;
-        }
         if let Some(signer) = &opts.signer {
             receipts.extend(super::receipt::build(
                 &batch,
@@ -358,21 +355,63 @@ pub(super) fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
 }
 
 /// Writes an accepted job's outputs to `dir/outputs/<job>.safetensors` (one
-/// tensor per output, named as the op names them), taken from a worker whose
-/// digest matches, re-checked; if none matches (a resolved job where every
-/// worker was wrong), nothing is written and a warning is logged.
-async fn write_output(
-    nats: &Nats,
+/// tensor per output, named as the op names them). The data is what the
+/// coordinator itself checked against the accepted digest when it decided
+/// the job: a worker's outputs read back from that worker's own copy, or
+/// its own recomputation.
+pub(super) fn write_outputs(
     dir: &std::path::Path,
-    batch: &str,
+    job: &str,
     js: &JobState,
-    rep: &JobReport,
+    data: &[Vec<f32>],
 ) -> Result<()> {
-    let Some(want) = rep.digest else {
-        return Ok(());
-    };
     let out = dir.join("outputs");
     std::fs::create_dir_all(&out)?;
+    let names = js.spec.op.output_names();
+    let tensors: Vec<(&str, &[usize], &[f32])> = js
+        .shapes
+        .iter()
+        .zip(data)
+        .enumerate()
+        .map(|(i, (s, d))| {
+            (
+                names.get(i).copied().unwrap_or("out"),
+                s.as_slice(),
+                d.as_slice(),
+            )
+        })
+        .collect();
+    crate::tensors::write_f32(&out.join(format!("{job}.safetensors")), &tensors)?;
+    Ok(())
+}
+
+/// Whether `data` is a set of outputs with the job's shapes that hashes
+/// to `want`.
+pub(super) fn outputs_match(js: &JobState, data: &[Vec<f32>], want: &Digest) -> bool {
+    data.len() == js.shapes.len()
+        && js
+            .shapes
+            .iter()
+            .zip(data)
+            .all(|(s, d)| Some(d.len()) == lockstep_kernels::contract::elements(s).ok())
+        && outputs_digest(
+            &js.shapes
+                .iter()
+                .zip(data)
+                .map(|(s, d)| tensor_digest_f32(s, d))
+                .collect::<Vec<_>>(),
+        ) == *want
+}
+
+/// The outputs of a worker whose digest is `want`, read back from its own
+/// copy and re-checked (`None` if no worker's copy is at hand).
+pub(super) async fn read_agreeing(
+    nats: &Nats,
+    batch: &str,
+    js: &JobState,
+    want: Option<Digest>,
+) -> Option<Vec<Vec<f32>>> {
+    let want = want?;
     'results: for res in js.results.values() {
         let Outcome::Ok { digest, outputs } = &res.outcome else {
             continue;
@@ -383,41 +422,20 @@ async fn write_output(
         let mut data = Vec::with_capacity(outputs.len());
         for t in outputs {
             let loaded = match (&t.inline, &t.object) {
-                (Some(b64), _) => decode_f32(b64).map_err(anyhow::Error::msg),
-                (None, Some(d)) => {
-                    crate::nats::get_output(nats, &res.worker, batch, &t.shape, d).await
-                }
-                (None, None) => Err(anyhow::anyhow!("no data")),
+                (Some(b64), _) => decode_f32(b64).ok(),
+                (None, Some(d)) => crate::nats::get_output(nats, &res.worker, batch, &t.shape, d)
+                    .await
+                    .ok(),
+                (None, None) => None,
             };
             match loaded {
-                Ok(d) if d.len() == t.elements().unwrap_or(usize::MAX) => data.push(d),
-                _ => continue 'results,
+                Some(d) => data.push(d),
+                None => continue 'results,
             }
         }
-        let digests: Vec<Digest> = outputs
-            .iter()
-            .zip(&data)
-            .map(|(t, d)| tensor_digest_f32(&t.shape, d))
-            .collect();
-        if outputs_digest(&digests) != want {
-            continue;
+        if outputs_match(js, &data, &want) {
+            return Some(data);
         }
-        let names = js.spec.op.output_names();
-        let tensors: Vec<(&str, &[usize], &[f32])> = outputs
-            .iter()
-            .zip(&data)
-            .enumerate()
-            .map(|(i, (t, d))| {
-                (
-                    names.get(i).copied().unwrap_or("out"),
-                    t.shape.as_slice(),
-                    d.as_slice(),
-                )
-            })
-            .collect();
-        crate::tensors::write_f32(&out.join(format!("{}.safetensors", rep.job)), &tensors)?;
-        return Ok(());
     }
-    tracing::warn!(job = %rep.job, "no worker output matched the accepted digest; not written");
-    Ok(())
+    None
 }

@@ -44,6 +44,16 @@ fn result_bytes(shapes: &[Vec<usize>], inline: usize) -> usize {
         .sum::<usize>()
 }
 
+/// Whether worker `w` takes a job of this size: within the limits its
+/// record advertises, and no larger than a job it refused in this batch.
+fn takes(w: &LiveWorker, size: &JobSize, refused: Option<&Vec<JobSize>>) -> bool {
+    w.record.limits.is_none_or(|l| l.admit(size))
+        && refused.is_none_or(|r| {
+            !r.iter()
+                .any(|s| s.work <= size.work && s.max_elements <= size.max_elements)
+        })
+}
+
 /// Gives every unassigned or abandoned replica a live worker that holds no
 /// other replica of the job; returns how many were assigned.
 pub(super) async fn schedule(
@@ -52,6 +62,7 @@ pub(super) async fn schedule(
     state: &mut BTreeMap<String, JobState>,
     live: &[LiveWorker],
     enrolled: &BTreeMap<String, Enrollment>,
+    refused: &HashMap<String, Vec<JobSize>>,
     opts: &SubmitOptions,
 ) -> Result<usize> {
     let live_ids: HashSet<&str> = live.iter().map(|w| w.id.as_str()).collect();
@@ -82,7 +93,11 @@ pub(super) async fn schedule(
                             > opts.worker_timeout.as_millis() as u64;
                     let late =
                         now.saturating_sub(a.assigned_ms) > opts.job_timeout.as_millis() as u64;
-                    !answered_ok && (errored || dead || late || js.retry.contains(&replica))
+                    // Taken off this job (a quarantined worker's results
+                    // no longer count).
+                    let revoked = js.excluded.contains(&a.worker);
+                    !answered_ok
+                        && (errored || dead || late || revoked || js.retry.contains(&replica))
                 }
             };
             if !needs {
@@ -130,6 +145,7 @@ pub(super) async fn schedule(
                         && !holding.contains(w.id.as_str())
                         && !js.results.contains_key(&w.id)
                         && !operators.contains(w.operator.as_str())
+                        && takes(w, &js.size, refused.get(&w.id))
                 })
                 .collect();
             // A system retry goes to another worker when there is one (the

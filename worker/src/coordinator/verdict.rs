@@ -27,29 +27,24 @@ pub(super) async fn evaluate(
     faults: &mut Vec<FaultRecord>,
     enrolled: &mut BTreeMap<String, Enrollment>,
     audit_rate: f64,
-) -> Result<Option<JobReport>> {
+) -> Result<Option<Decision>> {
     let mut report = JobReport::new(id, js, Verdict::Failed);
     // A job-level error the coordinator confirmed (an input really missing
-    // or corrupt) means the job itself is bad; "too large" is a worker's own
-    // limit, so it fails the job only when r workers say so.
+    // or corrupt) means the job itself is bad. "Too large" is never a
+    // verdict on the job: it is a worker saying "not me", whatever how many
+    // workers say it, and the replica goes to another worker.
     let operator = |w: &str| operator_of(enrolled, w);
-    let too_large = js
-        .results
-        .values()
-        .filter(|res| matches!(&res.outcome, Outcome::Error { code, .. } if *code == ErrorCode::TooLarge))
-        .map(|res| operator(&res.worker))
-        .collect::<std::collections::BTreeSet<_>>()
-        .len();
     if let Some((code, message)) = js.results.values().find_map(|res| match &res.outcome {
-        Outcome::Error { code, message }
-            if code.is_job_fault() && (*code != ErrorCode::TooLarge || too_large >= r) =>
-        {
+        Outcome::Error { code, message } if code.is_job_fault() && *code != ErrorCode::TooLarge => {
             Some((*code, message.clone()))
         }
         _ => None,
     }) {
         report.reason = Some(format!("{code:?}: {message}"));
-        return Ok(Some(report));
+        return Ok(Some(Decision {
+            report,
+            reference: None,
+        }));
     }
     let oks: Vec<(&String, Digest)> = js
         .results
@@ -76,15 +71,21 @@ pub(super) async fn evaluate(
     if agree && !audit {
         report.verdict = Verdict::Verified;
         report.digest = Some(first);
-        return Ok(Some(report));
+        return Ok(Some(Decision {
+            report,
+            reference: None,
+        }));
     }
     // Dispute (or audit): recompute with the coordinator's own CPU backend.
-    let reference = reference_digest(nats, &js.spec, cpu).await?;
+    let (reference, outputs) = reference_outputs(nats, &js.spec, cpu).await?;
     report.audited = audit;
     if audit && reference == first {
         report.verdict = Verdict::Verified;
         report.digest = Some(first);
-        return Ok(Some(report));
+        return Ok(Some(Decision {
+            report,
+            reference: Some(outputs),
+        }));
     }
     report.verdict = Verdict::Resolved;
     report.digest = Some(reference);
@@ -119,7 +120,17 @@ pub(super) async fn evaluate(
         "digests disagreed; recomputed by the coordinator; {} faulty",
         report.faulty_workers.len()
     ));
-    Ok(Some(report))
+    Ok(Some(Decision {
+        report,
+        reference: Some(outputs),
+    }))
+}
+
+/// A job's verdict, with the coordinator's own outputs when it computed
+/// them (a dispute or an audit).
+pub(super) struct Decision {
+    pub report: JobReport,
+    pub reference: Option<Vec<Vec<f32>>>,
 }
 
 /// Who runs worker `w` (a worker not enrolled counts as its own operator).
@@ -157,21 +168,73 @@ pub(super) async fn record_fault(
     Ok(())
 }
 
-/// Why a result must be rejected, if it must: it does not verify against
-/// the worker's enrolled key, it is for another job, its outputs have the
-/// wrong shapes or do not hash to the digest it signed, or it claims the
-/// job is bad when the coordinator finds it is not. The caller has checked
-/// that the worker holds (or held) the assignment the result names.
+/// What the checks of one result found.
+pub(super) enum Checked {
+    /// It counts; for `ok`, the data of its outputs (inline ones decoded,
+    /// stored ones read back from the signer's own copy and re-hashed).
+    Fine(Option<Vec<Vec<f32>>>),
+    /// It must be rejected, and it is its worker's fault.
+    Rejected(String),
+    /// It cannot count (an output it names is not in the outputs stream
+    /// under its worker's name), but nothing shows whose fault that is.
+    Unavailable(String),
+}
+
+/// Whether a result counts: it must verify against the worker's enrolled
+/// key and be for this job, its outputs must have the right shapes, and
+/// every output must hash to the digest it signed — stored ones as read
+/// back from the copy under the signer's own name, so a worker that learns
+/// another's digest gets nothing by naming it. A job-level claim must be
+/// true: inputs that the coordinator finds intact, or a `too_large` for a
+/// job within the limits the worker's own record advertises, are lies.
+/// The caller has checked that the worker holds (or held) the assignment
+/// the result names.
 pub(super) async fn check(
     nats: &Nats,
+    batch: &str,
     key: &str,
     res: &ResultMessage,
     js: &JobState,
-) -> Option<String> {
+    limits: Option<WorkerLimits>,
+) -> Checked {
     if let Some(why) = check_statement(key, res, &js.job_digest, &js.shapes) {
-        return Some(why);
+        return Checked::Rejected(why);
     }
     match &res.outcome {
+        Outcome::Ok { outputs, .. } => {
+            let mut data = Vec::with_capacity(outputs.len());
+            for t in outputs {
+                let loaded = match (&t.inline, &t.object) {
+                    (Some(b64), _) => decode_f32(b64).map_err(crate::nats::OutputError::Bad),
+                    (None, Some(d)) => {
+                        crate::nats::get_output(nats, &res.worker, batch, &t.shape, d).await
+                    }
+                    (None, None) => Err(crate::nats::OutputError::Bad("no data".into())),
+                };
+                match loaded {
+                    Ok(d) => data.push(d),
+                    Err(crate::nats::OutputError::Missing(why)) => {
+                        return Checked::Unavailable(why)
+                    }
+                    Err(crate::nats::OutputError::Bad(why)) => {
+                        return Checked::Rejected(format!(
+                            "an output it stored under its own name is not what it signed: {why}"
+                        ))
+                    }
+                }
+            }
+            Checked::Fine(Some(data))
+        }
+        Outcome::Error {
+            code: ErrorCode::TooLarge,
+            ..
+        } => match limits {
+            Some(l) if l.admit(&js.size) => Checked::Rejected(format!(
+                "it claimed too_large for a job within the limits its record advertises ({} elements, {} multiply-adds)",
+                l.max_elements, l.max_macs
+            )),
+            _ => Checked::Fine(None),
+        },
         Outcome::Error {
             code: code @ (ErrorCode::TamperedBlob | ErrorCode::MissingBlob),
             ..
@@ -183,15 +246,15 @@ pub(super) async fn check(
                         Err(_) => false,
                     };
                     if !fine {
-                        return None;
+                        return Checked::Fine(None);
                     }
                 }
             }
-            Some(format!(
+            Checked::Rejected(format!(
                 "it claimed {code:?}, but every input is in the store and hashes to its name"
             ))
         }
-        _ => None,
+        _ => Checked::Fine(None),
     }
 }
 
@@ -286,13 +349,13 @@ pub(super) async fn load_tensor(nats: &Nats, t: &TensorRef) -> Result<Vec<f32>> 
     decode_blob(&t.shape, &digest, &bytes).map_err(anyhow::Error::msg)
 }
 
-/// The job's outputs digest, recomputed on the coordinator's own CPU
-/// backend (tested bit for bit against every op's spec).
-async fn reference_digest(
+/// The job's outputs and their digest, recomputed on the coordinator's own
+/// CPU backend (tested bit for bit against every op's spec).
+async fn reference_outputs(
     nats: &Nats,
     spec: &JobSpec,
     cpu: &std::sync::Arc<lockstep_kernels::cpu::CpuBackend>,
-) -> Result<Digest> {
+) -> Result<(Digest, Vec<Vec<f32>>)> {
     let mut data = Vec::with_capacity(spec.inputs.len());
     for t in &spec.inputs {
         data.push(load_tensor(nats, t).await?);
@@ -302,5 +365,8 @@ async fn reference_digest(
     let outputs =
         tokio::task::spawn_blocking(move || cpu.run(&op, &views(&shapes, &data))).await??;
     let digests: Vec<Digest> = outputs.iter().map(|t| t.digest()).collect();
-    Ok(outputs_digest(&digests))
+    Ok((
+        outputs_digest(&digests),
+        outputs.into_iter().map(|t| t.data).collect(),
+    ))
 }

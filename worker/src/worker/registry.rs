@@ -27,6 +27,10 @@ pub(super) async fn publish_record(
         state,
         jobs_done: ctx.done.load(Ordering::Relaxed),
         jobs_failed: ctx.failed.load(Ordering::Relaxed),
+        limits: Some(WorkerLimits {
+            max_elements: ctx.opts.max_elements as u64,
+            max_macs: ctx.opts.max_macs,
+        }),
     };
     let value = serde_json::to_vec(&rec).expect("serialisable");
     if let Err(e) = ctx.nats.workers.put(&rec.id, value.into()).await {
