@@ -41,6 +41,10 @@ pub enum Mode {
     /// `too_large` for every job, though its record advertises limits that
     /// admit it (a lie).
     LyingTooLarge,
+    /// Fills everything it may publish to (results of made-up batches, and
+    /// outputs, under its own name) until the server refuses more, then
+    /// answers like [`Mode::Wrong`].
+    Flood,
 }
 
 impl std::str::FromStr for Mode {
@@ -54,6 +58,7 @@ impl std::str::FromStr for Mode {
             "copy" => Mode::Copy,
             "too-large" => Mode::TooLarge,
             "lying-too-large" => Mode::LyingTooLarge,
+            "flood" => Mode::Flood,
             _ => return Err(format!("unknown mode {s}")),
         })
     }
@@ -143,7 +148,7 @@ fn answer(mode: Mode, key: &Identity, worker: &str, job: &JobMessage) -> ResultM
                     .collect(),
             }
         }
-        Mode::Wrong | Mode::BadSignature => {
+        Mode::Wrong | Mode::BadSignature | Mode::Flood => {
             let outputs: Vec<TensorRef> = shapes
                 .iter()
                 .map(|s| {
@@ -226,6 +231,10 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
             }
         })
     };
+    if mode == Mode::Flood {
+        let (results, outputs) = flood(&nats, &name).await;
+        eprintln!("flooded: {results} bytes of results, {outputs} bytes of outputs");
+    }
     let mut messages = consumer.messages().await?;
     loop {
         let msg = match messages.next().await {
@@ -249,6 +258,35 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
         }
         let _ = msg.ack().await;
     }
+}
+
+/// Publishes 256 KiB messages of junk on results subjects of made-up
+/// batches, then on output subjects, all under `name`, until the server
+/// refuses one of each; the bytes stored of each.
+pub async fn flood(nats: &Nats, name: &str) -> (usize, usize) {
+    let junk = bytes::Bytes::from(vec![0x5a; 256 << 10]);
+    let mut stored = [0usize; 2];
+    for (i, kind) in ["results", "outputs"].iter().enumerate() {
+        for n in 0.. {
+            let subject = if *kind == "results" {
+                result_subject(&format!("b-flood-{n}"), name)
+            } else {
+                format!("{OUTPUT_SUBJECT_PREFIX}.{name}.b-flood.{n:064x}.0")
+            };
+            let acked = match nats.js.publish(subject, junk.clone()).await {
+                Ok(ack) => matches!(
+                    tokio::time::timeout(Duration::from_secs(5), ack).await,
+                    Ok(Ok(_))
+                ),
+                Err(_) => false,
+            };
+            if !acked || n > 100_000 {
+                break;
+            }
+            stored[i] += junk.len();
+        }
+    }
+    (stored[0], stored[1])
 }
 
 /// Publishes a result on the results subject of its batch and `r.worker`.

@@ -229,3 +229,61 @@ async fn a_caught_worker_s_pending_and_verified_results_are_rechecked() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_fills_only_the_flooder_s_own_share() {
+    let Some(server) = nats_server() else { return };
+    let nats = server.connect().await.unwrap();
+    // Small quotas, so the flood is quick: 8 MiB of results and 16 MiB of
+    // outputs per worker (every worker's streams, made at enrollment, take
+    // them here).
+    let flooder_cfg = server.enroll("flooder", "op-flood").unwrap();
+    let mut procs = Procs::default();
+    for w in ["h1", "h2"] {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "20")]);
+    }
+    wait_workers(&nats, &["h1", "h2"]).await;
+    let limits =
+        lockstep::store::StoreLimits::parse("quota_results.bytes=8M,quota_outputs.bytes=16M")
+            .unwrap();
+    lockstep::store::apply_limits(&nats, &limits).await.unwrap();
+    // The flood, as the flooder's own client, before any batch: it stops
+    // where the server refuses it, at its quotas.
+    let flood_nats = lockstep::nats::connect_worker(&flooder_cfg).await.unwrap();
+    let (results, outputs) = lockstep_tests::adversary::flood(&flood_nats, "flooder").await;
+    assert!(
+        (7 << 20..=8 << 20).contains(&results) && (15 << 20..=16 << 20).contains(&outputs),
+        "the flood stored {results} bytes of results and {outputs} of outputs"
+    );
+    let _flooder = AdversaryProc::start(&server, "flooder", "op-flood", "flood");
+    wait_workers(&nats, &["h1", "h2", "flooder"]).await;
+    // Batches run on: the honest workers store their results and outputs
+    // in their own shares, every output is written, nobody honest is blamed.
+    for (batch, seed) in [("b-flood-1", 91), ("b-flood-2", 92)] {
+        let jobs = stored_output_jobs(6, seed);
+        let want = reference(&jobs);
+        let out = tempfile::tempdir().unwrap();
+        let report = submit(&nats, jobs, &opts(&server, batch, Some(out.path())))
+            .await
+            .unwrap();
+        assert_all_correct(&report, &want, &["h1", "h2"]);
+        assert_outputs_written(out.path(), &want);
+    }
+    // Once caught (it answers wrongly), what it published is purged: its
+    // flood costs nobody anything afterwards.
+    if enrollment(&nats, "flooder").await.state == EnrollmentState::Quarantined {
+        for stream in [
+            worker_results_stream("flooder"),
+            worker_outputs_stream("flooder"),
+        ] {
+            let mut s = nats.js.get_stream(&stream).await.unwrap();
+            assert_eq!(s.info().await.unwrap().state.messages, 0, "{stream}");
+        }
+    }
+    let mut shared = nats.js.get_stream(RESULTS_STREAM).await.unwrap();
+    let held = shared.info().await.unwrap().state.bytes;
+    assert!(
+        held < 8 << 20,
+        "the shared results stream holds {held} bytes"
+    );
+}

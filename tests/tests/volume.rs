@@ -134,8 +134,21 @@ async fn a_finished_batch_is_purged_from_the_server_unless_kept() {
     assert_eq!(purged.outputs, 8, "{purged:?}");
     let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
     assert_eq!(held(&mut results, "lockstep.result.gone.*").await, 0);
-    let mut outputs = nats.js.get_stream("LOCKSTEP_OUTPUTS").await.unwrap();
-    assert_eq!(held(&mut outputs, "lockstep.out.*.gone.>").await, 0);
+    // Each worker's own streams too.
+    for w in ["gone-1", "gone-2"] {
+        let mut outputs = nats
+            .js
+            .get_stream(lockstep::protocol::worker_outputs_stream(w))
+            .await
+            .unwrap();
+        assert_eq!(held(&mut outputs, "lockstep.out.*.gone.>").await, 0);
+        let mut results = nats
+            .js
+            .get_stream(lockstep::protocol::worker_results_stream(w))
+            .await
+            .unwrap();
+        assert_eq!(held(&mut results, "lockstep.result.gone.*").await, 0);
+    }
     let mut plans = nats.js.get_stream("KV_lockstep_assign").await.unwrap();
     assert_eq!(held(&mut plans, "$KV.lockstep_assign.gone.>").await, 0);
     // No object left, and no chunk either (replicas store the same output

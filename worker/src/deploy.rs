@@ -424,6 +424,9 @@ impl Deployment {
 /// quarantine (`lockstep workers clear` does).
 pub async fn register(nats: &crate::nats::Nats, m: &Member) -> Result<Enrollment> {
     anyhow::ensure!(m.role == Role::Worker, "only workers are registered");
+    // Its own results and outputs streams, within its quotas.
+    crate::nats::ensure_worker_streams(&nats.js, &m.name, &crate::store::StoreLimits::from_env()?)
+        .await?;
     let existing = crate::nats::enrollments(nats).await?.remove(&m.name);
     let e = match existing {
         Some(e) if e.public_key == m.public_key && e.operator == m.operator => return Ok(e),

@@ -17,9 +17,8 @@ pub struct Nats {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub jobs: stream::Stream,
+    /// Every worker's results (sourced from each worker's own stream).
     pub results: stream::Stream,
-    /// Outputs too large for a result message, under their worker's name.
-    pub outputs: stream::Stream,
     /// Heartbeats (each worker writes its own key).
     pub workers: kv::Store,
     /// Enrollments: public keys, operators, quarantine.
@@ -42,10 +41,11 @@ impl Nats {
 
 /// Every stream behind lockstep's streams, buckets and object store, by
 /// its JetStream name.
-pub const STREAM_NAMES: [&str; 9] = [
+/// (Each worker also has two of its own: [`worker_results_stream`] and
+/// [`worker_outputs_stream`].)
+pub const STREAM_NAMES: [&str; 8] = [
     JOBS_STREAM,
     RESULTS_STREAM,
-    OUTPUTS_STREAM,
     "KV_lockstep_workers",
     "KV_lockstep_enrolled",
     "KV_lockstep_assign",
@@ -112,7 +112,6 @@ async fn open_all(client: &async_nats::Client, js: &jetstream::Context) -> Resul
         js: js.clone(),
         jobs: stream(JOBS_STREAM).await?,
         results: stream(RESULTS_STREAM).await?,
-        outputs: stream(OUTPUTS_STREAM).await?,
         workers: kv(WORKERS_BUCKET).await?,
         enrolled: kv(ENROLLED_BUCKET).await?,
         assign: kv(ASSIGN_BUCKET).await?,
@@ -176,29 +175,20 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
          is this identity a coordinator? if the server lacks storage for the limits, \
          lower them with LOCKSTEP_STORE_LIMITS)",
     )?;
-    js.get_or_create_stream(stream_config(
-        RESULTS_STREAM,
-        format!("{RESULT_SUBJECT_PREFIX}.>"),
-        stream::RetentionPolicy::Limits,
-        limits.results,
-    ))
-    .await
-    .context("cannot create the results stream")?;
+    // Every worker's results, sourced from the workers' own streams (no
+    // subjects of its own: those belong to the per-worker streams).
     js.get_or_create_stream(stream::Config {
-        // One message per chunk subject: a worker storing an output again
-        // replaces it; readers get the last one directly.
-        max_messages_per_subject: 1,
-        discard: stream::DiscardPolicy::Old,
-        allow_direct: true,
+        subjects: vec![],
         ..stream_config(
-            OUTPUTS_STREAM,
-            format!("{OUTPUT_SUBJECT_PREFIX}.>"),
+            RESULTS_STREAM,
+            String::new(),
             stream::RetentionPolicy::Limits,
-            limits.blobs,
+            limits.results,
         )
     })
     .await
-    .context("cannot create the outputs stream")?;
+    .context("cannot create the results stream")?;
+    migrate_shared_streams(&js).await?;
     let r = limits.replicas;
     kv_bucket(&js, WORKERS_BUCKET, limits.workers, r).await?;
     kv_bucket(&js, ENROLLED_BUCKET, limits.workers, r).await?;
@@ -218,6 +208,20 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
         .context("cannot create the blob object store")?;
     }
     crate::store::adopt_limits(&js, limits).await?;
+    // Every enrolled worker has its own streams (enrolled by an older
+    // lockstep, or its streams lost): made where missing.
+    if let Ok(enrolled) = js.get_key_value(ENROLLED_BUCKET).await {
+        use futures::StreamExt;
+        if let Ok(mut keys) = enrolled.keys().await {
+            let mut names = Vec::new();
+            while let Some(Ok(k)) = keys.next().await {
+                names.push(k);
+            }
+            for name in names.iter().filter(|n| valid_token(n)) {
+                ensure_worker_streams(&js, name, limits).await?;
+            }
+        }
+    }
     // Workers write their heartbeats there: a rollup header on one would
     // purge every other worker's record.
     let mut workers = js.get_stream(format!("KV_{WORKERS_BUCKET}")).await?;
@@ -230,6 +234,90 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
             .context("cannot forbid rollups on the heartbeat bucket")?;
     }
     open_all(&client, &js).await
+}
+
+/// Streams of versions before per-worker quotas, made fit: the results
+/// stream gives its subjects up to the workers' own streams (it sources
+/// them), and the shared outputs stream (transient data) is removed.
+async fn migrate_shared_streams(js: &jetstream::Context) -> Result<()> {
+    let mut results = js.get_stream(RESULTS_STREAM).await?;
+    let config = results.info().await?.config.clone();
+    if !config.subjects.is_empty() {
+        js.update_stream(stream::Config {
+            subjects: vec![],
+            ..config
+        })
+        .await
+        .context("cannot hand the results subjects to the workers' own streams")?;
+        tracing::info!("the results stream now sources each worker's own stream");
+    }
+    if js.get_stream(OLD_OUTPUTS_STREAM).await.is_ok() {
+        js.delete_stream(OLD_OUTPUTS_STREAM)
+            .await
+            .context("cannot remove the shared outputs stream of an older lockstep")?;
+        tracing::info!(
+            "removed the shared outputs stream (outputs now live in each worker's own stream)"
+        );
+    }
+    Ok(())
+}
+
+/// Creates, where missing, a worker's own results and outputs streams
+/// (its quotas: `quota_results`, `quota_outputs`), and makes the shared
+/// results stream source its results. `lockstep enroll` calls this; so does
+/// every coordinator that connects, for each enrolled worker.
+pub async fn ensure_worker_streams(
+    js: &jetstream::Context,
+    worker: &str,
+    limits: &StoreLimits,
+) -> Result<()> {
+    anyhow::ensure!(valid_token(worker), "bad worker name {}", quote(worker));
+    let config = |name: String, subject: String, limit: Limit| stream::Config {
+        name,
+        subjects: vec![subject],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: limit.max_age,
+        max_bytes: limit.max_bytes,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(600),
+        num_replicas: limits.replicas,
+        ..Default::default()
+    };
+    let results = worker_results_stream(worker);
+    js.get_or_create_stream(config(
+        results.clone(),
+        format!("{RESULT_SUBJECT_PREFIX}.*.{worker}"),
+        limits.quota_results,
+    ))
+    .await
+    .with_context(|| format!("cannot create the results stream of {}", quote(worker)))?;
+    js.get_or_create_stream(stream::Config {
+        // One message per chunk subject: a worker storing an output again
+        // replaces it; readers get the last one directly.
+        max_messages_per_subject: 1,
+        allow_direct: true,
+        ..config(
+            worker_outputs_stream(worker),
+            format!("{OUTPUT_SUBJECT_PREFIX}.{worker}.>"),
+            limits.quota_outputs,
+        )
+    })
+    .await
+    .with_context(|| format!("cannot create the outputs stream of {}", quote(worker)))?;
+    let mut shared = js.get_stream(RESULTS_STREAM).await?;
+    let mut config = shared.info().await?.config.clone();
+    let sources = config.sources.get_or_insert_with(Vec::new);
+    if !sources.iter().any(|s| s.name == results) {
+        sources.push(stream::Source {
+            name: results,
+            ..Default::default()
+        });
+        js.update_stream(config)
+            .await
+            .with_context(|| format!("cannot source the results of {}", quote(worker)))?;
+    }
+    Ok(())
 }
 
 async fn kv_bucket(
@@ -592,9 +680,13 @@ pub async fn get_output(
     let mut buf = Vec::with_capacity(total);
     let mut chunk = 0;
     let mut i = 0;
+    let stream = nats
+        .js
+        .get_stream_no_info(worker_outputs_stream(worker))
+        .await
+        .map_err(|e| OutputError::Missing(format!("no outputs stream for {worker}: {e}")))?;
     while buf.len() < total || i == 0 {
-        let m = nats
-            .outputs
+        let m = stream
             .direct_get_last_for_subject(output_subject(worker, batch, digest, i))
             .await
             .map_err(|e| {

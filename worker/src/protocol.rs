@@ -19,18 +19,31 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// a finished batch's leftovers are purged by `lockstep.job.*.<batch>`).
 pub const JOBS_STREAM: &str = "LOCKSTEP_JOBS";
 pub const JOB_SUBJECT_PREFIX: &str = "lockstep.job";
-/// Stream of results, one subject per batch and worker:
-/// `lockstep.result.<batch>.<worker>` (a worker may publish only under its
-/// own name).
+/// Stream of every worker's results, one subject per batch and worker:
+/// `lockstep.result.<batch>.<worker>`. It has no subjects of its own: it
+/// sources each worker's own results stream ([`worker_results_stream`]),
+/// where the worker's publishes land within its quota.
 pub const RESULTS_STREAM: &str = "LOCKSTEP_RESULTS";
 pub const RESULT_SUBJECT_PREFIX: &str = "lockstep.result";
 /// The batch token of results for messages whose batch cannot be read.
 pub const UNROUTABLE_BATCH: &str = "_unroutable";
-/// Stream of outputs too large for a result message, stored by the worker
-/// that computed them: `lockstep.out.<worker>.<batch>.<digest hex>.<chunk>`
-/// (one message per subject; the reader re-hashes).
-pub const OUTPUTS_STREAM: &str = "LOCKSTEP_OUTPUTS";
+/// The stream of outputs of versions before per-worker quotas (one shared
+/// stream, oldest dropped first): removed when a coordinator connects.
+pub const OLD_OUTPUTS_STREAM: &str = "LOCKSTEP_OUTPUTS";
 pub const OUTPUT_SUBJECT_PREFIX: &str = "lockstep.out";
+
+/// A worker's own results stream (subjects `lockstep.result.*.<worker>`),
+/// bounded by its results quota: a flood fills only its own share.
+pub fn worker_results_stream(worker: &str) -> String {
+    format!("LOCKSTEP_RESULTS_{worker}")
+}
+
+/// A worker's own outputs stream: outputs too large for a result message,
+/// `lockstep.out.<worker>.<batch>.<digest hex>.<chunk>` (one message per
+/// subject; the reader re-hashes), bounded by its outputs quota.
+pub fn worker_outputs_stream(worker: &str) -> String {
+    format!("LOCKSTEP_OUTPUTS_{worker}")
+}
 /// KV: worker id → [`WorkerRecord`] (heartbeats; each worker writes only
 /// its own key).
 pub const WORKERS_BUCKET: &str = "lockstep_workers";

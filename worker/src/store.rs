@@ -39,6 +39,12 @@ pub struct StoreLimits {
     pub blobs: Limit,
     /// `lockstep_blob_refs`: which running batch uses which blob.
     pub refs: Limit,
+    /// Each worker's own results stream (`LOCKSTEP_RESULTS_<worker>`): its
+    /// quota of results not yet purged.
+    pub quota_results: Limit,
+    /// Each worker's own outputs stream (`LOCKSTEP_OUTPUTS_<worker>`): its
+    /// quota of stored outputs not yet purged.
+    pub quota_outputs: Limit,
     /// Copies of every store in a JetStream cluster (`replicas=3`; 1 on a
     /// single server). Set when the stores are created.
     pub replicas: usize,
@@ -62,6 +68,8 @@ impl Default for StoreLimits {
             workers: l(16 * MIB, 1),
             blobs: l(4 * GIB, 7),
             refs: l(16 * MIB, 7),
+            quota_results: l(64 * MIB, 7),
+            quota_outputs: l(512 * MIB, 7),
             replicas: 1,
         }
     }
@@ -69,8 +77,16 @@ impl Default for StoreLimits {
 
 impl StoreLimits {
     /// The names, as `--store-limits` spells them.
-    pub const NAMES: [&'static str; 7] = [
-        "jobs", "results", "plans", "faults", "workers", "blobs", "refs",
+    pub const NAMES: [&'static str; 9] = [
+        "jobs",
+        "results",
+        "plans",
+        "faults",
+        "workers",
+        "blobs",
+        "refs",
+        "quota_results",
+        "quota_outputs",
     ];
 
     fn get_mut(&mut self, name: &str) -> Option<&mut Limit> {
@@ -82,6 +98,8 @@ impl StoreLimits {
             "workers" => &mut self.workers,
             "blobs" => &mut self.blobs,
             "refs" => &mut self.refs,
+            "quota_results" => &mut self.quota_results,
+            "quota_outputs" => &mut self.quota_outputs,
             _ => return None,
         })
     }
@@ -175,7 +193,28 @@ pub(crate) fn stream_names() -> [(&'static str, String); 7] {
 /// Sets these limits on every existing store (the coordinator does this
 /// when given `--store-limits`; stores are created with them in any case).
 pub async fn apply_limits(nats: &Nats, limits: &StoreLimits) -> Result<()> {
-    set_limits(&nats.js, limits, false).await
+    set_limits(&nats.js, limits, false).await?;
+    // Every worker's own streams take the quotas.
+    for w in enrolled_names(nats).await? {
+        for (stream, limit) in [
+            (worker_results_stream(&w), limits.quota_results),
+            (worker_outputs_stream(&w), limits.quota_outputs),
+        ] {
+            let Ok(mut s) = nats.js.get_stream(&stream).await else {
+                continue;
+            };
+            let mut config = s.info().await?.config.clone();
+            if config.max_bytes != limit.max_bytes || config.max_age != limit.max_age {
+                config.max_bytes = limit.max_bytes;
+                config.max_age = limit.max_age;
+                nats.js
+                    .update_stream(config)
+                    .await
+                    .with_context(|| format!("cannot set the quota of {stream}"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sets limits on the stores that have none at all (created by an older
@@ -282,6 +321,30 @@ pub async fn purge_batch(
     referenced: &std::collections::BTreeSet<lockstep_kernels::Digest>,
     deletable: &std::collections::BTreeSet<lockstep_kernels::Digest>,
 ) -> Result<PurgeReport> {
+    // Each worker's own streams first (the shared results stream sources
+    // from them), then the shared one.
+    let workers = enrolled_names(nats).await?;
+    let mut outputs = 0;
+    for w in &workers {
+        for (stream, filter) in [
+            (worker_results_stream(w), result_subject(batch, w)),
+            (
+                worker_outputs_stream(w),
+                format!("{OUTPUT_SUBJECT_PREFIX}.{w}.{batch}.>"),
+            ),
+        ] {
+            let Ok(s) = nats.js.get_stream_no_info(&stream).await else {
+                continue;
+            };
+            match s.purge().filter(filter).await {
+                Ok(p) if stream.starts_with("LOCKSTEP_OUTPUTS_") => outputs += p.purged,
+                Ok(_) => {}
+                // A worker enrolled but never given its streams.
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => bail!("cannot purge the batch from {stream}: {e}"),
+            }
+        }
+    }
     let results = purge(&nats.results, results_filter(batch), "results").await?;
     let plans = purge(
         &nats.assign.stream,
@@ -293,12 +356,6 @@ pub async fn purge_batch(
         &nats.jobs,
         format!("{JOB_SUBJECT_PREFIX}.*.{batch}"),
         "queued replicas",
-    )
-    .await?;
-    let outputs = purge(
-        &nats.outputs,
-        format!("{OUTPUT_SUBJECT_PREFIX}.*.{batch}.>"),
-        "outputs",
     )
     .await?;
     let mut report = PurgeReport {
@@ -331,6 +388,47 @@ pub async fn purge_batch(
         }
     }
     Ok(report)
+}
+
+/// Every enrolled worker's name.
+async fn enrolled_names(nats: &Nats) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let mut keys = nats
+        .enrolled
+        .keys()
+        .await
+        .context("cannot list the enrolled workers")?;
+    while let Some(k) = keys.next().await {
+        if let Ok(k) = k {
+            names.push(k);
+        }
+    }
+    Ok(names)
+}
+
+/// Everything `worker` published is removed: its own results and outputs
+/// streams, and its results in the shared results stream. Done when it is
+/// quarantined (its word no longer counts), so whatever it flooded its
+/// share with is gone and costs nobody anything. Returns the messages
+/// removed.
+pub async fn purge_worker(nats: &Nats, worker: &str) -> Result<u64> {
+    let mut purged = 0;
+    for stream in [worker_results_stream(worker), worker_outputs_stream(worker)] {
+        if let Ok(s) = nats.js.get_stream_no_info(&stream).await {
+            match s.purge().await {
+                Ok(p) => purged += p.purged,
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => bail!("cannot purge {stream}: {e}"),
+            }
+        }
+    }
+    purged += purge(
+        &nats.results,
+        format!("{RESULT_SUBJECT_PREFIX}.*.{worker}"),
+        "worker's results",
+    )
+    .await?;
+    Ok(purged)
 }
 
 /// Removes the metadata an object store keeps under a deleted name

@@ -162,6 +162,16 @@ pub(super) async fn record_fault(
             e.reason = Some(format!("batch {} job {}: {}", f.batch, f.job, f.reason));
             crate::nats::put_enrollment(nats, e).await?;
             tracing::warn!(worker = %f.worker, "quarantined");
+            // What it published counts for nothing now: gone, so whatever
+            // it flooded its share with costs nobody anything.
+            match crate::store::purge_worker(nats, &f.worker).await {
+                Ok(n) => {
+                    tracing::info!(worker = %f.worker, messages = n, "purged what the quarantined worker published")
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %f.worker, "could not purge what it published: {e:#}")
+                }
+            }
         }
     }
     faults.push(f);
