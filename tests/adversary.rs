@@ -17,8 +17,8 @@ use futures::StreamExt;
 use lockstep::auth::{ConnectConfig, Identity};
 use lockstep::coordinator::{Report, SubmitOptions, Verdict};
 use lockstep::harness::NatsServer;
-use lockstep::nats::Nats;
 use lockstep::protocol::*;
+use lockstep::worker::bus::WorkerNats;
 use lockstep_kernels::{Backend, Digest};
 
 /// How the worker loop answers.
@@ -177,29 +177,18 @@ fn answer(mode: Mode, key: &Identity, worker: &str, job: &JobMessage) -> ResultM
 /// every replica assigned to it the way `mode` says.
 pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
     let key = cfg.identity()?.context("the adversary needs its key")?;
-    let nats = lockstep::nats::connect_worker(&cfg).await?;
-    let durable = worker_consumer(&name);
-    let config = jetstream::consumer::pull::Config {
-        durable_name: Some(durable.clone()),
-        filter_subject: worker_filter(&name),
-        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ..Default::default()
-    };
-    // (Retried: a server reloading its configuration answers nothing for a
-    // moment.)
+    let nats = lockstep::nats::connect_worker(&cfg, &name).await?;
+    // Its queue, made at enrollment. (Retried: a server reloading its
+    // configuration answers nothing for a moment.)
     let mut tries = 0;
     let consumer = loop {
-        match nats
-            .jobs
-            .get_or_create_consumer(&durable, config.clone())
-            .await
-        {
+        match nats.queue(&name).await {
             Ok(c) => break c,
             Err(_) if tries < 60 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(e).context("consumer"),
+            Err(e) => return Err(e).context("queue"),
         }
     };
     // Heartbeats for as long as the process lives.
@@ -224,8 +213,7 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
                     }),
                 };
                 let _ = nats
-                    .workers
-                    .put(&name, serde_json::to_vec(&rec).unwrap().into())
+                    .put_heartbeat(&name, &serde_json::to_vec(&rec).unwrap())
                     .await;
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -263,7 +251,7 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
 /// Publishes 256 KiB messages of junk on results subjects of made-up
 /// batches, then on output subjects, all under `name`, until the server
 /// refuses one of each; the bytes stored of each.
-pub async fn flood(nats: &Nats, name: &str) -> (usize, usize) {
+pub async fn flood(nats: &WorkerNats, name: &str) -> (usize, usize) {
     let junk = bytes::Bytes::from(vec![0x5a; 256 << 10]);
     let mut stored = [0usize; 2];
     for (i, kind) in ["results", "outputs"].iter().enumerate() {
@@ -290,12 +278,12 @@ pub async fn flood(nats: &Nats, name: &str) -> (usize, usize) {
 }
 
 /// Publishes a result on the results subject of its batch and `r.worker`.
-pub async fn publish(nats: &Nats, r: &ResultMessage) -> Result<()> {
+pub async fn publish(nats: &WorkerNats, r: &ResultMessage) -> Result<()> {
     publish_on(nats, &result_subject(&r.batch, &r.worker), r).await
 }
 
 /// Publishes a result on `subject` and waits for the stream to store it.
-pub async fn publish_on(nats: &Nats, subject: &str, r: &ResultMessage) -> Result<()> {
+pub async fn publish_on(nats: &WorkerNats, subject: &str, r: &ResultMessage) -> Result<()> {
     let ack = nats
         .js
         .publish(subject.to_string(), serde_json::to_vec(r)?.into())

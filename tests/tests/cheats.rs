@@ -249,7 +249,9 @@ async fn a_flood_fills_only_the_flooder_s_own_share() {
     lockstep::store::apply_limits(&nats, &limits).await.unwrap();
     // The flood, as the flooder's own client, before any batch: it stops
     // where the server refuses it, at its quotas.
-    let flood_nats = lockstep::nats::connect_worker(&flooder_cfg).await.unwrap();
+    let flood_nats = lockstep::nats::connect_worker(&flooder_cfg, "flooder")
+        .await
+        .unwrap();
     let (results, outputs) = lockstep_tests::adversary::flood(&flood_nats, "flooder").await;
     assert!(
         (7 << 20..=8 << 20).contains(&results) && (15 << 20..=16 << 20).contains(&outputs),

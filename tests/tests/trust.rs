@@ -35,8 +35,11 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
     );
     assert!(m.can_publish("lockstep.out.mallory.b1.00.0", b"x").await);
     assert!(
-        m.api_ok("STREAM.INFO.OBJ_lockstep_blobs", serde_json::json!({}))
-            .await
+        m.api_ok(
+            "CONSUMER.INFO.LOCKSTEP_JOBS.w-mallory",
+            serde_json::json!({})
+        )
+        .await
     );
     // Impersonation: results, outputs and heartbeats under another name.
     assert!(!m.can_publish("lockstep.result.b1.alice", b"{}").await);
@@ -81,6 +84,10 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
         "CONSUMER.CREATE.LOCKSTEP_JOBS.spy.lockstep.job.>",
         "CONSUMER.DURABLE.CREATE.LOCKSTEP_JOBS.w-mallory",
         "CONSUMER.DELETE.LOCKSTEP_JOBS.w-alice",
+        // Its own queue is made at enrollment: as a push consumer it could
+        // deliver its jobs into anyone's results.
+        "CONSUMER.CREATE.LOCKSTEP_JOBS.w-mallory.lockstep.job.mallory.>",
+        "CONSUMER.DELETE.LOCKSTEP_JOBS.w-mallory",
         "DIRECT.GET.LOCKSTEP_RESULTS",
         "STREAM.MSG.GET.LOCKSTEP_RESULTS",
         "STREAM.PURGE.LOCKSTEP_RESULTS",
@@ -92,6 +99,28 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
             !m.api_ok(api, serde_json::json!({"stream_name": "x"})).await,
             "{api} allowed"
         );
+    }
+    // No stream's metadata: subject names would tell other workers'
+    // batches, bundles, output digests and faults.
+    for stream in lockstep::nats::STREAM_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            worker_results_stream("alice"),
+            worker_outputs_stream("alice"),
+            worker_outputs_stream("mallory"),
+            "LOCKSTEP_OUTPUTS".into(),
+        ])
+    {
+        for body in [
+            serde_json::json!({}),
+            serde_json::json!({"subjects_filter": ">"}),
+        ] {
+            assert!(
+                !m.api_ok(&format!("STREAM.INFO.{stream}"), body).await,
+                "STREAM.INFO.{stream} allowed"
+            );
+        }
     }
     // Nobody without an enrolled key gets in.
     let stranger = lockstep::auth::Identity::generate();
@@ -123,7 +152,9 @@ async fn unassigned_forged_and_preseeded_results_are_not_counted() {
     wait_workers(&nats, &["alice", "bob"]).await;
     // Mallory is enrolled but never heartbeats: it is assigned nothing.
     let mcfg = server.enroll("mallory", "op-m").unwrap();
-    let m = lockstep::nats::connect_worker(&mcfg).await.unwrap();
+    let m = lockstep::nats::connect_worker(&mcfg, "mallory")
+        .await
+        .unwrap();
     let mkey = mcfg.identity().unwrap().unwrap();
 
     let jobs = small_jobs(6, 41);
@@ -156,7 +187,7 @@ async fn unassigned_forged_and_preseeded_results_are_not_counted() {
                 },
             )
         };
-    let seed = |m: lockstep::nats::Nats| {
+    let seed = |m: lockstep::worker::bus::WorkerNats| {
         let jobs: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
         let mkey = mkey.seed();
         async move {

@@ -85,15 +85,13 @@ pub fn enroll_worker(connect: &ConnectArgs, name: &str, operator: &str) -> Resul
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         // A reload leaves JetStream unanswering for a moment.
-        let nats = crate::nats::connect_retrying(
-            &coordinator,
-            &crate::store::StoreLimits::from_env()?,
-            std::time::Duration::from_secs(30),
-        )
-        .await?;
-        let e = crate::deploy::register(&nats, &member).await?;
+        let limits = crate::store::StoreLimits::from_env()?;
+        let nats =
+            crate::nats::connect_retrying(&coordinator, &limits, std::time::Duration::from_secs(30))
+                .await?;
+        let e = crate::deploy::register(&nats, &member, &limits).await?;
         println!("  registered: state {:?}", e.state);
-        crate::deploy::wait_until_ready(&worker, std::time::Duration::from_secs(15), || {
+        crate::deploy::wait_until_ready(&worker, name, std::time::Duration::from_secs(15), || {
             d.reload_server();
         })
         .await

@@ -422,11 +422,14 @@ impl Deployment {
 /// Writes a member's enrollment to the registry (KV `lockstep_enrolled`).
 /// Enrolling the same key again keeps its state: it does not clear a
 /// quarantine (`lockstep workers clear` does).
-pub async fn register(nats: &crate::nats::Nats, m: &Member) -> Result<Enrollment> {
+pub async fn register(
+    nats: &crate::nats::Nats,
+    m: &Member,
+    limits: &crate::store::StoreLimits,
+) -> Result<Enrollment> {
     anyhow::ensure!(m.role == Role::Worker, "only workers are registered");
-    // Its own results and outputs streams, within its quotas.
-    crate::nats::ensure_worker_streams(&nats.js, &m.name, &crate::store::StoreLimits::from_env()?)
-        .await?;
+    // Its queue, and its own results and outputs streams within its quotas.
+    crate::nats::ensure_worker_streams(&nats.js, &m.name, limits).await?;
     let existing = crate::nats::enrollments(nats).await?.remove(&m.name);
     let e = match existing {
         Some(e) if e.public_key == m.public_key && e.operator == m.operator => return Ok(e),
@@ -449,6 +452,7 @@ pub async fn register(nats: &crate::nats::Nats, m: &Member) -> Result<Enrollment
 /// adds it, so `reload` is called again while they are not wired yet.
 pub async fn wait_until_ready(
     cfg: &ConnectConfig,
+    name: &str,
     timeout: std::time::Duration,
     reload: impl Fn(),
 ) -> Result<()> {
@@ -465,12 +469,17 @@ pub async fn wait_until_ready(
         .await;
         if let Ok(Ok(c)) = connected {
             let js = async_nats::jetstream::with_prefix(c.clone(), WORKER_API_PREFIX);
-            let wired = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                js.get_stream(JOBS_STREAM),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok());
+            let queue = async {
+                js.get_stream_no_info(JOBS_STREAM)
+                    .await?
+                    .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                        &worker_consumer(name),
+                    )
+                    .await
+            };
+            let wired = tokio::time::timeout(std::time::Duration::from_secs(2), queue)
+                .await
+                .is_ok_and(|r| r.is_ok());
             let _ = c.drain().await;
             if wired {
                 return Ok(());
@@ -511,24 +520,13 @@ pub fn worker_account(name: &str) -> String {
 fn worker_services(w: &str) -> Vec<(String, bool)> {
     let consumer = worker_consumer(w);
     let api = "$JS.API";
-    let mut v: Vec<(String, bool)> = crate::nats::STREAM_NAMES
-        .iter()
-        .map(|s| (format!("{api}.STREAM.INFO.{s}"), false))
-        .collect();
-    v.extend([
+    // No stream info (subject names would reveal other workers' batches,
+    // bundles, output digests and faults), and no consumer management: its
+    // queue is made at enrollment (a worker that could create it could
+    // make it a push consumer delivering anywhere).
+    vec![
         (
             format!("{api}.CONSUMER.INFO.{JOBS_STREAM}.{consumer}"),
-            false,
-        ),
-        (
-            format!("{api}.CONSUMER.DELETE.{JOBS_STREAM}.{consumer}"),
-            false,
-        ),
-        (
-            format!(
-                "{api}.CONSUMER.CREATE.{JOBS_STREAM}.{consumer}.{}",
-                worker_filter(w)
-            ),
             false,
         ),
         (
@@ -546,8 +544,7 @@ fn worker_services(w: &str) -> Vec<(String, bool)> {
         (format!("{api}.STREAM.MSG.GET.OBJ_{BLOBS_BUCKET}"), false),
         (format!("{RESULT_SUBJECT_PREFIX}.*.{w}"), false),
         (format!("{OUTPUT_SUBJECT_PREFIX}.{w}.>"), false),
-    ]);
-    v
+    ]
 }
 
 /// A member's entry in its account's `users`.

@@ -69,31 +69,13 @@ async fn client(cfg: &ConnectConfig) -> Result<async_nats::Client> {
         .with_context(|| format!("cannot connect to NATS at {}", cfg.url))
 }
 
-/// Connects as a worker: opens the stores a coordinator created (waiting
-/// for them, with a note every 10 s) and creates nothing.
-pub async fn connect_worker(cfg: &ConnectConfig) -> Result<Nats> {
-    let client = client(cfg).await?;
-    // A worker's account sees the streams' JetStream API under its own
-    // prefix (see `deploy`).
-    let js = jetstream::with_prefix(client.clone(), WORKER_API_PREFIX);
-    let t = std::time::Instant::now();
-    let mut noted = 0;
-    loop {
-        match open_all(&client, &js).await {
-            Ok(n) => return Ok(n),
-            Err(e) => {
-                let waited = t.elapsed().as_secs();
-                if waited >= noted {
-                    tracing::warn!(
-                        "waiting for lockstep's streams on {} (a coordinator or `lockstep enroll` creates them): {e:#}",
-                        cfg.url
-                    );
-                    noted = waited + 10;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+/// Connects as worker `name`: opens its corner of the bus (see
+/// [`crate::worker::bus`]), waiting for its queue, and creates nothing.
+pub async fn connect_worker(
+    cfg: &ConnectConfig,
+    name: &str,
+) -> Result<crate::worker::bus::WorkerNats> {
+    crate::worker::bus::WorkerNats::connect(cfg, name).await
 }
 
 async fn open_all(client: &async_nats::Client, js: &jetstream::Context) -> Result<Nats> {
@@ -305,6 +287,7 @@ pub async fn ensure_worker_streams(
     })
     .await
     .with_context(|| format!("cannot create the outputs stream of {}", quote(worker)))?;
+    ensure_queue(js, worker).await?;
     let mut shared = js.get_stream(RESULTS_STREAM).await?;
     let mut config = shared.info().await?.config.clone();
     let sources = config.sources.get_or_insert_with(Vec::new);
@@ -317,6 +300,45 @@ pub async fn ensure_worker_streams(
             .await
             .with_context(|| format!("cannot source the results of {}", quote(worker)))?;
     }
+    Ok(())
+}
+
+/// A worker's queue: its durable pull consumer on the jobs stream, made
+/// here (by `lockstep enroll` or a coordinator), never by the worker, which
+/// may only read, pull and ack it. One that differs from this
+/// configuration (made by an older lockstep, or changed) is made anew; its
+/// unacked messages stay in the work queue and are delivered again.
+async fn ensure_queue(js: &jetstream::Context, worker: &str) -> Result<()> {
+    use jetstream::consumer::{pull, AckPolicy};
+    let name = worker_consumer(worker);
+    let config = pull::Config {
+        durable_name: Some(name.clone()),
+        filter_subject: worker_filter(worker),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: crate::worker::MAX_DELIVER,
+        ..Default::default()
+    };
+    let jobs = js.get_stream_no_info(JOBS_STREAM).await?;
+    if let Ok(mut existing) = jobs.get_consumer::<pull::Config>(&name).await {
+        let c = existing.info().await?.config.clone();
+        let same = c.deliver_subject.is_none()
+            && c.filter_subject == config.filter_subject
+            && c.filter_subjects.is_empty()
+            && c.ack_policy == AckPolicy::Explicit
+            && c.ack_wait == config.ack_wait
+            && c.max_deliver == config.max_deliver;
+        if same {
+            return Ok(());
+        }
+        tracing::info!(%worker, "making this worker's queue anew (its configuration differed)");
+        jobs.delete_consumer(&name)
+            .await
+            .with_context(|| format!("cannot remake the queue of {}", quote(worker)))?;
+    }
+    jobs.create_consumer(config)
+        .await
+        .with_context(|| format!("cannot make the queue of {}", quote(worker)))?;
     Ok(())
 }
 
@@ -465,35 +487,7 @@ pub async fn wait_for_workers(nats: &Nats, names: &[&str], timeout: Duration) ->
 /// The bytes of an object in the blob store (not yet checked: see
 /// [`decode_blob`]).
 pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
-    // Read chunk by chunk with direct gets: the object store's own `get`
-    // creates a consumer per read, and at thousands of reads a second those
-    // hit the server's consumer limit before they expire.
-    use object_store::InfoErrorKind;
-    let info = match nats.blobs.info(digest.to_hex()).await {
-        Ok(i) if !i.deleted => i,
-        Ok(_) => anyhow::bail!(BlobMissing(*digest)),
-        Err(e) if e.kind() == InfoErrorKind::NotFound => anyhow::bail!(BlobMissing(*digest)),
-        Err(e) => anyhow::bail!("cannot look up object {digest}: {e}"),
-    };
-    let subject = format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid);
-    let mut buf = Vec::with_capacity(info.size);
-    let mut seq = 0;
-    for _ in 0..info.chunks {
-        let m = nats
-            .blobs_stream
-            .direct_get_next_for_subject(subject.as_str(), Some(seq + 1))
-            .await
-            .with_context(|| format!("cannot read object {digest}"))?;
-        seq = m.sequence;
-        buf.extend_from_slice(&m.payload);
-    }
-    anyhow::ensure!(
-        buf.len() == info.size,
-        "object {digest} has {} bytes of the {} its metadata promises",
-        buf.len(),
-        info.size
-    );
-    Ok(buf)
+    crate::worker::bus::read_blob(&nats.blobs_stream, digest).await
 }
 
 /// The error of [`get_blob`] when the blob is not in the store.
@@ -611,43 +605,6 @@ async fn store_blob(nats: &Nats, digest: &lockstep_kernels::Digest, data: &[f32]
         .put(meta, &mut bytes.as_slice())
         .await
         .map_err(|e| anyhow::anyhow!("object store put: {e}"))?;
-    Ok(())
-}
-
-/// Bytes per chunk of a stored output: at most 128 KiB, and within the
-/// server's message limit.
-fn chunk_bytes(nats: &Nats) -> usize {
-    (128 << 10).min(message_limit(nats.max_payload()))
-}
-
-/// Stores an output of `worker` for `batch` in the outputs stream, chunk by
-/// chunk (`lockstep.out.<worker>.<batch>.<hex>.<i>`; every chunk but the
-/// last is as long as the first). Storing it again replaces it.
-pub async fn put_output(
-    nats: &Nats,
-    worker: &str,
-    batch: &str,
-    digest: &lockstep_kernels::Digest,
-    data: &[f32],
-) -> Result<()> {
-    let bytes = f32_bytes(data);
-    let chunk = chunk_bytes(nats);
-    let mut acks = Vec::new();
-    for (i, part) in bytes.chunks(chunk).enumerate() {
-        let ack = nats
-            .js
-            .publish(
-                output_subject(worker, batch, digest, i),
-                bytes::Bytes::copy_from_slice(part),
-            )
-            .await
-            .with_context(|| format!("cannot store output {digest}"))?;
-        acks.push(ack);
-    }
-    for ack in acks {
-        ack.await
-            .with_context(|| format!("output {digest} was not stored"))?;
-    }
     Ok(())
 }
 

@@ -226,9 +226,14 @@ impl NatsServer {
                 .block_on(async {
                     let nats =
                         crate::nats::connect_retrying(&coordinator, &limits, patience).await?;
-                    crate::deploy::register(&nats, &member).await?;
-                    crate::deploy::wait_until_ready(&worker, Duration::from_secs(30), reload)
-                        .await?;
+                    crate::deploy::register(&nats, &member, &limits).await?;
+                    crate::deploy::wait_until_ready(
+                        &worker,
+                        &member.name,
+                        Duration::from_secs(30),
+                        reload,
+                    )
+                    .await?;
                     Ok(())
                 })
         })

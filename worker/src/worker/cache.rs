@@ -28,31 +28,35 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
     }
     let digest = t.object.expect("checked: inline or object");
     let cached = ctx.cache.join(digest.to_hex());
-    let bytes = match std::fs::read(&cached) {
-        Ok(b) => b,
-        Err(_) => crate::nats::get_blob(&ctx.nats, &digest)
-            .await
-            .map_err(|e| {
-                // Absent: the job names a blob nobody stored (its fault). Any
-                // other failure to read it is the system's.
-                let code = if crate::nats::blob_missing(&e) {
-                    ErrorCode::MissingBlob
-                } else {
-                    ErrorCode::Unpublishable
-                };
-                job_err(code, format!("input {}", shorten(&format!("{e:#}"), 200)))
-            })?,
-    };
-    let data = decode_blob(&t.shape, &digest, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&cached);
-        job_err(ErrorCode::TamperedBlob, e)
-    })?;
-    if !cached.exists() {
-        // Write then rename: a reader never sees a partial blob.
-        let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &bytes).is_ok() {
-            let _ = std::fs::rename(&tmp, &cached);
+    // The local copy is checked on every read; a damaged one (a flipped
+    // byte, truncated, another blob's bytes) is this worker's own disk
+    // trouble, never a verdict on the job: it is dropped and fetched again.
+    if let Ok(bytes) = std::fs::read(&cached) {
+        match decode_blob(&t.shape, &digest, &bytes) {
+            Ok(data) => return Ok(data),
+            Err(e) => {
+                tracing::warn!(%digest, "the local copy of an input is damaged ({e}); fetching it again");
+                let _ = std::fs::remove_file(&cached);
+            }
         }
+    }
+    let bytes = ctx.nats.blob(&digest).await.map_err(|e| {
+        // Absent: the job names a blob nobody stored (its fault). Any
+        // other failure to read it is the system's.
+        let code = if crate::nats::blob_missing(&e) {
+            ErrorCode::MissingBlob
+        } else {
+            ErrorCode::Unpublishable
+        };
+        job_err(code, format!("input {}", shorten(&format!("{e:#}"), 200)))
+    })?;
+    // Only what the store itself serves wrongly is `tampered_blob`.
+    let data =
+        decode_blob(&t.shape, &digest, &bytes).map_err(|e| job_err(ErrorCode::TamperedBlob, e))?;
+    // Write then rename: a reader never sees a partial blob.
+    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, &bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, &cached);
     }
     Ok(data)
 }
@@ -65,7 +69,8 @@ pub(super) async fn put_output(
     digest: &Digest,
     data: &[f32],
 ) -> Result<(), JobError> {
-    crate::nats::put_output(&ctx.nats, &ctx.opts.name, batch, digest, data)
+    ctx.nats
+        .put_output(&ctx.opts.name, batch, digest, data)
         .await
         .map_err(|e| {
             job_err(

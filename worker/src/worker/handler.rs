@@ -32,7 +32,8 @@ pub(super) async fn handle(ctx: &Ctx, msg: jetstream::Message) {
         .unwrap_or((0, 1));
     // The server's count restarts when a restarted worker takes its messages
     // back; the worker's own count does not.
-    let delivered = server_count.max(ctx.inflight.start(seq));
+    let reply = msg.reply.as_ref().map_or("", |r| r.as_str());
+    let delivered = server_count.max(ctx.inflight.start(seq, reply));
     // However long the bundle takes (fetching, computing, storing, the
     // publish retries), tell the server every 10 s that it is in hand, so
     // it is not redelivered to this worker meanwhile.

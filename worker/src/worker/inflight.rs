@@ -3,11 +3,11 @@
 //! once (instead of after the 30 s ack wait) and still give up on a message
 //! that keeps killing it.
 //!
-//! Taking the messages back means re-creating the worker's consumer, which
-//! resets the server's delivery count; the count kept here (one small file
-//! per stream sequence, under `<cache>/.inflight/<worker>/<stream>/`, where
-//! `<stream>` names the jobs stream by its creation time, since sequence
-//! numbers start again in a new stream) survives that.
+//! Taking a message back means a negative acknowledgement on its
+//! acknowledgement subject, kept here with the count of the times this
+//! worker started it (one small file per stream sequence, under
+//! `<cache>/.inflight/<worker>/<queue>/`, where `<queue>` names the
+//! worker's consumer by its creation time, since a new one delivers anew).
 
 use std::path::PathBuf;
 
@@ -37,16 +37,32 @@ impl Inflight {
         Self { dir }
     }
 
-    /// Records that the message at `seq` is being computed, and returns how
-    /// many times this worker has started it (this time included).
-    pub fn start(&self, seq: u64) -> i64 {
+    /// Records that the message at `seq` is being computed (with `reply`,
+    /// the subject that acknowledges it), and returns how many times this
+    /// worker has started it (this time included).
+    pub fn start(&self, seq: u64, reply: &str) -> i64 {
         let path = self.dir.join(seq.to_string());
         let before: i64 = std::fs::read_to_string(&path)
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse().ok()))
             .unwrap_or(0);
-        let _ = std::fs::write(&path, (before + 1).to_string());
+        let _ = std::fs::write(&path, format!("{}\n{reply}\n", before + 1));
         before + 1
+    }
+
+    /// The acknowledgement subjects of the messages started and not done
+    /// (a previous run of this worker died on them).
+    pub fn unfinished(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|s| s.lines().nth(1).map(str::to_string))
+            // Only this worker's own queue's acknowledgements.
+            .filter(|r| r.starts_with("$JS.ACK.") && !r.contains(char::is_whitespace))
+            .collect()
     }
 
     /// The message at `seq` is answered and acked.
@@ -61,19 +77,22 @@ mod tests {
     fn starts_are_counted_across_restarts_until_done() {
         let dir = tempfile::tempdir().unwrap();
         let a = super::Inflight::new(dir.path(), "w", "s1");
-        assert_eq!(a.start(7), 1);
-        // A restarted worker (a new Inflight over the same folder) sees the count.
+        let r = "$JS.ACK.LOCKSTEP_JOBS.w-w.1.7.7.0.0";
+        assert_eq!(a.start(7, r), 1);
+        // A restarted worker (a new Inflight over the same folder) sees the
+        // count, and what to acknowledge.
         let b = super::Inflight::new(dir.path(), "w", "s1");
-        assert_eq!(b.start(7), 2);
-        assert_eq!(b.start(8), 1);
+        assert_eq!(b.unfinished(), vec![r.to_string()]);
+        assert_eq!(b.start(7, r), 2);
+        assert_eq!(b.start(8, r), 1);
         b.done(7);
-        assert_eq!(b.start(7), 1);
+        assert_eq!(b.start(7, r), 1);
         // Another worker's counts are its own.
-        assert_eq!(super::Inflight::new(dir.path(), "v", "s1").start(8), 1);
+        assert_eq!(super::Inflight::new(dir.path(), "v", "s1").start(8, r), 1);
         // A new stream (sequence numbers start again) starts from nothing,
         // and the old stream's records are gone.
         let c = super::Inflight::new(dir.path(), "w", "s2");
-        assert_eq!(c.start(8), 1);
-        assert_eq!(super::Inflight::new(dir.path(), "w", "s1").start(8), 1);
+        assert_eq!(c.start(8, r), 1);
+        assert_eq!(super::Inflight::new(dir.path(), "w", "s1").start(8, r), 1);
     }
 }

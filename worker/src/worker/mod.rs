@@ -15,6 +15,7 @@
 //! - [`testing`]: test-only switches (fault injection, delays).
 
 pub mod backends;
+pub mod bus;
 mod cache;
 pub(crate) mod handler;
 mod inflight;
@@ -37,8 +38,9 @@ pub use backends::{open_backend, BackendChoice};
 pub use testing::{FaultInjection, TestSwitches};
 
 use crate::auth::{ConnectConfig, Identity};
-use crate::nats::{connect_worker, Nats};
+use crate::nats::connect_worker;
 use crate::protocol::*;
+use bus::WorkerNats;
 
 /// Deliveries of one job message before the worker gives up on it with an
 /// error result (it kept dying while computing it).
@@ -112,7 +114,7 @@ pub fn default_name() -> String {
 
 /// Everything a job handler needs.
 struct Ctx {
-    nats: Nats,
+    nats: WorkerNats,
     /// Signs every result.
     identity: Identity,
     opts: WorkerOptions,
@@ -145,21 +147,40 @@ pub async fn run(
     let (backend, infos) =
         tokio::task::spawn_blocking(move || open_backend(choice, threads)).await??;
     let info = backend.info();
-    let nats = connect_worker(&opts.nats).await?;
+    let nats = connect_worker(&opts.nats, &opts.name).await?;
     let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
     std::fs::create_dir_all(&cache)
         .with_context(|| format!("cannot create cache dir {}", cache.display()))?;
+    ensure_name_is_free(&nats, &opts.name, opts.heartbeat).await?;
+    // (A server reloading its configuration, when another worker is
+    // enrolled, leaves JetStream unanswering for a moment: retry.)
+    let t = std::time::Instant::now();
+    let (mut consumer, created) = loop {
+        let queue = async {
+            let mut c = nats.queue(&opts.name).await?;
+            let created = c.info().await?.created;
+            anyhow::Ok((c, created))
+        };
+        match queue.await {
+            Ok(c) => break c,
+            Err(e) if t.elapsed() < Duration::from_secs(30) => {
+                tracing::warn!("{e:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // The queue is made once, at enrollment: its creation time names the
+    // sequence numbers the in-flight records count by.
+    let inflight = inflight::Inflight::new(&cache, &opts.name, &format!("{created:?}"));
+    take_back(&nats, &inflight, &mut consumer).await;
     let ctx = Arc::new(Ctx {
         nats: nats.clone(),
         identity,
         opts: opts.clone(),
         backend,
         info,
-        inflight: inflight::Inflight::new(
-            &cache,
-            &opts.name,
-            &format!("{:?}", nats.jobs.cached_info().created),
-        ),
+        inflight,
         cache,
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
@@ -170,20 +191,6 @@ pub async fn run(
         let (ctx, infos) = (ctx.clone(), infos.clone());
         move |state: WorkerState| {
             registry::publish_record(ctx.clone(), infos.clone(), started, state)
-        }
-    };
-    ensure_name_is_free(&nats, &opts.name, opts.heartbeat).await?;
-    // (A server reloading its configuration, when another worker is
-    // enrolled, leaves JetStream unanswering for a moment: retry.)
-    let t = std::time::Instant::now();
-    let consumer = loop {
-        match take_over_consumer(&nats, &opts.name).await {
-            Ok(c) => break c,
-            Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                tracing::warn!("{e:#}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e),
         }
     };
     put_record(WorkerState::Up).await;
@@ -272,15 +279,8 @@ pub async fn run(
 /// Refuses to start under a name a live worker is using: its record is up
 /// or draining and its heartbeat still advances. (A record left by a worker
 /// that was killed stops advancing; then this one takes over.)
-async fn ensure_name_is_free(nats: &Nats, name: &str, heartbeat: Duration) -> Result<()> {
-    let read = || async {
-        nats.workers
-            .get(name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|v| serde_json::from_slice::<WorkerRecord>(&v).ok())
-    };
+async fn ensure_name_is_free(nats: &WorkerNats, name: &str, heartbeat: Duration) -> Result<()> {
+    let read = || nats.own_record(name);
     let Some(first) = read().await else {
         return Ok(());
     };
@@ -303,48 +303,32 @@ async fn ensure_name_is_free(nats: &Nats, name: &str, heartbeat: Duration) -> Re
     Ok(())
 }
 
-/// This worker's durable consumer. If a previous run of this worker left
-/// messages delivered but unacked (it was killed mid-job), the consumer is
-/// re-created so they come back at once rather than after the 30 s ack
-/// wait; the work queue keeps every unacked message, so nothing is lost, and
-/// [`inflight`] keeps the per-message start counts the server forgets.
-async fn take_over_consumer(
-    nats: &Nats,
-    name: &str,
-) -> Result<jetstream::consumer::Consumer<pull::Config>> {
-    let durable = worker_consumer(name);
-    let config = pull::Config {
-        durable_name: Some(durable.clone()),
-        filter_subject: worker_filter(name),
-        ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: MAX_DELIVER,
-        ..Default::default()
-    };
-    if let Ok(mut existing) = nats.jobs.get_consumer::<pull::Config>(&durable).await {
-        let info = existing.info().await.ok();
-        let pending = info.as_ref().map_or(0, |i| i.num_ack_pending);
-        let filter = info.as_ref().map(|i| i.config.filter_subject.clone());
-        if filter.is_some_and(|f| f != config.filter_subject) {
-            // A consumer of an older protocol (another subject scheme).
-            tracing::info!("re-creating this worker's consumer for the current subjects");
-            nats.jobs
-                .delete_consumer(&durable)
-                .await
-                .context("cannot reset this worker's consumer")?;
-        } else if pending > 0 {
-            tracing::info!(
-                pending,
-                "taking over the job messages a previous run of this worker left unacked"
-            );
-            nats.jobs
-                .delete_consumer(&durable)
-                .await
-                .context("cannot reset this worker's consumer")?;
-        }
+/// Job messages a previous run of this worker left delivered but unacked
+/// (it was killed mid-job) come back at once rather than after the 30 s ack
+/// wait: their acknowledgement subjects were kept on disk ([`inflight`]),
+/// and each gets a negative acknowledgement, which makes the server deliver
+/// it again now. The work queue keeps every unacked message, so nothing is
+/// lost either way; the in-flight records keep the per-message start
+/// counts, so a message that keeps killing the worker is still given up.
+async fn take_back(
+    nats: &WorkerNats,
+    inflight: &inflight::Inflight,
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+) {
+    let pending = consumer.info().await.map_or(0, |i| i.num_ack_pending);
+    if pending == 0 {
+        return;
     }
-    nats.jobs
-        .get_or_create_consumer(&durable, config)
-        .await
-        .context("cannot create this worker's consumer")
+    let replies = inflight.unfinished();
+    if replies.is_empty() {
+        return;
+    }
+    tracing::info!(
+        pending,
+        "taking back the job messages a previous run of this worker left unacked"
+    );
+    for reply in replies {
+        let _ = nats.client.publish(reply, "-NAK".into()).await;
+    }
+    let _ = nats.client.flush().await;
 }

@@ -33,7 +33,7 @@ pub(super) async fn publish_record(
         }),
     };
     let value = serde_json::to_vec(&rec).expect("serialisable");
-    if let Err(e) = ctx.nats.workers.put(&rec.id, value.into()).await {
+    if let Err(e) = ctx.nats.put_heartbeat(&rec.id, &value).await {
         tracing::warn!("heartbeat failed: {e}");
     }
 }
