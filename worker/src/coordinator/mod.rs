@@ -120,6 +120,8 @@ struct JobState {
     uploaded: Vec<lockstep_kernels::Digest>,
     decided: Option<JobReport>,
     dispatched: Option<Instant>,
+    /// The coordinator is recomputing it (a dispute or an audit).
+    disputing: bool,
 }
 
 /// System failures of one job before it fails (each is retried first).
@@ -169,6 +171,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         .await
         .context("cannot read results")?;
 
+    let (disputes_tx, mut disputes) = tokio::sync::mpsc::unbounded_channel();
     let mut run = Run {
         nats,
         opts,
@@ -189,6 +192,8 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         revoked: HashSet::new(),
         refused: HashMap::new(),
         reevaluate: Vec::new(),
+        disputes: disputes_tx,
+        dispute_lane: Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while run.undecided > 0 && run.abort.is_none() {
@@ -208,6 +213,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                     run.on_results(&m.subject, &m.payload).await?
                 }
             },
+            Some(done) = disputes.recv() => run.on_reference(done).await?,
             _ = tick.tick() => run.on_tick().await?,
         }
     }
@@ -276,6 +282,7 @@ async fn load_jobs(
                 uploaded,
                 decided: None,
                 dispatched: None,
+                disputing: false,
             },
         );
     }
@@ -318,6 +325,17 @@ struct Run<'a> {
     /// Jobs reopened by [`Run::revoke`], to be decided again on what is
     /// left (or given new replicas).
     reevaluate: Vec<String>,
+    /// Recomputations done off the result loop ([`Run::recompute`]).
+    disputes: tokio::sync::mpsc::UnboundedSender<Reference>,
+    /// One recomputation at a time (the CPU backend uses every thread).
+    dispute_lane: Arc<tokio::sync::Semaphore>,
+}
+
+/// The coordinator's own outputs of a job it recomputed.
+struct Reference {
+    job: String,
+    audit: bool,
+    outputs: Result<(lockstep_kernels::Digest, Vec<Vec<f32>>)>,
 }
 
 impl Run<'_> {
@@ -477,29 +495,90 @@ impl Run<'_> {
                 Outcome::Error { .. } => None,
             };
             js.results.insert(res.worker.clone(), res);
-            let decided = verdict::evaluate(
-                self.nats,
-                &self.batch,
-                &id,
-                js,
-                r,
-                &self.cpu,
-                &mut self.faults,
-                &mut self.enrolled,
-                self.opts.audit_rate,
-            )
-            .await?;
-            if let Some(d) = decided {
-                // The outputs to write: this result's own (checked above)
-                // when it is the accepted one, else the coordinator's.
-                let data = match (d.report.digest, digest) {
-                    (Some(want), Some(got)) if want == got && data.is_some() => data,
-                    _ => d.reference,
-                };
-                self.decide(&id, d.report, data)?;
+            match verdict::evaluate(&id, js, r, &self.enrolled, self.opts.audit_rate) {
+                verdict::Eval::Wait => {}
+                verdict::Eval::Decided(d) => {
+                    // The outputs to write: this result's own, checked above
+                    // (a verified job is decided by the result that
+                    // completes it).
+                    let data = match (d.report.digest, digest) {
+                        (Some(want), Some(got)) if want == got => data,
+                        _ => None,
+                    };
+                    self.decide(&id, d.report, data)?;
+                }
+                verdict::Eval::Recompute { audit } => self.recompute(&id, audit),
             }
             self.sweep_quarantined();
         }
+        self.sweep_quarantined();
+        Ok(())
+    }
+
+    /// Recomputes a job on the coordinator's own CPU backend, off the result
+    /// loop (one job at a time): results of other jobs keep being counted
+    /// meanwhile, so a worker that returns many wrong digests slows only
+    /// the jobs it answered. [`Run::on_reference`] settles it.
+    fn recompute(&mut self, id: &str, audit: bool) {
+        let Some(js) = self.state.get_mut(id) else {
+            return;
+        };
+        js.disputing = true;
+        let (nats, spec, cpu) = (self.nats.clone(), js.spec.clone(), self.cpu.clone());
+        let (tx, lane, id) = (
+            self.disputes.clone(),
+            self.dispute_lane.clone(),
+            id.to_string(),
+        );
+        tokio::spawn(async move {
+            let _turn = lane.acquire_owned().await;
+            let r = verdict::reference_outputs(&nats, &spec, &cpu).await;
+            let _ = tx.send(Reference {
+                job: id,
+                audit,
+                outputs: r,
+            });
+        });
+    }
+
+    /// A recomputation is done: the job is settled on it.
+    async fn on_reference(&mut self, done: Reference) -> Result<()> {
+        let Some(js) = self.state.get_mut(&done.job) else {
+            return Ok(());
+        };
+        js.disputing = false;
+        if js.decided.is_some() {
+            return Ok(());
+        }
+        let d = match done.outputs {
+            Ok((digest, outputs)) => {
+                verdict::settle(
+                    self.nats,
+                    &self.batch,
+                    &done.job,
+                    js,
+                    done.audit,
+                    digest,
+                    outputs,
+                    &mut self.faults,
+                    &mut self.enrolled,
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!(job = %done.job, "the coordinator cannot recompute it: {e:#}");
+                let mut report = JobReport::new(&done.job, js, Verdict::Failed);
+                report.reason = Some(format!(
+                    "the coordinator could not recompute it to settle a dispute: {}",
+                    shorten(&format!("{e:#}"), 200)
+                ));
+                verdict::Decision {
+                    report,
+                    reference: None,
+                }
+            }
+        };
+        self.decide(&done.job, d.report, d.reference)?;
         self.sweep_quarantined();
         Ok(())
     }
@@ -536,7 +615,11 @@ impl Run<'_> {
             }
             js.excluded.insert(worker.to_string());
             let Some(rep) = &js.decided else {
-                js.results.remove(worker);
+                // (A job being recomputed keeps it: the recomputation
+                // settles who was wrong, and names it if it was.)
+                if !js.disputing {
+                    js.results.remove(worker);
+                }
                 continue;
             };
             let helped = rep.verdict == Verdict::Verified
@@ -608,30 +691,19 @@ impl Run<'_> {
     /// give every replica that needs one a worker.
     async fn on_tick(&mut self) -> Result<()> {
         for id in std::mem::take(&mut self.reevaluate) {
-            let Some(js) = self.state.get_mut(&id).filter(|j| j.decided.is_none()) else {
+            let Some(js) = self.state.get(&id).filter(|j| j.decided.is_none()) else {
                 continue;
             };
-            let decided = verdict::evaluate(
-                self.nats,
-                &self.batch,
-                &id,
-                js,
-                self.opts.redundancy as usize,
-                &self.cpu,
-                &mut self.faults,
-                &mut self.enrolled,
-                self.opts.audit_rate,
-            )
-            .await?;
-            if let Some(d) = decided {
-                // Outputs from a worker that agreed, read back again.
-                let data = match d.reference {
-                    Some(r) => Some(r),
-                    None => {
-                        report::read_agreeing(self.nats, &self.batch, js, d.report.digest).await
-                    }
-                };
-                self.decide(&id, d.report, data)?;
+            let r = self.opts.redundancy as usize;
+            match verdict::evaluate(&id, js, r, &self.enrolled, self.opts.audit_rate) {
+                verdict::Eval::Wait => {}
+                verdict::Eval::Decided(d) => {
+                    // Outputs from a worker that agreed, read back again.
+                    let data =
+                        report::read_agreeing(self.nats, &self.batch, js, d.report.digest).await;
+                    self.decide(&id, d.report, data)?;
+                }
+                verdict::Eval::Recompute { audit } => self.recompute(&id, audit),
             }
         }
         if self.live_at.elapsed() > Duration::from_millis(500) {

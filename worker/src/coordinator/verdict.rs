@@ -14,20 +14,31 @@ use super::JobState;
 use crate::nats::Nats;
 use crate::protocol::*;
 
-/// Decides a job once it has enough results; `None` while it needs more.
-/// Every result here passed [`check`].
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn evaluate(
-    nats: &Nats,
-    batch: &str,
+/// What a job's results come to so far.
+pub(super) enum Eval {
+    /// Not enough results yet (or its dispute is being recomputed).
+    Wait,
+    Decided(Decision),
+    /// The workers disagree, or agree and are audited: the coordinator
+    /// must recompute the job ([`reference_outputs`], off the result loop)
+    /// and then [`settle`] it.
+    Recompute {
+        audit: bool,
+    },
+}
+
+/// Where a job stands once it has enough results. Every result here passed
+/// [`check`].
+pub(super) fn evaluate(
     id: &str,
-    js: &mut JobState,
+    js: &JobState,
     r: usize,
-    cpu: &std::sync::Arc<lockstep_kernels::cpu::CpuBackend>,
-    faults: &mut Vec<FaultRecord>,
-    enrolled: &mut BTreeMap<String, Enrollment>,
+    enrolled: &BTreeMap<String, Enrollment>,
     audit_rate: f64,
-) -> Result<Option<Decision>> {
+) -> Eval {
+    if js.disputing {
+        return Eval::Wait;
+    }
     let mut report = JobReport::new(id, js, Verdict::Failed);
     // A job-level error the coordinator confirmed (an input really missing
     // or corrupt) means the job itself is bad. "Too large" is never a
@@ -41,26 +52,19 @@ pub(super) async fn evaluate(
         _ => None,
     }) {
         report.reason = Some(format!("{code:?}: {message}"));
-        return Ok(Some(Decision {
+        return Eval::Decided(Decision {
             report,
             reference: None,
-        }));
+        });
     }
-    let oks: Vec<(&String, Digest)> = js
-        .results
-        .iter()
-        .filter_map(|(w, res)| match &res.outcome {
-            Outcome::Ok { digest, .. } => Some((w, *digest)),
-            _ => None,
-        })
-        .collect();
+    let oks = ok_digests(js);
     // r answers from r distinct operators (the schedule sends replicas to
     // distinct operators; a reassigned replica's old worker may still
     // answer, and two of one operator never count as two).
     let operators: std::collections::BTreeSet<String> =
         oks.iter().map(|(w, _)| operator(w)).collect();
     if oks.len() < r || operators.len() < r {
-        return Ok(None);
+        return Eval::Wait;
     }
     let first = oks[0].1;
     let agree = oks.iter().all(|(_, d)| *d == first);
@@ -71,30 +75,52 @@ pub(super) async fn evaluate(
     if agree && !audit {
         report.verdict = Verdict::Verified;
         report.digest = Some(first);
-        return Ok(Some(Decision {
+        return Eval::Decided(Decision {
             report,
             reference: None,
-        }));
+        });
     }
-    // Dispute (or audit): recompute with the coordinator's own CPU backend.
-    let (reference, outputs) = reference_outputs(nats, &js.spec, cpu).await?;
+    Eval::Recompute { audit }
+}
+
+/// Each worker's `ok` digest.
+fn ok_digests(js: &JobState) -> Vec<(String, Digest)> {
+    js.results
+        .iter()
+        .filter_map(|(w, res)| match &res.outcome {
+            Outcome::Ok { digest, .. } => Some((w.clone(), *digest)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Decides a job the coordinator recomputed (`reference`, `outputs`): the
+/// workers' digest when an audit finds it right, else the coordinator's,
+/// with a fault against every worker whose digest differs.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn settle(
+    nats: &Nats,
+    batch: &str,
+    id: &str,
+    js: &JobState,
+    audit: bool,
+    reference: Digest,
+    outputs: Vec<Vec<f32>>,
+    faults: &mut Vec<FaultRecord>,
+    enrolled: &mut BTreeMap<String, Enrollment>,
+) -> Decision {
+    let mut report = JobReport::new(id, js, Verdict::Resolved);
+    let oks = ok_digests(js);
     report.audited = audit;
-    if audit && reference == first {
+    report.digest = Some(reference);
+    if audit && oks.iter().all(|(_, d)| *d == reference) {
         report.verdict = Verdict::Verified;
-        report.digest = Some(first);
-        return Ok(Some(Decision {
+        return Decision {
             report,
             reference: Some(outputs),
-        }));
+        };
     }
-    report.verdict = Verdict::Resolved;
-    report.digest = Some(reference);
-    let wrong: Vec<(String, Digest)> = oks
-        .iter()
-        .filter(|(_, d)| *d != reference)
-        .map(|(w, d)| ((*w).clone(), *d))
-        .collect();
-    for (w, d) in wrong {
+    for (w, d) in oks.into_iter().filter(|(_, d)| *d != reference) {
         let f = FaultRecord {
             worker: w.clone(),
             batch: batch.into(),
@@ -120,10 +146,10 @@ pub(super) async fn evaluate(
         "digests disagreed; recomputed by the coordinator; {} faulty",
         report.faulty_workers.len()
     ));
-    Ok(Some(Decision {
+    Decision {
         report,
         reference: Some(outputs),
-    }))
+    }
 }
 
 /// A job's verdict, with the coordinator's own outputs when it computed
@@ -361,7 +387,7 @@ pub(super) async fn load_tensor(nats: &Nats, t: &TensorRef) -> Result<Vec<f32>> 
 
 /// The job's outputs and their digest, recomputed on the coordinator's own
 /// CPU backend (tested bit for bit against every op's spec).
-async fn reference_outputs(
+pub(super) async fn reference_outputs(
     nats: &Nats,
     spec: &JobSpec,
     cpu: &std::sync::Arc<lockstep_kernels::cpu::CpuBackend>,
