@@ -18,7 +18,7 @@ use crate::protocol::*;
 pub(super) enum Eval {
     /// Not enough results yet (or its dispute is being recomputed).
     Wait,
-    Decided(Decision),
+    Decided(Box<Decision>),
     /// The workers disagree, or agree and are audited: the coordinator
     /// must recompute the job ([`reference_outputs`], off the result loop)
     /// and then [`settle`] it.
@@ -52,10 +52,10 @@ pub(super) fn evaluate(
         _ => None,
     }) {
         report.reason = Some(format!("{code:?}: {message}"));
-        return Eval::Decided(Decision {
+        return Eval::Decided(Box::new(Decision {
             report,
             reference: None,
-        });
+        }));
     }
     let oks = ok_digests(js);
     // r answers from r distinct operators (the schedule sends replicas to
@@ -75,10 +75,10 @@ pub(super) fn evaluate(
     if agree && !audit {
         report.verdict = Verdict::Verified;
         report.digest = Some(first);
-        return Eval::Decided(Decision {
+        return Eval::Decided(Box::new(Decision {
             report,
             reference: None,
-        });
+        }));
     }
     Eval::Recompute { audit }
 }
