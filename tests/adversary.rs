@@ -41,6 +41,8 @@ pub enum Mode {
     /// `too_large` for every job, though its record advertises limits that
     /// admit it (a lie).
     LyingTooLarge,
+    /// Takes its jobs and never answers (it heartbeats all the while).
+    Silent,
     /// Fills everything it may publish to (results of made-up batches, and
     /// outputs, under its own name) until the server refuses more, then
     /// answers like [`Mode::Wrong`].
@@ -59,6 +61,7 @@ impl std::str::FromStr for Mode {
             "too-large" => Mode::TooLarge,
             "lying-too-large" => Mode::LyingTooLarge,
             "flood" => Mode::Flood,
+            "silent" => Mode::Silent,
             _ => return Err(format!("unknown mode {s}")),
         })
     }
@@ -148,7 +151,7 @@ fn answer(mode: Mode, key: &Identity, worker: &str, job: &JobMessage) -> ResultM
                     .collect(),
             }
         }
-        Mode::Wrong | Mode::BadSignature | Mode::Flood => {
+        Mode::Wrong | Mode::BadSignature | Mode::Flood | Mode::Silent => {
             let outputs: Vec<TensorRef> = shapes
                 .iter()
                 .map(|s| {
@@ -234,6 +237,10 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
                 continue;
             }
         };
+        if mode == Mode::Silent {
+            // Held, never answered, never acked.
+            continue;
+        }
         let jobs: Vec<JobMessage> = match serde_json::from_slice::<JobBundle>(&msg.payload) {
             Ok(b) => b.jobs,
             Err(_) => serde_json::from_slice::<JobMessage>(&msg.payload)

@@ -289,3 +289,38 @@ async fn a_flood_fills_only_the_flooder_s_own_share() {
         "the shared results stream holds {held} bytes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_holds_jobs_and_never_answers_loses_them_in_seconds() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    for w in ["h1", "h2"] {
+        procs.worker(&server, w, "cpu", &[]);
+    }
+    // Heartbeats, pulls its replicas, never answers.
+    let _silent = AdversaryProc::start(&server, "silent", "op-silent", "silent");
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["h1", "h2", "silent"]).await;
+    let jobs = small_jobs(10, 101);
+    let want = reference(&jobs);
+    let mut o = opts(&server, "b-silent", None);
+    o.job_timeout = Duration::from_secs(120);
+    o.stall_timeout = Duration::from_secs(2);
+    let report = submit(&nats, jobs, &o).await.unwrap();
+    assert_all_correct(&report, &want, &["h1", "h2"]);
+    assert!(
+        report
+            .jobs
+            .iter()
+            .any(|j| j.reassigned_from.iter().any(|w| w == "silent")),
+        "the silent worker was given nothing: nothing was tested"
+    );
+    // Long before the job timeout: it was its silence, not the clock.
+    assert!(
+        report.elapsed_s < 60.0,
+        "the batch waited {:.0} s for a silent worker",
+        report.elapsed_s
+    );
+    // Silence is not a fault: it is only taken off the jobs.
+    assert!(report.faults.is_empty(), "{:?}", report.faults);
+}

@@ -334,9 +334,17 @@ struct SubmitArgs {
     /// Seconds without a heartbeat before a worker is considered dead.
     #[arg(long, default_value_t = 5.0)]
     worker_timeout: f64,
-    /// Seconds before an unanswered replica is given to another worker.
+    /// Seconds before an unanswered replica is given to another worker,
+    /// however busy its worker seems.
     #[arg(long, default_value_t = 300.0)]
     job_timeout: f64,
+    /// Seconds a worker may hold replicas without answering any of this
+    /// batch's before they go to other workers (heartbeats alone are not
+    /// progress). Stretched for large jobs: the worker's outstanding
+    /// multiply-adds at 10^7 per second, a rate even the exact WGSL path
+    /// beats.
+    #[arg(long, default_value_t = 30.0)]
+    stall_timeout: f64,
     /// Give up after this many seconds, leaving undecided jobs unresolved.
     #[arg(long)]
     deadline: Option<f64>,
@@ -937,6 +945,7 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
         ),
         worker_timeout: Duration::from_secs_f64(args.worker_timeout),
         job_timeout: Duration::from_secs_f64(args.job_timeout),
+        stall_timeout: Duration::from_secs_f64(args.stall_timeout),
         deadline: args.deadline.map(Duration::from_secs_f64),
         progress: !args.quiet,
         threads: 0,

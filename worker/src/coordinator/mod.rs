@@ -53,6 +53,11 @@ pub struct SubmitOptions {
     pub worker_timeout: Duration,
     /// A replica without a result after this long is reassigned.
     pub job_timeout: Duration,
+    /// A worker that holds replicas and has answered none of this batch's
+    /// for this long (stretched for large jobs, see
+    /// [`schedule::STALL_MACS_PER_S`]) has them reassigned: heartbeats
+    /// alone are not progress.
+    pub stall_timeout: Duration,
     /// Give up (jobs left unresolved) after this long; None: wait for ever.
     pub deadline: Option<Duration>,
     pub progress: bool,
@@ -80,6 +85,7 @@ impl Default for SubmitOptions {
             out_dir: None,
             worker_timeout: Duration::from_secs(5),
             job_timeout: Duration::from_secs(300),
+            stall_timeout: Duration::from_secs(30),
             deadline: None,
             progress: true,
             threads: 0,
@@ -192,6 +198,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
         revoked: HashSet::new(),
         refused: HashMap::new(),
         reevaluate: Vec::new(),
+        heard: HashMap::new(),
         disputes: disputes_tx,
         dispute_lane: Arc::new(tokio::sync::Semaphore::new(1)),
     };
@@ -325,6 +332,8 @@ struct Run<'a> {
     /// Jobs reopened by [`Run::revoke`], to be decided again on what is
     /// left (or given new replicas).
     reevaluate: Vec<String>,
+    /// When each worker last answered anything of this batch (ms).
+    heard: HashMap<String, u64>,
     /// Recomputations done off the result loop ([`Run::recompute`]).
     disputes: tokio::sync::mpsc::UnboundedSender<Reference>,
     /// One recomputation at a time (the CPU backend uses every thread).
@@ -363,6 +372,7 @@ impl Run<'_> {
             tracing::warn!(worker = %quote(&sender), "ignoring results from a worker that is not enrolled");
             return Ok(());
         };
+        self.heard.insert(sender.clone(), now_ms());
         // A quarantined worker's word counts for nothing, whatever it holds.
         if self.revoked.contains(&sender)
             || self.enrolled.get(&sender).map(|e| e.state) == Some(EnrollmentState::Quarantined)
@@ -728,6 +738,7 @@ impl Run<'_> {
             &self.live,
             &self.enrolled,
             &self.refused,
+            &self.heard,
             self.opts,
         )
         .await

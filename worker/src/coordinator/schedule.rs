@@ -44,6 +44,10 @@ fn result_bytes(shapes: &[Vec<usize>], inline: usize) -> usize {
         .sum::<usize>()
 }
 
+/// The slowest rate a worker is allowed before it counts as stalled:
+/// multiply-adds per second (the exact WGSL path on lavapipe does better).
+pub const STALL_MACS_PER_S: u128 = 10_000_000;
+
 /// Whether worker `w` takes a job of this size: within the limits its
 /// record advertises, and no larger than a job it refused in this batch.
 fn takes(w: &LiveWorker, size: &JobSize, refused: Option<&Vec<JobSize>>) -> bool {
@@ -63,19 +67,43 @@ pub(super) async fn schedule(
     live: &[LiveWorker],
     enrolled: &BTreeMap<String, Enrollment>,
     refused: &HashMap<String, Vec<JobSize>>,
+    heard: &HashMap<String, u64>,
     opts: &SubmitOptions,
 ) -> Result<usize> {
     let live_ids: HashSet<&str> = live.iter().map(|w| w.id.as_str()).collect();
-    // Load: outstanding replicas per worker in this batch.
+    // Load: outstanding replicas (and their multiply-adds) per worker in
+    // this batch.
     let mut load: HashMap<String, usize> = HashMap::new();
+    // (work, when its oldest unanswered replica was assigned)
+    let mut held: HashMap<&str, (u64, u64)> = HashMap::new();
     for js in state.values().filter(|j| j.decided.is_none()) {
         for a in js.assignments.iter().flatten() {
             if !js.results.contains_key(&a.worker) {
                 *load.entry(a.worker.clone()).or_default() += 1;
+                let h = held.entry(a.worker.as_str()).or_insert((0, u64::MAX));
+                h.0 += js.size.work;
+                h.1 = h.1.min(a.assigned_ms);
             }
         }
     }
     let now = now_ms();
+    // A worker stalls when it has held a replica, and answered nothing of
+    // this batch, for longer than it could take to compute all it holds.
+    let stalled: HashSet<String> = held
+        .iter()
+        .filter(|(w, (work, oldest))| {
+            let allowance =
+                opts.stall_timeout
+                    .as_millis()
+                    .max(u128::from(*work) * 1000 / STALL_MACS_PER_S) as u64;
+            let heard_ago = now.saturating_sub(heard.get(**w).copied().unwrap_or(0));
+            heard_ago > allowance && now.saturating_sub(*oldest) > allowance
+        })
+        .map(|(w, _)| w.to_string())
+        .collect();
+    for w in &stalled {
+        tracing::warn!(worker = %w, "holds replicas and has answered nothing for too long; reassigning them");
+    }
     let limit = message_limit(nats.max_payload());
     let inline = inline_limit(nats.max_payload());
     let mut assigned = 0;
@@ -91,8 +119,9 @@ pub(super) async fn schedule(
                     let dead = !live_ids.contains(a.worker.as_str())
                         && now.saturating_sub(a.assigned_ms)
                             > opts.worker_timeout.as_millis() as u64;
-                    let late =
-                        now.saturating_sub(a.assigned_ms) > opts.job_timeout.as_millis() as u64;
+                    let late = now.saturating_sub(a.assigned_ms)
+                        > opts.job_timeout.as_millis() as u64
+                        || stalled.contains(&a.worker);
                     // Taken off this job (a quarantined worker's results
                     // no longer count).
                     let revoked = js.excluded.contains(&a.worker);
