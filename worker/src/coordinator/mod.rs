@@ -735,10 +735,12 @@ impl Run<'_> {
             self.nats,
             &self.batch,
             &mut self.state,
-            &self.live,
-            &self.enrolled,
-            &self.refused,
-            &self.heard,
+            schedule::Workers {
+                live: &self.live,
+                enrolled: &self.enrolled,
+                refused: &self.refused,
+                heard: &self.heard,
+            },
             self.opts,
         )
         .await

@@ -44,6 +44,18 @@ fn result_bytes(shapes: &[Vec<usize>], inline: usize) -> usize {
         .sum::<usize>()
 }
 
+/// What the schedule knows of the workers.
+#[derive(Clone, Copy)]
+pub(super) struct Workers<'a> {
+    /// Live, enrolled, active workers.
+    pub live: &'a [LiveWorker],
+    pub enrolled: &'a BTreeMap<String, Enrollment>,
+    /// Sizes each worker refused as too large in this batch.
+    pub refused: &'a HashMap<String, Vec<JobSize>>,
+    /// When each worker last answered anything of this batch (ms).
+    pub heard: &'a HashMap<String, u64>,
+}
+
 /// The slowest rate a worker is allowed before it counts as stalled:
 /// multiply-adds per second (the exact WGSL path on lavapipe does better).
 pub const STALL_MACS_PER_S: u128 = 10_000_000;
@@ -64,12 +76,15 @@ pub(super) async fn schedule(
     nats: &Nats,
     batch: &str,
     state: &mut BTreeMap<String, JobState>,
-    live: &[LiveWorker],
-    enrolled: &BTreeMap<String, Enrollment>,
-    refused: &HashMap<String, Vec<JobSize>>,
-    heard: &HashMap<String, u64>,
+    workers: Workers<'_>,
     opts: &SubmitOptions,
 ) -> Result<usize> {
+    let Workers {
+        live,
+        enrolled,
+        refused,
+        heard,
+    } = workers;
     let live_ids: HashSet<&str> = live.iter().map(|w| w.id.as_str()).collect();
     // Load: outstanding replicas (and their multiply-adds) per worker in
     // this batch.
