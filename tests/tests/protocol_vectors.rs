@@ -260,7 +260,12 @@ fn the_published_test_vectors_hold() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| TensorRef::object(serde_json::from_value(t["shape"].clone()).unwrap(), digest(&t["digest"])))
+            .map(|t| {
+                TensorRef::object(
+                    serde_json::from_value(t["shape"].clone()).unwrap(),
+                    digest(&t["digest"]),
+                )
+            })
             .collect(),
     };
     assert_eq!(spec.job_digest(), Some(digest(&v["job_digest"])));

@@ -472,6 +472,54 @@ fn submit_rejects_a_bad_batch_file_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_s_replicas_move_within_two_operators() {
+    // Four workers of two operators, alternating; one drains mid-batch. Its
+    // queued replicas must go to the live worker of its own operator (the
+    // other replica of each job is on the other operator).
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let slow = [("LOCKSTEP_TEST_DELAY_MS", "20")];
+    for (w, op) in [
+        ("w1", "op-a"),
+        ("w2", "op-b"),
+        ("w3", "op-a"),
+        ("w4", "op-b"),
+    ] {
+        procs.worker_as(&server, w, op, "cpu", &slow);
+    }
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["w1", "w2", "w3", "w4"]).await;
+    // ~200 replicas each, in bundles of at most 64: w2 drains with
+    // bundles still queued for it.
+    let jobs = small_jobs(400, 17);
+    let want = lockstep_tests::adversary::reference(&jobs);
+    let mut o = opts("drain-two-ops");
+    o.deadline = Some(Duration::from_secs(90));
+    let task = {
+        let nats = nats.clone();
+        tokio::spawn(async move { submit(&nats, jobs, &o).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    procs.terminate("w2");
+    let status = tokio::task::block_in_place(|| procs.wait_exit("w2", Duration::from_secs(30)));
+    assert!(status.expect("w2 exits after draining").success());
+    let report = task.await.unwrap().unwrap();
+    assert!(report.all_accepted(), "{report:#?}");
+    assert_distinct(&report);
+    for j in &report.jobs {
+        assert_eq!(j.digest, Some(want[&j.job]), "{}", j.job);
+    }
+    assert!(
+        report
+            .jobs
+            .iter()
+            .any(|j| j.reassigned_from.iter().any(|w| w == "w2")),
+        "w2 held nothing when it drained: nothing was tested"
+    );
+    assert!(report.faults.is_empty(), "{:?}", report.faults);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_and_exits_cleanly() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();

@@ -104,6 +104,12 @@ impl Deployment {
     /// Creates a deployment in `dir` with one coordinator identity
     /// (`coordinator`) and writes the server's configuration.
     pub fn init(dir: &Path, host: &str, port: u16, max_payload: Option<usize>) -> Result<Self> {
+        if let Some(p) = max_payload {
+            anyhow::ensure!(
+                p >= MIN_MAX_PAYLOAD,
+                "--max-payload {p} is too small: lockstep needs at least {MIN_MAX_PAYLOAD} bytes per message"
+            );
+        }
         if dir.join(DEPLOYMENT_FILE).exists() {
             bail!(
                 "{} already holds a deployment ({DEPLOYMENT_FILE})",
@@ -626,5 +632,9 @@ mod tests {
         assert!(conf.contains("max_payload: 65536"));
         assert!(!conf.contains("lockstep.result.>"), "{conf}");
         assert!(Deployment::init(dir.path(), "127.0.0.1", 1, None).is_err());
+        // A payload limit below what the protocol needs is refused, naming it.
+        let small = tempfile::tempdir().unwrap();
+        let e = Deployment::init(small.path(), "127.0.0.1", 4333, Some(6144)).unwrap_err();
+        assert!(format!("{e}").contains("--max-payload 6144"), "{e}");
     }
 }

@@ -118,6 +118,8 @@ pub async fn connect_retrying(
     let t = std::time::Instant::now();
     loop {
         match connect_with(cfg, limits).await {
+            // A setting, not a moment: no use waiting.
+            Err(e) if e.downcast_ref::<PayloadTooSmall>().is_some() => return Err(e),
             Err(e) if t.elapsed() < timeout => {
                 tracing::debug!("not ready yet: {e:#}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -132,6 +134,7 @@ pub async fn connect_retrying(
 /// [`crate::store::apply_limits`]).
 pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<Nats> {
     let client = client(cfg).await?;
+    check_max_payload(client.max_payload())?;
     let js = jetstream::new(client.clone());
     let stream_config = |name: &str, subjects: String, retention, limit: Limit| stream::Config {
         name: name.into(),

@@ -190,6 +190,26 @@ pub const INLINE_MAX_BYTES: usize = 64 * 1024;
 /// envelope around what was measured.
 pub const PAYLOAD_HEADROOM: usize = 4096;
 
+/// The smallest server payload limit (`max_payload`) lockstep works with:
+/// a signed result with its Merkle path and a job message with its
+/// headers fit in what is left after [`PAYLOAD_HEADROOM`], with room to
+/// spare. Below it, `lockstep deploy init` refuses the setting and every
+/// lockstep process stops at connect with one line that names it.
+pub const MIN_MAX_PAYLOAD: usize = 16 << 10;
+
+/// A server whose payload limit is below [`MIN_MAX_PAYLOAD`].
+#[derive(Debug, thiserror::Error)]
+#[error("the server's max_payload is {0} bytes; lockstep needs at least {MIN_MAX_PAYLOAD} (raise max_payload in the server's configuration, or give `lockstep deploy init --max-payload` a larger value)")]
+pub struct PayloadTooSmall(pub usize);
+
+/// The one-line error for a server whose payload limit is too small.
+pub fn check_max_payload(max_payload: usize) -> Result<(), PayloadTooSmall> {
+    if max_payload < MIN_MAX_PAYLOAD {
+        return Err(PayloadTooSmall(max_payload));
+    }
+    Ok(())
+}
+
 /// The largest tensor (raw bytes) that travels inline on a connection whose
 /// server accepts messages of `max_payload` bytes: [`INLINE_MAX_BYTES`], or
 /// an eighth of the payload limit if that is less, so a message holding a
@@ -908,5 +928,21 @@ mod tests {
         };
         let v = serde_json::to_value(&outcome).unwrap();
         assert_eq!(v["digest"], d.to_string());
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_limit_below_the_protocol_s_needs_is_one_clear_line() {
+        assert!(check_max_payload(MIN_MAX_PAYLOAD).is_ok());
+        let e = check_max_payload(6144).unwrap_err().to_string();
+        assert!(
+            e.contains("max_payload is 6144") && e.contains("16384"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
     }
 }

@@ -163,9 +163,15 @@ pub(super) async fn schedule(
             // Replicas of one job go to distinct operators: one operator's
             // sybils cannot verify each other.
             // (Also those it was taken away from: they may still answer.)
+            // The worker this replica is taken from is not among them: it
+            // may still answer, but two of one operator never count as two
+            // (`verdict::evaluate`), and with two operators its own
+            // operator's other workers may be the only ones left.
+            let from = js.assignments[replica].as_ref().map(|a| a.worker.as_str());
             let operators: HashSet<&str> = holding
                 .iter()
                 .copied()
+                .filter(|w| Some(*w) != from)
                 .chain(
                     js.results
                         .iter()
