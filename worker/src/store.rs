@@ -318,32 +318,35 @@ pub async fn add_ref(nats: &Nats, digest: &lockstep_kernels::Digest, batch: &str
 pub async fn purge_batch(
     nats: &Nats,
     batch: &str,
+    workers: &[String],
     referenced: &std::collections::BTreeSet<lockstep_kernels::Digest>,
     deletable: &std::collections::BTreeSet<lockstep_kernels::Digest>,
 ) -> Result<PurgeReport> {
     // Each worker's own streams first (the shared results stream sources
-    // from them), then the shared one.
-    let workers = enrolled_names(nats).await?;
-    let mut outputs = 0;
-    for w in &workers {
-        for (stream, filter) in [
-            (worker_results_stream(w), result_subject(batch, w)),
+    // from them), all at once, then the shared one.
+    let purges = workers.iter().flat_map(|w| {
+        [
+            (worker_results_stream(w), result_subject(batch, w), false),
             (
                 worker_outputs_stream(w),
                 format!("{OUTPUT_SUBJECT_PREFIX}.{w}.{batch}.>"),
+                true,
             ),
-        ] {
-            let Ok(s) = nats.js.get_stream_no_info(&stream).await else {
-                continue;
-            };
-            match s.purge().filter(filter).await {
-                Ok(p) if stream.starts_with("LOCKSTEP_OUTPUTS_") => outputs += p.purged,
-                Ok(_) => {}
-                // A worker enrolled but never given its streams.
-                Err(e) if e.to_string().contains("not found") => {}
-                Err(e) => bail!("cannot purge the batch from {stream}: {e}"),
-            }
+        ]
+    });
+    let done = futures::future::join_all(purges.map(|(stream, filter, output)| async move {
+        let s = nats.js.get_stream_no_info(&stream).await?;
+        match s.purge().filter(filter).await {
+            Ok(p) => Ok(if output { p.purged } else { 0 }),
+            // A worker enrolled but never given its streams.
+            Err(e) if e.to_string().contains("not found") => Ok(0),
+            Err(e) => Err(anyhow::anyhow!("cannot purge the batch from {stream}: {e}")),
         }
+    }))
+    .await;
+    let mut outputs = 0;
+    for d in done {
+        outputs += d?;
     }
     let results = purge(&nats.results, results_filter(batch), "results").await?;
     let plans = purge(

@@ -192,7 +192,10 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
     // resumed) nor one stopped early (its results are kept, for a look and
     // for a resume once the store has room).
     if !opts.keep_batch && report.unresolved == 0 && report.stopped.is_none() {
-        match crate::store::purge_batch(nats, &report.batch, &referenced, &deletable).await {
+        let workers: Vec<String> = enrolled.keys().cloned().collect();
+        match crate::store::purge_batch(nats, &report.batch, &workers, &referenced, &deletable)
+            .await
+        {
             Ok(p) => {
                 tracing::info!(
                     results = p.results,
