@@ -324,3 +324,40 @@ async fn a_worker_that_holds_jobs_and_never_answers_loses_them_in_seconds() {
     // Silence is not a fault: it is only taken off the jobs.
     assert!(report.faults.is_empty(), "{:?}", report.faults);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_dated_ahead_keeps_no_silent_worker_alive() {
+    let Some(server) = nats_server() else { return };
+    let nats = server.connect().await.unwrap();
+    let cfg = server.enroll("clock-cheat", "op-clock").unwrap();
+    let bus = lockstep::nats::connect_worker(&cfg, "clock-cheat")
+        .await
+        .unwrap();
+    // One heartbeat that says "a day from now", then silence.
+    let rec = WorkerRecord {
+        protocol: PROTOCOL_VERSION,
+        id: "clock-cheat".into(),
+        backends: vec![],
+        contract_version: lockstep_kernels::CONTRACT_VERSION,
+        concurrency: 1,
+        started_ms: 0,
+        heartbeat_ms: now_ms() + 24 * 3600 * 1000,
+        state: WorkerState::Up,
+        jobs_done: 0,
+        jobs_failed: 0,
+        limits: None,
+    };
+    bus.put_heartbeat("clock-cheat", &serde_json::to_vec(&rec).unwrap())
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(1);
+    let live = |n: Vec<lockstep::nats::LiveWorker>| n.iter().any(|w| w.id == "clock-cheat");
+    assert!(live(
+        lockstep::nats::live_workers(&nats, timeout).await.unwrap()
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !live(lockstep::nats::live_workers(&nats, timeout).await.unwrap()),
+        "a heartbeat dated ahead kept a silent worker live"
+    );
+}

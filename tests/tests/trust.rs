@@ -425,6 +425,29 @@ async fn receipts_verify_offline_and_any_change_is_caught() {
             .unwrap()
     };
     assert!(verify_cli(&path).status.success());
+    // Without a trust anchor: self-consistency only, said, and not a pass
+    // unless asked for; a pinned coordinator key is an anchor.
+    let bare = |extra: &[&str]| {
+        std::process::Command::new(lockstep_bin())
+            .arg("verify")
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = bare(&[]);
+    assert!(!o.status.success(), "verify passed with no trust anchor");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("self-consistency only"));
+    assert!(bare(&["--self-consistent-only"]).status.success());
+    let coordinator = receipts[0].coordinator.public_key.clone();
+    assert!(bare(&["--coordinator-key", &coordinator]).status.success());
+    let stranger = lockstep::auth::Identity::generate().public_key();
+    let o = bare(&["--coordinator-key", &stranger]);
+    assert!(
+        !o.status.success(),
+        "a receipt of another coordinator passed"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
     // Every kind of change is caught, by the library and by the CLI.
     let other = lockstep::auth::Identity::generate();
     type Tamper = Box<dyn Fn(&mut Receipt)>;
@@ -489,13 +512,24 @@ async fn an_audit_catches_colluders_of_distinct_operators_who_agree() {
     wait_workers(&nats, &["colluder-x", "colluder-y"]).await;
     let jobs = small_jobs(1, 46);
     let want = reference(&jobs);
-    let mut o = opts(&server, "b-audit", None);
+    let out = tempfile::tempdir().unwrap();
+    let mut o = opts(&server, "b-audit", Some(out.path()));
     o.audit_rate = 1.0;
     let report = submit(&nats, jobs, &o).await.unwrap();
     assert_all_correct(&report, &want, &[]);
     let j = &report.jobs[0];
     assert!(j.audited, "{j:#?}");
     assert_eq!(j.verdict, Verdict::Resolved);
+    // Every worker was wrong: the output written is the coordinator's own.
+    let (shape, data) = lockstep::tensors::read_f32_tensor(
+        &out.path().join("outputs").join("job-000.safetensors"),
+        "c",
+    )
+    .expect("the resolved job's output is written");
+    assert_eq!(
+        lockstep_kernels::outputs_digest(&[lockstep_kernels::tensor_digest_f32(&shape, &data)]),
+        want["job-000"]
+    );
     let mut faulty = j.faulty_workers.clone();
     faulty.sort();
     assert_eq!(faulty, ["colluder-x", "colluder-y"]);
