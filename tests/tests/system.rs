@@ -520,6 +520,80 @@ async fn a_drained_worker_s_replicas_move_within_two_operators() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_blob_cache_is_healed_and_blames_nobody() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let caches = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for (w, cache) in ["cache-1", "cache-2"].iter().zip(&caches) {
+        procs.worker(
+            &server,
+            w,
+            "cpu",
+            &[("LOCKSTEP_CACHE_DIR", cache.path().to_str().unwrap())],
+        );
+    }
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["cache-1", "cache-2"]).await;
+    // Inputs `a` of 140×130 (73 KB) travel as objects, so workers cache them.
+    let mut r = lockstep_tests::rng(23);
+    let jobs: Vec<lockstep::batch::BatchJob> = (0..6)
+        .map(|i| {
+            let t = |shape: Vec<usize>, r: &mut _| lockstep::batch::Tensor::Data {
+                data: lockstep_tests::random_values(
+                    r,
+                    shape.iter().product(),
+                    lockstep_tests::Values::MixedMagnitudes,
+                ),
+                shape,
+            };
+            lockstep::batch::BatchJob::matmul(
+                format!("job-{i}"),
+                t(vec![140, 130], &mut r),
+                t(vec![130, 16], &mut r),
+            )
+        })
+        .collect();
+    let report = submit(&nats, jobs.clone(), &opts("cache-1st"))
+        .await
+        .unwrap();
+    assert_eq!(report.verified, 6, "{report:#?}");
+    // Every kind of disk damage, in both workers' caches: a flipped byte,
+    // truncated, swapped under each other's names, deleted, garbage.
+    for cache in &caches {
+        let mut files: Vec<_> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 5, "only {} blobs cached", files.len());
+        let mut b = std::fs::read(&files[0]).unwrap();
+        b[100] ^= 0x40;
+        std::fs::write(&files[0], b).unwrap();
+        let b = std::fs::read(&files[1]).unwrap();
+        std::fs::write(&files[1], &b[..b.len() / 2]).unwrap();
+        let (x, y) = (
+            std::fs::read(&files[2]).unwrap(),
+            std::fs::read(&files[3]).unwrap(),
+        );
+        std::fs::write(&files[2], y).unwrap();
+        std::fs::write(&files[3], x).unwrap();
+        std::fs::remove_file(&files[4]).unwrap();
+        if let Some(f) = files.get(5) {
+            std::fs::write(f, b"not a tensor").unwrap();
+        }
+    }
+    let report = submit(&nats, jobs, &opts("cache-2nd")).await.unwrap();
+    assert_eq!(report.verified, 6, "{report:#?}");
+    assert!(report.faults.is_empty(), "{:?}", report.faults);
+    for w in ["cache-1", "cache-2"] {
+        let e = lockstep::nats::enrollments(&nats).await.unwrap()[w].clone();
+        assert_eq!(e.state, EnrollmentState::Active, "{w}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_and_exits_cleanly() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();

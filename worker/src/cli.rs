@@ -301,8 +301,13 @@ struct WorkerArgs {
     #[arg(long, default_value_t = 1 << 36)]
     max_macs: u64,
     /// Folder for cached input blobs (default: $XDG_CACHE_HOME/lockstep/blobs).
+    /// Every entry is re-hashed when read; a damaged one is fetched again.
     #[arg(long, env = "LOCKSTEP_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Most MiB the blob cache may hold; the least recently used entries go
+    /// first.
+    #[arg(long, env = "LOCKSTEP_CACHE_MIB", default_value_t = 1024)]
+    cache_mib: u64,
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
@@ -910,6 +915,7 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
     o.max_elements = args.max_elements;
     o.max_macs = args.max_macs;
     o.cache_dir = args.cache_dir;
+    o.cache_bytes = args.cache_mib.saturating_mul(1 << 20);
     o.heartbeat = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
     o.test = crate::worker::TestSwitches {
         fault: args

@@ -33,7 +33,13 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
     // trouble, never a verdict on the job: it is dropped and fetched again.
     if let Ok(bytes) = std::fs::read(&cached) {
         match decode_blob(&t.shape, &digest, &bytes) {
-            Ok(data) => return Ok(data),
+            Ok(data) => {
+                // Used now: the last to go when the cache is trimmed.
+                if let Ok(f) = std::fs::File::options().append(true).open(&cached) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+                return Ok(data);
+            }
             Err(e) => {
                 tracing::warn!(%digest, "the local copy of an input is damaged ({e}); fetching it again");
                 let _ = std::fs::remove_file(&cached);
@@ -57,8 +63,38 @@ pub(super) async fn fetch(ctx: &Ctx, t: &TensorRef) -> Result<Vec<f32>, JobError
     let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
     if std::fs::write(&tmp, &bytes).is_ok() {
         let _ = std::fs::rename(&tmp, &cached);
+        trim(&ctx.cache, ctx.opts.cache_bytes);
     }
     Ok(data)
+}
+
+/// Keeps the blob cache within `max` bytes: the least recently used
+/// entries (oldest modification time; a read refreshes it) are removed
+/// first.
+pub(super) fn trim(dir: &std::path::Path, max: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, u64, std::path::PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(|m| m.is_file())?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    if total <= max {
+        return;
+    }
+    files.sort();
+    for (_, len, path) in files {
+        if total <= max {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
 }
 
 /// Stores an output too large for the result message in the outputs stream,
@@ -81,4 +117,25 @@ pub(super) async fn put_output(
                 ),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cache_is_trimmed_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for (i, name) in ["old", "mid", "new"].iter().enumerate() {
+            let p = dir.path().join(name);
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let f = std::fs::File::options().append(true).open(&p).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(10 * i as u64))
+                .unwrap();
+        }
+        super::trim(dir.path(), 2500);
+        assert!(!dir.path().join("old").exists());
+        assert!(dir.path().join("mid").exists() && dir.path().join("new").exists());
+        super::trim(dir.path(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 }

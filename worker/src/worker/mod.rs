@@ -64,6 +64,8 @@ pub struct WorkerOptions {
     pub threads: usize,
     /// Where downloaded blobs are cached (None: [`default_cache_dir`]).
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes the blob cache may hold (least recently used go first).
+    pub cache_bytes: u64,
     /// Test-only switches; all off unless a test sets them.
     pub test: TestSwitches,
 }
@@ -80,6 +82,7 @@ impl WorkerOptions {
             max_macs: 1 << 36,
             threads: 0,
             cache_dir: None,
+            cache_bytes: 1 << 30,
             test: TestSwitches::default(),
         }
     }
