@@ -365,6 +365,25 @@ pub async fn watch_results(
         .expect("results")
 }
 
+/// `n` matmul jobs `a` [m,k] · `b` [k,nn] of random mixed-magnitude values.
+pub fn matmul_jobs(
+    n: usize,
+    seed: u64,
+    (m, k, nn): (usize, usize, usize),
+) -> Vec<lockstep::batch::BatchJob> {
+    let mut r = rng(seed);
+    (0..n)
+        .map(|i| {
+            let mut t = |shape: Vec<usize>| lockstep::batch::Tensor::Data {
+                data: random_values(&mut r, shape.iter().product(), Values::MixedMagnitudes),
+                shape,
+            };
+            let a = t(vec![m, k]);
+            lockstep::batch::BatchJob::matmul(format!("job-{i:03}"), a, t(vec![k, nn]))
+        })
+        .collect()
+}
+
 /// `n` small matmul jobs of varied shapes (K across the 256 boundary).
 pub fn small_jobs(n: usize, seed: u64) -> Vec<lockstep::batch::BatchJob> {
     let mut r = rng(seed);

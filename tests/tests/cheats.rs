@@ -10,28 +10,12 @@ use lockstep::coordinator::receipt::{parse_receipts, verify_receipt};
 use lockstep::coordinator::{submit, Verdict};
 use lockstep::protocol::*;
 use lockstep_tests::adversary::{assert_all_correct, enrollment, opts, reference, AdversaryProc};
-use lockstep_tests::{nats_server, random_values, rng, small_jobs, wait_workers, Procs, Values};
+use lockstep_tests::{matmul_jobs, nats_server, small_jobs, wait_workers, Procs};
 
 /// `n` matmul jobs whose output (140×140 f32, 78 KB) is too large to
-/// travel inline, so honest workers store it in the outputs stream.
+/// travel inline, so honest workers store it in their outputs streams.
 fn stored_output_jobs(n: usize, seed: u64) -> Vec<lockstep::batch::BatchJob> {
-    let mut r = rng(seed);
-    (0..n)
-        .map(|i| {
-            let (m, k, nn) = (140, 16, 140);
-            lockstep::batch::BatchJob::matmul(
-                format!("job-{i:03}"),
-                lockstep::batch::Tensor::Data {
-                    shape: vec![m, k],
-                    data: random_values(&mut r, m * k, Values::MixedMagnitudes),
-                },
-                lockstep::batch::Tensor::Data {
-                    shape: vec![k, nn],
-                    data: random_values(&mut r, k * nn, Values::MixedMagnitudes),
-                },
-            )
-        })
-        .collect()
+    matmul_jobs(n, seed, (140, 16, 140))
 }
 
 /// Every accepted job's output file exists and hashes to the correct digest.

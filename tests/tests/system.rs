@@ -535,24 +535,7 @@ async fn a_damaged_blob_cache_is_healed_and_blames_nobody() {
     let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["cache-1", "cache-2"]).await;
     // Inputs `a` of 140×130 (73 KB) travel as objects, so workers cache them.
-    let mut r = lockstep_tests::rng(23);
-    let jobs: Vec<lockstep::batch::BatchJob> = (0..6)
-        .map(|i| {
-            let t = |shape: Vec<usize>, r: &mut _| lockstep::batch::Tensor::Data {
-                data: lockstep_tests::random_values(
-                    r,
-                    shape.iter().product(),
-                    lockstep_tests::Values::MixedMagnitudes,
-                ),
-                shape,
-            };
-            lockstep::batch::BatchJob::matmul(
-                format!("job-{i}"),
-                t(vec![140, 130], &mut r),
-                t(vec![130, 16], &mut r),
-            )
-        })
-        .collect();
+    let jobs = lockstep_tests::matmul_jobs(6, 23, (140, 130, 16));
     let report = submit(&nats, jobs.clone(), &opts("cache-1st"))
         .await
         .unwrap();

@@ -136,17 +136,8 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
     let client = client(cfg).await?;
     check_max_payload(client.max_payload())?;
     let js = jetstream::new(client.clone());
-    let stream_config = |name: &str, subjects: String, retention, limit: Limit| stream::Config {
-        name: name.into(),
-        subjects: vec![subjects],
-        retention,
-        storage: stream::StorageType::File,
-        max_age: limit.max_age,
-        max_bytes: limit.max_bytes,
-        discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(600),
-        num_replicas: limits.replicas,
-        ..Default::default()
+    let stream_config = |name: &str, subjects: String, retention, limit: Limit| {
+        stream_config(name, subjects, retention, limit, limits.replicas)
     };
     js.get_or_create_stream(stream_config(
         JOBS_STREAM,
@@ -221,6 +212,29 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
     open_all(&client, &js).await
 }
 
+/// Every lockstep stream's configuration: file storage, within its limit,
+/// refusing new messages when full, a 10-minute duplicate window.
+fn stream_config(
+    name: &str,
+    subjects: String,
+    retention: stream::RetentionPolicy,
+    limit: Limit,
+    replicas: usize,
+) -> stream::Config {
+    stream::Config {
+        name: name.into(),
+        subjects: vec![subjects],
+        retention,
+        storage: stream::StorageType::File,
+        max_age: limit.max_age,
+        max_bytes: limit.max_bytes,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(600),
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
 /// Streams of versions before per-worker quotas, made fit: the results
 /// stream gives its subjects up to the workers' own streams (it sources
 /// them), and the shared outputs stream (transient data) is removed.
@@ -257,17 +271,14 @@ pub async fn ensure_worker_streams(
     limits: &StoreLimits,
 ) -> Result<()> {
     anyhow::ensure!(valid_token(worker), "bad worker name {}", quote(worker));
-    let config = |name: String, subject: String, limit: Limit| stream::Config {
-        name,
-        subjects: vec![subject],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        max_age: limit.max_age,
-        max_bytes: limit.max_bytes,
-        discard: stream::DiscardPolicy::New,
-        duplicate_window: Duration::from_secs(600),
-        num_replicas: limits.replicas,
-        ..Default::default()
+    let config = |name: String, subject: String, limit: Limit| {
+        stream_config(
+            &name,
+            subject,
+            stream::RetentionPolicy::Limits,
+            limit,
+            limits.replicas,
+        )
     };
     let results = worker_results_stream(worker);
     js.get_or_create_stream(config(
