@@ -257,14 +257,17 @@ async fn a_flood_fills_only_the_flooder_s_own_share() {
     }
     // Once caught (it answers wrongly), what it published is purged: its
     // flood costs nobody anything afterwards.
-    if enrollment(&nats, "flooder").await.state == EnrollmentState::Quarantined {
-        for stream in [
-            worker_results_stream("flooder"),
-            worker_outputs_stream("flooder"),
-        ] {
-            let mut s = nats.js.get_stream(&stream).await.unwrap();
-            assert_eq!(s.info().await.unwrap().state.messages, 0, "{stream}");
-        }
+    assert_eq!(
+        enrollment(&nats, "flooder").await.state,
+        EnrollmentState::Quarantined,
+        "the flooder was given no job in 12: nothing caught it"
+    );
+    for stream in [
+        worker_results_stream("flooder"),
+        worker_outputs_stream("flooder"),
+    ] {
+        let mut s = nats.js.get_stream(&stream).await.unwrap();
+        assert_eq!(s.info().await.unwrap().state.messages, 0, "{stream}");
     }
     let mut shared = nats.js.get_stream(RESULTS_STREAM).await.unwrap();
     let held = shared.info().await.unwrap().state.bytes;

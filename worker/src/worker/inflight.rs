@@ -65,6 +65,17 @@ impl Inflight {
             .collect()
     }
 
+    /// Forgets every record: the queue holds nothing this worker took and
+    /// did not ack (records of messages purged meanwhile would otherwise
+    /// stay for good).
+    pub fn clear(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// The message at `seq` is answered and acked.
     pub fn done(&self, seq: u64) {
         let _ = std::fs::remove_file(self.dir.join(seq.to_string()));
@@ -91,6 +102,10 @@ mod tests {
         assert_eq!(super::Inflight::new(dir.path(), "v", "s1").start(8, r), 1);
         // A new stream (sequence numbers start again) starts from nothing,
         // and the old stream's records are gone.
+        // Nothing pending on the server: every record goes.
+        b.clear();
+        assert!(b.unfinished().is_empty());
+        assert_eq!(b.start(7, r), 1);
         let c = super::Inflight::new(dir.path(), "w", "s2");
         assert_eq!(c.start(8, r), 1);
         assert_eq!(super::Inflight::new(dir.path(), "w", "s1").start(8, r), 1);

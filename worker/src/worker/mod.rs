@@ -318,8 +318,13 @@ async fn take_back(
     inflight: &inflight::Inflight,
     consumer: &mut jetstream::consumer::Consumer<pull::Config>,
 ) {
-    let pending = consumer.info().await.map_or(0, |i| i.num_ack_pending);
+    let Ok(pending) = consumer.info().await.map(|i| i.num_ack_pending) else {
+        return;
+    };
     if pending == 0 {
+        // Nothing of an earlier run is in hand: its records (of messages
+        // acked, or purged with their batch) are stale.
+        inflight.clear();
         return;
     }
     let replies = inflight.unfinished();
