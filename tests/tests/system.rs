@@ -296,6 +296,89 @@ fn coordinator_restart_resumes_without_duplicates() {
     }
 }
 
+#[test]
+fn a_resume_after_a_server_restart_computes_nothing_again() {
+    // A coordinator killed mid-batch, the server killed and restarted from
+    // its store, the batch resumed: replicas already answered must not be
+    // sent again (the acked bundles are gone from the work queue, and the
+    // restarted server has forgotten their ids).
+    let Some(mut server) = nats_server() else {
+        return;
+    };
+    let mut procs = Procs::default();
+    for w in ["r1", "r2", "r3"] {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "30")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("batch.jsonl");
+    lockstep::demo::write_demo_batch(&batch, 120, 7).unwrap();
+    let out = dir.path().join("out");
+    let submit_cmd = |server: &lockstep::harness::NatsServer| {
+        let mut c = std::process::Command::new(lockstep_bin());
+        c.args([
+            "submit",
+            "--deployment",
+            server.dir().to_str().unwrap(),
+            "--batch-id",
+            "restarted",
+            "--quiet",
+            "--keep-batch",
+            "--worker-timeout",
+            "3",
+            "--deadline",
+            "240",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(&batch)
+        .env("RUST_LOG", "warn");
+        c
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nats = rt.block_on(server.connect()).unwrap();
+    rt.block_on(wait_workers(&nats, &["r1", "r2", "r3"]));
+    let mut first = submit_cmd(&server)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the batch finished before the kill; make jobs longer"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    drop(nats);
+    server.restart().unwrap();
+    let o = submit_cmd(&server).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["verified"], 120, "{report:#}");
+    // Every result the workers published for the batch: one per job and
+    // worker, nothing computed twice.
+    let nats = rt.block_on(server.connect()).unwrap();
+    let counts = rt.block_on(async {
+        let mut seen = std::collections::BTreeMap::<(String, String), usize>::new();
+        let mut results = lockstep_tests::watch_results(&nats, "lockstep.result.restarted.*").await;
+        while let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_secs(2), results.next()).await
+        {
+            for r in parse_results(&m.payload).unwrap() {
+                *seen.entry((r.job, r.worker)).or_default() += 1;
+            }
+        }
+        seen
+    });
+    let again: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        again.is_empty(),
+        "computed again after the resume: {again:?}"
+    );
+    assert!(counts.len() >= 240, "only {} results", counts.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_messages_get_error_results() {
     let Some(server) = nats_server() else { return };

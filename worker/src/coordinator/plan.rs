@@ -118,11 +118,16 @@ pub(super) async fn resume(
     if restored > 0 {
         tracing::info!(restored, "resuming an earlier run of this batch");
         // Re-publish each recorded bundle under its original message id (the
-        // stream drops it if it was already stored), holding only the entries
-        // that are still current.
+        // stream drops it if it still holds it), holding only the entries
+        // that are still current and whose worker has not answered: a
+        // bundle already taken and acked is gone from the work queue, and
+        // a restarted server has forgotten its id, so the id alone would
+        // not keep finished work from being computed again.
+        let answered = answered(nats, batch).await?;
         for (bundle_id, entries) in &bundles {
             let current: Vec<JobMessage> = entries
                 .iter()
+                .filter(|e| !answered.contains(&(e.job.clone(), e.assignment.worker.clone())))
                 .filter(|e| {
                     state
                         .get(&e.job)
@@ -151,6 +156,39 @@ pub(super) async fn resume(
     }
 
     Ok(restored)
+}
+
+/// Every (job, worker) of `batch` with a result in the results stream,
+/// read once from the start (only a worker can publish on its own subject,
+/// so a result there naming it is its own).
+async fn answered(nats: &Nats, batch: &str) -> Result<std::collections::HashSet<(String, String)>> {
+    let mut consumer = nats
+        .results
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: results_filter(batch),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("cannot read results")?;
+    let mut pending = consumer.info().await?.num_pending;
+    let mut messages = consumer.messages().await.context("cannot read results")?;
+    let mut out = std::collections::HashSet::new();
+    while pending > 0 {
+        let Ok(Some(Ok(m))) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), messages.next()).await
+        else {
+            break;
+        };
+        pending -= 1;
+        let sender = m.subject.rsplit('.').next().unwrap_or_default();
+        for r in parse_results(&m.payload).unwrap_or_default() {
+            if r.worker == sender {
+                out.insert((r.job, r.worker));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// An input as it travels: inline, or an object this batch now references
