@@ -233,6 +233,36 @@ async fn nats_server_restart_mid_batch() {
     }
 }
 
+/// `lockstep submit` of `batch` under a fixed batch id (so a second run
+/// resumes the first), quiet, with a 3 s worker timeout.
+fn resumable_submit(
+    server: &lockstep::harness::NatsServer,
+    batch_id: &str,
+    out: &std::path::Path,
+    batch: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(lockstep_bin());
+    c.args([
+        "submit",
+        "--deployment",
+        server.dir().to_str().unwrap(),
+        "--batch-id",
+        batch_id,
+        "--quiet",
+        "--worker-timeout",
+        "3",
+        "--deadline",
+        "240",
+    ])
+    .args(extra)
+    .arg("--out")
+    .arg(out)
+    .arg(batch)
+    .env("RUST_LOG", "warn");
+    c
+}
+
 #[test]
 fn coordinator_restart_resumes_without_duplicates() {
     let Some(server) = nats_server() else { return };
@@ -244,26 +274,7 @@ fn coordinator_restart_resumes_without_duplicates() {
     let batch = dir.path().join("batch.jsonl");
     lockstep::demo::write_demo_batch(&batch, 30, 5).unwrap();
     let out = dir.path().join("out");
-    let submit_cmd = || {
-        let mut c = std::process::Command::new(lockstep_bin());
-        c.args([
-            "submit",
-            "--deployment",
-            server.dir().to_str().unwrap(),
-            "--batch-id",
-            "resumable",
-            "--quiet",
-            "--worker-timeout",
-            "3",
-            "--deadline",
-            "240",
-            "--out",
-        ])
-        .arg(&out)
-        .arg(&batch)
-        .env("RUST_LOG", "warn");
-        c
-    };
+    let submit_cmd = || resumable_submit(&server, "resumable", &out, &batch, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let nats = rt.block_on(server.connect()).unwrap();
     rt.block_on(wait_workers(&nats, &["c1", "c2", "c3"]));
@@ -314,25 +325,7 @@ fn a_resume_after_a_server_restart_computes_nothing_again() {
     lockstep::demo::write_demo_batch(&batch, 120, 7).unwrap();
     let out = dir.path().join("out");
     let submit_cmd = |server: &lockstep::harness::NatsServer| {
-        let mut c = std::process::Command::new(lockstep_bin());
-        c.args([
-            "submit",
-            "--deployment",
-            server.dir().to_str().unwrap(),
-            "--batch-id",
-            "restarted",
-            "--quiet",
-            "--keep-batch",
-            "--worker-timeout",
-            "3",
-            "--deadline",
-            "240",
-            "--out",
-        ])
-        .arg(&out)
-        .arg(&batch)
-        .env("RUST_LOG", "warn");
-        c
+        resumable_submit(server, "restarted", &out, &batch, &["--keep-batch"])
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let nats = rt.block_on(server.connect()).unwrap();
