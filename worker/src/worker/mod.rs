@@ -32,7 +32,6 @@ use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use lockstep_kernels::{Backend, BackendInfo};
-use tokio::sync::Semaphore;
 
 pub use backends::{open_backend, BackendChoice};
 pub use testing::{FaultInjection, TestSwitches};
@@ -217,53 +216,19 @@ pub async fn run(
     };
     tracing::info!(worker = %opts.name, backend = %ctx.info.kind, device = %ctx.info.device, "worker up");
 
-    let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    // Pull no more than can be worked on: a message waiting in a buffer has
-    // its ack timer running.
-    let pull = || {
-        consumer
-            .stream()
-            .max_messages_per_batch(opts.concurrency.max(1))
-            .messages()
-    };
-    let mut messages = pull().await.context("cannot pull jobs")?;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => {
-                let permit = permit.expect("semaphore open");
-                let msg = tokio::select! {
-                    _ = &mut shutdown => break,
-                    m = messages.next() => m,
-                };
-                match msg {
-                    Some(Ok(msg)) => {
-                        let ctx = ctx.clone();
-                        tokio::spawn(async move {
-                            handler::handle(&ctx, msg).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!("pulling jobs: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    None => {
-                        tracing::warn!("job stream ended; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        messages = pull().await.context("cannot pull jobs")?;
-                    }
-                }
-            }
-        }
-    }
-    // Drain: no new pulls; wait for in-flight jobs to finish and publish.
-    drop(messages);
+    // One pulling lane per job worked on at a time: each asks the server
+    // for one message, works on it, asks again. (See [`lane`].)
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let lanes: Vec<_> = (0..opts.concurrency.max(1))
+        .map(|_| tokio::spawn(lane(ctx.clone(), consumer.clone(), stop_rx.clone())))
+        .collect();
+    shutdown.await;
+    // Drain: no new pulls; in-flight jobs finish and publish.
     tracing::info!("shutting down: finishing in-flight jobs");
+    let _ = stop_tx.send(true);
     let _ = state_tx.send(WorkerState::Draining);
-    let all = opts.concurrency.max(1) as u32;
-    if tokio::time::timeout(Duration::from_secs(60), permits.acquire_many(all))
+    let all = futures::future::join_all(lanes);
+    if tokio::time::timeout(Duration::from_secs(60), all)
         .await
         .is_err()
     {
@@ -277,6 +242,63 @@ pub async fn run(
     ctx.nats.client.flush().await.ok();
     tracing::info!(done = ctx.done.load(Ordering::Relaxed), "worker stopped");
     Ok(())
+}
+
+/// How long one pull request waits on the server for a message.
+const PULL_EXPIRES: Duration = Duration::from_secs(3);
+/// How long past its expiry a pull request may go unanswered (no message,
+/// no timeout status) before it is taken as lost and asked again.
+const PULL_GRACE: Duration = Duration::from_secs(1);
+
+/// One pulling lane: a pull request for one message, with a short expiry,
+/// then the job, then the next request. Every request is independent (its
+/// own inbox, its own expiry), so a request the server forgets (a
+/// restarted server, a consumer whose leader moved) or a status that never
+/// arrives costs at most `PULL_EXPIRES + PULL_GRACE`; a long-lived pull
+/// stream that counts outstanding messages could believe a request still
+/// open that the server had already answered, and pulled nothing for 30 s.
+/// On stop, a lane waits out its open request (a message the server hands
+/// it then is worked on, not left unacked in a dropped inbox).
+async fn lane(
+    ctx: Arc<Ctx>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        let request = consumer
+            .batch()
+            .max_messages(1)
+            .expires(PULL_EXPIRES)
+            .messages();
+        let mut batch = match tokio::time::timeout(PULL_EXPIRES, request).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!("pulling jobs: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("pulling jobs: the server did not take the request; retrying");
+                continue;
+            }
+        };
+        let next = tokio::time::timeout(PULL_EXPIRES + PULL_GRACE, batch.next());
+        tokio::pin!(next);
+        let got = tokio::select! {
+            got = &mut next => got,
+            _ = stop.changed() => next.await,
+        };
+        match got {
+            Ok(Some(Ok(msg))) => handler::handle(&ctx, msg).await,
+            Ok(Some(Err(e))) => {
+                tracing::warn!("pulling jobs: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Expired with nothing to do.
+            Ok(None) => {}
+            Err(_) => tracing::debug!("a pull request went unanswered; asking again"),
+        }
+    }
 }
 
 /// Refuses to start under a name a live worker is using: its record is up
