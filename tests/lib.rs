@@ -408,3 +408,14 @@ pub fn small_jobs(n: usize, seed: u64) -> Vec<lockstep::batch::BatchJob> {
         })
         .collect()
 }
+
+/// The in-test coordinator's log (`RUST_LOG`, default warn) in the test's
+/// captured output: shown when it fails or with `--nocapture`.
+pub fn test_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

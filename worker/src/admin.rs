@@ -11,40 +11,63 @@ use crate::coordinator::receipt::{parse_receipts, verify_receipt};
 use crate::deploy::{Deployment, Role};
 use crate::protocol::*;
 
-/// `lockstep deploy init DIR`.
+/// `lockstep deploy init DIR` (with `--cluster N`: one configuration per
+/// node).
 pub fn deploy_init(
     dir: &Path,
     host: &str,
     port: u16,
     max_payload: Option<usize>,
     tls: Option<crate::deploy::ServerTls>,
+    cluster: Option<Vec<crate::deploy::ClusterNode>>,
 ) -> Result<()> {
-    let mut d = Deployment::init(dir, host, port, max_payload)?;
+    let mut d = match cluster {
+        Some(nodes) => Deployment::init_cluster(dir, host, nodes, max_payload)?,
+        None => Deployment::init(dir, host, port, max_payload)?,
+    };
     if tls.is_some() {
         d.file.tls = tls;
         d.save()?;
     }
     println!("deployment created in {}", dir.display());
-    println!(
-        "  server configuration: {}",
-        dir.join(crate::deploy::SERVER_CONFIG).display()
-    );
+    let configs = d.server_configs();
+    if d.file.cluster.is_empty() {
+        println!("  server configuration: {}", configs[0].display());
+    } else {
+        println!(
+            "  a JetStream cluster of {} nodes, every store with 3 copies:",
+            configs.len()
+        );
+        for (node, config) in d.file.cluster.iter().zip(&configs) {
+            println!(
+                "    {}: clients on {}:{}, routes on {}  ({})",
+                node.name,
+                d.node_host(node),
+                node.port,
+                node.route_port,
+                config.display()
+            );
+        }
+    }
     println!(
         "  coordinator key:      {}",
         d.key_path(Role::Coordinator, "coordinator").display()
     );
     println!("next:");
-    println!(
-        "  nats-server -c {}          # start the server (JetStream, authorization on)",
-        dir.join(crate::deploy::SERVER_CONFIG).display()
-    );
+    for config in &configs {
+        println!(
+            "  nats-server -c {}          # start the server (JetStream, authorization on)",
+            config.display()
+        );
+    }
     println!(
         "  lockstep enroll worker NAME --operator ORG --deployment {}",
         dir.display()
     );
     println!(
-        "  lockstep worker --name NAME --nkey {}  # on the worker's machine",
-        d.key_path(Role::Worker, "NAME").display()
+        "  lockstep worker --name NAME --nkey {} --nats {}  # on the worker's machine",
+        d.key_path(Role::Worker, "NAME").display(),
+        d.url()
     );
     println!(
         "  lockstep submit --deployment {} batch.jsonl",
@@ -75,9 +98,14 @@ pub fn enroll_worker(connect: &ConnectArgs, name: &str, operator: &str) -> Resul
     if d.reload_server() {
         println!("  the server running from this deployment reloaded its configuration");
     } else {
+        let configs: Vec<String> = d
+            .server_configs()
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect();
         println!(
-            "  no server runs from this deployment here: reload yours with the new {}",
-            dir.join(crate::deploy::SERVER_CONFIG).display()
+            "  no server runs from this deployment here: reload yours (SIGHUP) with the new {}",
+            configs.join(", ")
         );
     }
     let worker = d.connect_as(Role::Worker, name);

@@ -185,6 +185,20 @@ enum DeployCommand {
         /// Require every client to present a certificate from --tls-ca.
         #[arg(long, requires = "tls_cert")]
         verify_clients: bool,
+        /// A JetStream cluster of N servers (3 to 9) instead of one: node i
+        /// (n1..nN) listens for clients on --port + i - 1 and for its peers
+        /// on --route-port + i - 1; every store keeps 3 copies, so the
+        /// deployment survives losing a node. One configuration file per
+        /// node (nats-server-nI.conf).
+        #[arg(long, value_name = "N")]
+        cluster: Option<usize>,
+        /// First route port of a cluster.
+        #[arg(long, default_value_t = 6222, requires = "cluster")]
+        route_port: u16,
+        /// The nodes' addresses when they run on different machines
+        /// (comma-separated, one per node; default: --host for all).
+        #[arg(long, value_delimiter = ',', requires = "cluster")]
+        node_hosts: Vec<String>,
     },
 }
 
@@ -724,6 +738,9 @@ fn run(cli: Cli) -> Result<()> {
             tls_key,
             tls_ca,
             verify_clients,
+            cluster,
+            route_port,
+            node_hosts,
         }) => {
             let tls = match (tls_cert, tls_key, tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some(crate::deploy::ServerTls {
@@ -736,7 +753,10 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 _ => None,
             };
-            crate::admin::deploy_init(&dir, &host, port, max_payload, tls)
+            let nodes = cluster
+                .map(|n| crate::deploy::ClusterNode::spread(n, port, route_port, &node_hosts))
+                .transpose()?;
+            crate::admin::deploy_init(&dir, &host, port, max_payload, tls, nodes)
         }
         Command::Enroll {
             role: EnrollRole::Worker,

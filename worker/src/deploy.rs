@@ -87,12 +87,50 @@ pub struct ServerTls {
     pub client_key: Option<PathBuf>,
 }
 
-/// One server of a cluster: its client port and its route port.
+/// One server of a cluster: its address (the deployment's host unless
+/// given), its client port and its route port.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClusterNode {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub port: u16,
     pub route_port: u16,
+}
+
+impl ClusterNode {
+    /// Nodes `n1..=nN`: client ports `port + i`, route ports
+    /// `route_port + i`, on `hosts[i]` where given (else the deployment's
+    /// host).
+    pub fn spread(n: usize, port: u16, route_port: u16, hosts: &[String]) -> Result<Vec<Self>> {
+        anyhow::ensure!(
+            (3..=9).contains(&n),
+            "--cluster {n}: a JetStream cluster has 3 to 9 nodes (3 keep a quorum when one dies)"
+        );
+        anyhow::ensure!(
+            hosts.is_empty() || hosts.len() == n,
+            "--node-hosts names {} hosts for {n} nodes",
+            hosts.len()
+        );
+        let last = |p: u16| p.checked_add(n as u16 - 1);
+        anyhow::ensure!(
+            last(port).is_some() && last(route_port).is_some(),
+            "ports {port} and {route_port} leave no room for {n} nodes"
+        );
+        let (ports, routes) = (port..port + n as u16, route_port..route_port + n as u16);
+        anyhow::ensure!(
+            !ports.clone().any(|p| routes.contains(&p)),
+            "the client ports ({port}..) and route ports ({route_port}..) overlap"
+        );
+        Ok((0..n)
+            .map(|i| Self {
+                name: format!("n{}", i + 1),
+                host: hosts.get(i).cloned(),
+                port: port + i as u16,
+                route_port: route_port + i as u16,
+            })
+            .collect())
+    }
 }
 
 pub struct Deployment {
@@ -134,12 +172,17 @@ impl Deployment {
 
     /// Creates a deployment of a JetStream cluster, one server per node
     /// (`nats-server-<node>.conf` each; routes on loopback ports).
-    pub fn init_cluster(dir: &Path, host: &str, nodes: Vec<ClusterNode>) -> Result<Self> {
+    pub fn init_cluster(
+        dir: &Path,
+        host: &str,
+        nodes: Vec<ClusterNode>,
+        max_payload: Option<usize>,
+    ) -> Result<Self> {
         anyhow::ensure!(
             nodes.len() >= 3,
             "a JetStream cluster needs at least 3 nodes"
         );
-        let mut d = Self::init(dir, host, nodes[0].port, None)?;
+        let mut d = Self::init(dir, host, nodes[0].port, max_payload)?;
         d.file.cluster = nodes;
         d.save()?;
         Ok(d)
@@ -184,7 +227,7 @@ impl Deployment {
                 .file
                 .cluster
                 .iter()
-                .map(|n| format!("nats://{}:{}", self.file.host, n.port))
+                .map(|n| format!("nats://{}:{}", self.node_host(n), n.port))
                 .collect();
             urls.join(",")
         }
@@ -281,16 +324,27 @@ impl Deployment {
         Ok(())
     }
 
-    /// The configuration of node `i` of a cluster: its ports, its own store
-    /// and pid file, routes to every other node, and the same users.
+    /// Where a node of the cluster listens.
+    pub fn node_host<'a>(&'a self, node: &'a ClusterNode) -> &'a str {
+        node.host.as_deref().unwrap_or(&self.file.host)
+    }
+
+    /// The configuration of node `i` of a cluster: its address and ports,
+    /// its own store and pid file, routes to every other node, and the same
+    /// users.
     pub fn node_config(&self, i: usize) -> String {
         let f = &self.file;
         let node = &f.cluster[i];
         let mut s = self.server_config();
-        let own_port = format!("port: {}\n", f.port);
+        let own = format!("host: {:?}\nport: {}\n", f.host, f.port);
         s = s.replacen(
-            &own_port,
-            &format!("port: {}\nserver_name: {:?}\n", node.port, node.name),
+            &own,
+            &format!(
+                "host: {:?}\nport: {}\nserver_name: {:?}\n",
+                self.node_host(node),
+                node.port,
+                node.name
+            ),
             1,
         );
         s = s.replace(
@@ -317,11 +371,11 @@ impl Deployment {
             .cluster
             .iter()
             .filter(|n| n.name != node.name)
-            .map(|n| format!("\"nats-route://{}:{}\"", f.host, n.route_port))
+            .map(|n| format!("\"nats-route://{}:{}\"", self.node_host(n), n.route_port))
             .collect();
         s += &format!(
             "cluster {{\n  name: \"lockstep\"\n  listen: \"{}:{}\"\n  routes: [{}]\n}}\n",
-            f.host,
+            self.node_host(node),
             node.route_port,
             routes.join(", ")
         );
@@ -434,6 +488,7 @@ pub async fn register(
     limits: &crate::store::StoreLimits,
 ) -> Result<Enrollment> {
     anyhow::ensure!(m.role == Role::Worker, "only workers are registered");
+    let limits = &crate::nats::resolve_replicas(&nats.client, limits).await;
     // Its queue, and its own results and outputs streams within its quotas.
     crate::nats::ensure_worker_streams(&nats.js, &m.name, limits).await?;
     let existing = crate::nats::enrollments(nats).await?.remove(&m.name);

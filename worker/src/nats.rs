@@ -135,6 +135,7 @@ pub async fn connect_retrying(
 pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<Nats> {
     let client = client(cfg).await?;
     check_max_payload(client.max_payload())?;
+    let limits = &resolve_replicas(&client, limits).await;
     let js = jetstream::new(client.clone());
     let stream_config = |name: &str, subjects: String, retention, limit: Limit| {
         stream_config(name, subjects, retention, limit, limits.replicas)
@@ -210,6 +211,23 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
             .context("cannot forbid rollups on the heartbeat bucket")?;
     }
     open_all(&client, &js).await
+}
+
+/// `limits` with its copies per store decided: as given, else (0) three
+/// on a server that is part of a cluster (it says so when a client
+/// connects), one on a single server.
+pub async fn resolve_replicas(client: &async_nats::Client, limits: &StoreLimits) -> StoreLimits {
+    let mut limits = limits.clone();
+    if limits.replicas == 0 {
+        // (The server's INFO is in hand once a round trip has been made.)
+        let _ = client.flush().await;
+        limits.replicas = if client.server_info().cluster.is_some() {
+            3
+        } else {
+            1
+        };
+    }
+    limits
 }
 
 /// Every lockstep stream's configuration: file storage, within its limit,

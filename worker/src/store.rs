@@ -45,8 +45,9 @@ pub struct StoreLimits {
     /// Each worker's own outputs stream (`LOCKSTEP_OUTPUTS_<worker>`): its
     /// quota of stored outputs not yet purged.
     pub quota_outputs: Limit,
-    /// Copies of every store in a JetStream cluster (`replicas=3`; 1 on a
-    /// single server). Set when the stores are created.
+    /// Copies of every store (`replicas=N`, 1 to 5). 0 (the default):
+    /// 3 when the server is part of a cluster, else 1. Set when the stores
+    /// are created.
     pub replicas: usize,
 }
 
@@ -70,7 +71,7 @@ impl Default for StoreLimits {
             refs: l(16 * MIB, 7),
             quota_results: l(64 * MIB, 7),
             quota_outputs: l(512 * MIB, 7),
-            replicas: 1,
+            replicas: 0,
         }
     }
 }

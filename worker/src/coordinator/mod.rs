@@ -19,6 +19,7 @@
 //! - `verdict`: verdicts and disputes;
 //! - [`report`]: the report, the verdict table, the outputs.
 
+mod feed;
 mod plan;
 pub mod receipt;
 pub mod report;
@@ -31,8 +32,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
 
 pub use plan::{batch_id_for, new_batch_id};
 pub use report::{print_report, JobReport, ReplicaReport, Report, Verdict};
@@ -164,18 +163,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
     }
 
     // Every result of this batch, from the beginning (a restart replays them).
-    let mut results = nats
-        .results
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: results_filter(&batch),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .context("cannot read results")?
-        .messages()
-        .await
-        .context("cannot read results")?;
+    let mut results = feed::Feed::open(nats, &batch).await?;
 
     let (disputes_tx, mut disputes) = tokio::sync::mpsc::unbounded_channel();
     let mut run = Run {
@@ -221,7 +209,12 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
                 }
             },
             Some(done) = disputes.recv() => run.on_reference(done).await?,
-            _ = tick.tick() => run.on_tick().await?,
+            _ = tick.tick() => {
+                run.on_tick().await?;
+                for m in results.refresh_if_quiet(|| run.owing()).await {
+                    run.on_results(&m.subject, &m.payload).await?;
+                }
+            }
         }
     }
     run.bar.finish_and_clear();
@@ -295,6 +288,10 @@ async fn load_jobs(
     }
     Ok(state)
 }
+
+/// How long one refresh of the registry may take before the last view is
+/// kept for another round.
+const REGISTRY_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A batch in progress: the jobs, the live workers, and the tallies.
 struct Run<'a> {
@@ -699,6 +696,20 @@ impl Run<'_> {
 
     /// Every 100 ms: refresh the live workers (at most every 500 ms) and
     /// give every replica that needs one a worker.
+    /// The workers holding replicas of undecided jobs they have not
+    /// answered.
+    fn owing(&self) -> Vec<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for js in self.state.values().filter(|j| j.decided.is_none()) {
+            for a in js.assignments.iter().flatten() {
+                if !js.results.contains_key(&a.worker) {
+                    out.insert(a.worker.clone());
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     async fn on_tick(&mut self) -> Result<()> {
         for id in std::mem::take(&mut self.reevaluate) {
             let Some(js) = self.state.get(&id).filter(|j| j.decided.is_none()) else {
@@ -717,16 +728,21 @@ impl Run<'_> {
             }
         }
         if self.live_at.elapsed() > Duration::from_millis(500) {
-            let live = match enrollments(self.nats).await {
-                Ok(e) => {
-                    self.enrolled = e;
-                    live_workers_of(self.nats, &self.enrolled, self.opts.worker_timeout).await
-                }
-                Err(e) => Err(e),
-            };
-            match live {
-                Ok(l) => self.live = l,
-                Err(e) => tracing::warn!("cannot read the worker registry: {e}"),
+            // Bounded: while the registry's bucket has no leader (a
+            // cluster node died) its reads hang, and this loop must go on
+            // reading results meanwhile; the last view stands.
+            let read = tokio::time::timeout(REGISTRY_READ_TIMEOUT, async {
+                let enrolled = enrollments(self.nats).await?;
+                let live = live_workers_of(self.nats, &enrolled, self.opts.worker_timeout).await?;
+                anyhow::Ok((enrolled, live))
+            })
+            .await;
+            match read {
+                Ok(Ok((enrolled, live))) => (self.enrolled, self.live) = (enrolled, live),
+                Ok(Err(e)) => tracing::warn!("cannot read the worker registry: {e}"),
+                Err(_) => tracing::warn!(
+                    "cannot read the worker registry: no answer in {REGISTRY_READ_TIMEOUT:?}; keeping the last view"
+                ),
             }
             self.live_at = Instant::now();
             self.sweep_quarantined();

@@ -83,6 +83,20 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `start` again (three tries in all) while a server cannot bind its port.
+fn retry_ports<T>(start: impl Fn() -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Err(e) if tries < 2 && format!("{e:#}").contains("port") => {
+                tries += 1;
+                tracing::debug!("{e:#}; trying other ports");
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Settings of a local server beyond the defaults.
 #[derive(Clone, Debug, Default)]
 pub struct ServerOptions {
@@ -99,8 +113,14 @@ impl NatsServer {
         Self::start_with(&ServerOptions::default())
     }
 
-    /// Starts a server with a fresh deployment and these settings.
+    /// Starts a server with a fresh deployment and these settings. (A port
+    /// found free can be taken before the server binds it: tried again on
+    /// new ports.)
     pub fn start_with(options: &ServerOptions) -> Result<Self> {
+        retry_ports(|| Self::start_with_once(options))
+    }
+
+    fn start_with_once(options: &ServerOptions) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("lockstep-nats-")
             .tempdir()?;
@@ -116,6 +136,10 @@ impl NatsServer {
     /// Starts a JetStream cluster of `nodes` servers on loopback (one
     /// deployment: the same users and permissions on every node).
     pub fn start_cluster(nodes: usize) -> Result<Self> {
+        retry_ports(|| Self::start_cluster_once(nodes))
+    }
+
+    fn start_cluster_once(nodes: usize) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("lockstep-nats-cluster-")
             .tempdir()?;
@@ -123,13 +147,26 @@ impl NatsServer {
         for i in 0..nodes {
             spec.push(crate::deploy::ClusterNode {
                 name: format!("n{i}"),
+                host: None,
                 port: free_port()?,
                 route_port: free_port()?,
             });
         }
         let ports = spec.iter().map(|n| n.port).collect();
-        let deployment = Deployment::init_cluster(tmp.path(), "127.0.0.1", spec)?;
+        let deployment = Deployment::init_cluster(tmp.path(), "127.0.0.1", spec, None)?;
         Self::launch(tmp, deployment, ports)
+    }
+
+    /// Starts the server(s) of the deployment `lockstep deploy init` wrote
+    /// in `dir` (every node of a cluster), on its ports.
+    pub fn from_deployment(dir: tempfile::TempDir) -> Result<Self> {
+        let deployment = Deployment::open(dir.path())?;
+        let ports = if deployment.file.cluster.is_empty() {
+            vec![deployment.file.port]
+        } else {
+            deployment.file.cluster.iter().map(|n| n.port).collect()
+        };
+        Self::launch(dir, deployment, ports)
     }
 
     fn launch(tmp: tempfile::TempDir, deployment: Deployment, ports: Vec<u16>) -> Result<Self> {
