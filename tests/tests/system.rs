@@ -818,3 +818,80 @@ async fn a_second_worker_under_a_live_name_is_refused() {
     .unwrap();
     assert_eq!(report.verified, 2, "{report:#?}");
 }
+
+#[test]
+fn an_impossible_payload_limit_is_refused_with_one_line() {
+    // `deploy init` refuses it.
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(lockstep_bin())
+        .args(["deploy", "init"])
+        .arg(dir.path().join("d"))
+        .args(["--max-payload", "6144"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("--max-payload 6144 is too small") && err.lines().count() == 1,
+        "{err}"
+    );
+    // A server configured by hand below the floor: the coordinator stops at
+    // connect, at once, with one line naming the setting (it once computed
+    // a job ~400 times, or forever without a deadline).
+    let Some(mut server) = nats_server() else {
+        return;
+    };
+    let worker = server.enroll("p1", "op-p1").unwrap();
+    let config = &lockstep::deploy::Deployment::open(&server.dir())
+        .unwrap()
+        .server_configs()[0];
+    let text = std::fs::read_to_string(config).unwrap() + "max_payload: 6144\n";
+    std::fs::write(config, text).unwrap();
+    server.restart().unwrap();
+    let batch = dir.path().join("b.jsonl");
+    std::fs::write(&batch, "{\"id\":\"ok\",\"kind\":\"matmul\",\"a\":{\"shape\":[2,3],\"data\":[1,2,3,4,5,6]},\"b\":{\"shape\":[3,2],\"data\":[1,2,3,4,5,6]}}\n").unwrap();
+    let t = std::time::Instant::now();
+    let o = std::process::Command::new(lockstep_bin())
+        .args(["submit", "--quiet", "--deployment"])
+        .arg(server.dir())
+        .arg(&batch)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("max_payload is 6144 bytes") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.contains("max_payload")).count(),
+        1,
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // So does a worker.
+    let t = std::time::Instant::now();
+    let o = std::process::Command::new(lockstep_bin())
+        .args([
+            "worker",
+            "--name",
+            "p1",
+            "--backend",
+            "cpu",
+            "--nats",
+            &worker.url,
+        ])
+        .arg("--nkey")
+        .arg(worker.nkey.as_ref().unwrap())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("max_payload is 6144 bytes") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}

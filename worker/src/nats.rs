@@ -134,7 +134,7 @@ pub async fn connect_retrying(
 /// [`crate::store::apply_limits`]).
 pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<Nats> {
     let client = client(cfg).await?;
-    check_max_payload(client.max_payload())?;
+    check_server_payload(&client).await?;
     let limits = &resolve_replicas(&client, limits).await;
     let js = jetstream::new(client.clone());
     let stream_config = |name: &str, subjects: String, retention, limit: Limit| {
@@ -211,6 +211,14 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
             .context("cannot forbid rollups on the heartbeat bucket")?;
     }
     open_all(&client, &js).await
+}
+
+/// Refuses a server whose payload limit is below what lockstep needs. (A
+/// client that retries its first connect learns the server's INFO, and
+/// with it the limit, only once connected: a round trip comes first.)
+pub async fn check_server_payload(client: &async_nats::Client) -> Result<(), PayloadTooSmall> {
+    let _ = client.flush().await;
+    check_max_payload(client.max_payload())
 }
 
 /// `limits` with its copies per store decided: as given, else (0) three

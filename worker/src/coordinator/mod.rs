@@ -211,8 +211,17 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
             Some(done) = disputes.recv() => run.on_reference(done).await?,
             _ = tick.tick() => {
                 run.on_tick().await?;
-                for m in results.refresh_if_quiet(|| run.owing()).await {
-                    run.on_results(&m.subject, &m.payload).await?;
+                let found = results.refresh_if_quiet(|| run.owing()).await;
+                // Results found only in the workers' own streams: a full
+                // results stream is no leader change, and must stop the
+                // batch clearly rather than be read around.
+                if !found.is_empty() {
+                    run.check_room_now().await;
+                }
+                if run.abort.is_none() {
+                    for m in found {
+                        run.on_results(&m.subject, &m.payload).await?;
+                    }
                 }
             }
         }
@@ -687,15 +696,26 @@ impl Run<'_> {
         if self.last_result.elapsed() < Duration::from_secs(5) {
             return;
         }
-        if let Some((bytes, max)) = crate::store::full(self.nats, &self.nats.results).await {
+        self.check_room_now().await;
+    }
+
+    /// Stops the batch if the results stream is full.
+    async fn check_room_now(&mut self) {
+        // (Bounded: a stream without a leader answers nothing.)
+        let full = tokio::time::timeout(
+            REGISTRY_READ_TIMEOUT,
+            crate::store::full(self.nats, &self.nats.results),
+        )
+        .await
+        .ok()
+        .flatten();
+        if let Some((bytes, max)) = full {
             self.abort = Some(format!(
                 "the results stream {RESULTS_STREAM} is full ({bytes} of {max} bytes): results cannot be stored; raise its limit (--store-limits results.bytes=…) or purge old batches"
             ));
         }
     }
 
-    /// Every 100 ms: refresh the live workers (at most every 500 ms) and
-    /// give every replica that needs one a worker.
     /// The workers holding replicas of undecided jobs they have not
     /// answered.
     fn owing(&self) -> Vec<String> {
@@ -710,6 +730,8 @@ impl Run<'_> {
         out.into_iter().collect()
     }
 
+    /// Every 100 ms: refresh the live workers (at most every 500 ms) and
+    /// give every replica that needs one a worker.
     async fn on_tick(&mut self) -> Result<()> {
         for id in std::mem::take(&mut self.reevaluate) {
             let Some(js) = self.state.get(&id).filter(|j| j.decided.is_none()) else {

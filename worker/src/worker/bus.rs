@@ -43,7 +43,7 @@ impl WorkerNats {
             .connect(cfg.urls())
             .await
             .with_context(|| format!("cannot connect to NATS at {}", cfg.url))?;
-        check_max_payload(client.max_payload())?;
+        crate::nats::check_server_payload(&client).await?;
         let js = jetstream::with_prefix(client.clone(), WORKER_API_PREFIX);
         let open = |name: String| {
             let js = js.clone();
