@@ -379,3 +379,41 @@ async fn a_purged_batch_runs_again_and_named_objects_survive_the_clean_up() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_arriving_after_a_purge_are_swept() {
+    use lockstep::protocol::{result_subject, worker_results_stream};
+    let Some(server) = lockstep_tests::nats_server() else {
+        return;
+    };
+    let (report, _out, nats) =
+        submit_on_two_workers(&server, "early", lockstep_tests::small_jobs(4, 7), |_| {}).await;
+    assert!(report.purged.is_some(), "{report:#?}");
+    // A worker answers a replica of it after the purge (it had taken the
+    // replica just before): the result lands in its own stream, and is
+    // sourced into the results stream.
+    let cfg = server.enroll("early-1", "op-early-1").unwrap();
+    let bus = lockstep::worker::bus::WorkerNats::connect(&cfg, "early-1")
+        .await
+        .unwrap();
+    bus.js
+        .publish(result_subject("early", "early-1"), "late".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut own = nats
+        .js
+        .get_stream(worker_results_stream("early-1"))
+        .await
+        .unwrap();
+    assert_eq!(held(&mut own, "lockstep.result.early.*").await, 1);
+    // The next batch to finish sweeps it, from both.
+    let (report, _out, nats) =
+        submit_on_two_workers(&server, "after", lockstep_tests::small_jobs(4, 8), |_| {}).await;
+    let purged = report.purged.expect("purged");
+    assert!(purged.late >= 1, "{purged:?}");
+    assert_eq!(held(&mut own, "lockstep.result.early.*").await, 0);
+    let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
+    assert_eq!(held(&mut results, "lockstep.result.early.*").await, 0);
+}

@@ -368,6 +368,7 @@ pub async fn purge_batch(
         jobs,
         outputs,
         blobs: 0,
+        late: 0,
     };
     let refs = &nats.refs.stream;
     for d in referenced.union(deletable) {
@@ -470,6 +471,80 @@ pub struct PurgeReport {
     /// Chunks of outputs workers stored.
     pub outputs: u64,
     pub blobs: u64,
+    /// Result messages of batches purged earlier that arrived after their
+    /// purge (a worker finishing a replica late), swept now.
+    #[serde(default)]
+    pub late: u64,
+}
+
+/// Removes what workers stored for finished batches after those were
+/// purged (a replica answered after its job was decided, a worker that
+/// took a replica just before the purge): from each worker's own results
+/// and outputs streams, and from the results stream. A batch is finished
+/// when it has no plan left in `lockstep_assign` (every batch writes its
+/// plan before it dispatches, and only a finished batch's plan is
+/// purged); `current` is never touched. Returns the result messages
+/// removed.
+pub async fn sweep_late(nats: &Nats, workers: &[String], current: &str) -> Result<u64> {
+    // Which batches each worker holds results of (one subject per batch).
+    let held = futures::future::join_all(workers.iter().map(|w| async move {
+        let subjects = async {
+            let s = nats.js.get_stream(worker_results_stream(w)).await?;
+            let list: Vec<String> = s
+                .info_with_subjects(format!("{RESULT_SUBJECT_PREFIX}.*.{w}"))
+                .await?
+                .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
+                .collect()
+                .await;
+            anyhow::Ok(list)
+        };
+        (w, subjects.await.unwrap_or_default())
+    }))
+    .await;
+    let mut finished: std::collections::HashMap<String, bool> = Default::default();
+    let mut late = 0;
+    for (w, subjects) in held {
+        for subject in subjects {
+            let Some(batch) = subject
+                .strip_prefix(&format!("{RESULT_SUBJECT_PREFIX}."))
+                .and_then(|rest| rest.strip_suffix(&format!(".{w}")))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if batch == current || !valid_token(&batch) {
+                continue;
+            }
+            if !finished.contains_key(&batch) {
+                let plans = nats.assign.stream.clone();
+                let planned = plans
+                    .info_with_subjects(format!("$KV.{ASSIGN_BUCKET}.{batch}.>"))
+                    .await?
+                    .next()
+                    .await
+                    .is_some();
+                finished.insert(batch.clone(), !planned);
+            }
+            if !finished[&batch] {
+                continue;
+            }
+            let own = nats.js.get_stream_no_info(worker_results_stream(w)).await?;
+            late += own.purge().filter(subject.clone()).await?.purged;
+            let outputs = nats.js.get_stream_no_info(worker_outputs_stream(w)).await?;
+            let _ = outputs
+                .purge()
+                .filter(format!("{OUTPUT_SUBJECT_PREFIX}.{w}.{batch}.>"))
+                .await;
+            purge(&nats.results, subject, "late results").await?;
+        }
+    }
+    if late > 0 {
+        tracing::info!(
+            messages = late,
+            "swept results that arrived after their batch was purged"
+        );
+    }
+    Ok(late)
 }
 
 #[cfg(test)]

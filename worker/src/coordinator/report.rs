@@ -196,7 +196,12 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
         match crate::store::purge_batch(nats, &report.batch, &workers, &referenced, &deletable)
             .await
         {
-            Ok(p) => {
+            Ok(mut p) => {
+                // And what arrived after earlier batches were purged.
+                match crate::store::sweep_late(nats, &workers, &report.batch).await {
+                    Ok(n) => p.late = n,
+                    Err(e) => tracing::warn!("could not sweep late results: {e:#}"),
+                }
                 tracing::info!(
                     results = p.results,
                     plans = p.plans,
