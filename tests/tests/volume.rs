@@ -417,3 +417,41 @@ async fn results_arriving_after_a_purge_are_swept() {
     let mut results = nats.js.get_stream("LOCKSTEP_RESULTS").await.unwrap();
     assert_eq!(held(&mut results, "lockstep.result.early.*").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_of_a_refused_object_put_are_swept() {
+    use lockstep::store::{sweep_orphan_chunks, StoreLimits, ORPHAN_CHUNK_AGE};
+    let Some(server) = lockstep_tests::nats_server() else {
+        return;
+    };
+    let limits = StoreLimits::parse("blobs.bytes=1M").unwrap();
+    let nats = lockstep::nats::connect_with(&server.coordinator(), &limits)
+        .await
+        .unwrap();
+    let small: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    let small_digest = tensor_digest_f32(&[1000], &small);
+    lockstep::nats::put_blob(&nats, &small_digest, &small)
+        .await
+        .unwrap();
+    // 1.6 MB into a store of 1 MiB: refused partway, its first chunks
+    // stored and named by no object.
+    let large: Vec<f32> = (0..400_000).map(|i| i as f32).collect();
+    let large_digest = tensor_digest_f32(&[400_000], &large);
+    assert!(lockstep::nats::put_blob(&nats, &large_digest, &large)
+        .await
+        .is_err());
+    let mut blobs = nats.js.get_stream("OBJ_lockstep_blobs").await.unwrap();
+    assert_eq!(held(&mut blobs, "$O.lockstep_blobs.C.>").await, 2);
+    // Young chunks may be a put in progress: kept.
+    assert_eq!(
+        sweep_orphan_chunks(&nats, ORPHAN_CHUNK_AGE).await.unwrap(),
+        0
+    );
+    // Old enough, they go; the stored object stays whole.
+    assert!(sweep_orphan_chunks(&nats, Duration::ZERO).await.unwrap() > 0);
+    assert_eq!(held(&mut blobs, "$O.lockstep_blobs.C.>").await, 1);
+    let bytes = lockstep::nats::get_blob(&nats, &small_digest)
+        .await
+        .unwrap();
+    assert_eq!(bytes.len(), 4000);
+}

@@ -369,6 +369,7 @@ pub async fn purge_batch(
         outputs,
         blobs: 0,
         late: 0,
+        orphan_chunks: 0,
     };
     let refs = &nats.refs.stream;
     for d in referenced.union(deletable) {
@@ -475,6 +476,64 @@ pub struct PurgeReport {
     /// purge (a worker finishing a replica late), swept now.
     #[serde(default)]
     pub late: u64,
+    /// Chunks of object puts that never completed (see
+    /// [`sweep_orphan_chunks`]), swept now.
+    #[serde(default)]
+    pub orphan_chunks: u64,
+}
+
+/// How old an object chunk that no object names must be before it is
+/// taken as left by a put that failed (refused by a full store, a writer
+/// that died) rather than a put still in progress.
+pub const ORPHAN_CHUNK_AGE: Duration = Duration::from_secs(600);
+
+/// Removes the chunks of object puts that never completed: chunks under a
+/// name (`$O.lockstep_blobs.C.<nuid>`) that no stored object's metadata
+/// names, whose last chunk is older than `older_than`. Returns the chunks
+/// removed.
+pub async fn sweep_orphan_chunks(nats: &Nats, older_than: Duration) -> Result<u64> {
+    let stream = nats.blobs_stream.clone();
+    let chunks: Vec<String> = stream
+        .info_with_subjects(format!("$O.{BLOBS_BUCKET}.C.*"))
+        .await?
+        .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
+        .collect()
+        .await;
+    if chunks.is_empty() {
+        return Ok(0);
+    }
+    let mut named = std::collections::HashSet::new();
+    let mut list = nats.blobs.list().await?;
+    while let Some(info) = list.next().await {
+        named.insert(info?.nuid);
+    }
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    let mut removed = 0;
+    for subject in chunks {
+        let nuid = subject.rsplit('.').next().unwrap_or_default();
+        if named.contains(nuid) {
+            continue;
+        }
+        let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await else {
+            continue;
+        };
+        let age_ns = now_ns - last.time.unix_timestamp_nanos();
+        if age_ns < older_than.as_nanos() as i128 {
+            continue;
+        }
+        // Named by no object, and no put added to it for a while.
+        removed += stream.purge().filter(subject).await?.purged;
+    }
+    if removed > 0 {
+        tracing::info!(
+            chunks = removed,
+            "swept the chunks of object puts that never completed"
+        );
+    }
+    Ok(removed)
 }
 
 /// Removes what workers stored for finished batches after those were

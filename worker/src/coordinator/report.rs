@@ -202,6 +202,11 @@ pub(super) async fn finish(nats: &Nats, opts: &SubmitOptions, f: Finish<'_>) -> 
                     Ok(n) => p.late = n,
                     Err(e) => tracing::warn!("could not sweep late results: {e:#}"),
                 }
+                match crate::store::sweep_orphan_chunks(nats, crate::store::ORPHAN_CHUNK_AGE).await
+                {
+                    Ok(n) => p.orphan_chunks = n,
+                    Err(e) => tracing::warn!("could not sweep orphan chunks: {e:#}"),
+                }
                 tracing::info!(
                     results = p.results,
                     plans = p.plans,
