@@ -379,13 +379,7 @@ pub async fn purge_batch(
             .context("cannot drop a blob reference")?;
     }
     for d in deletable {
-        let others = refs
-            .clone()
-            .info_with_subjects(format!("$KV.{BLOB_REFS_BUCKET}.{}.>", d.to_hex()))
-            .await?
-            .next()
-            .await
-            .is_some();
+        let others = holds_any(refs, format!("$KV.{BLOB_REFS_BUCKET}.{}.>", d.to_hex())).await?;
         if !others && nats.blobs.delete(d.to_hex()).await.is_ok() {
             report.blobs += 1;
             // A delete leaves a marker under the object's name; drop it too,
@@ -482,6 +476,31 @@ pub struct PurgeReport {
     pub orphan_chunks: u64,
 }
 
+/// The subjects `stream` holds messages on, among those `filter` matches.
+async fn subjects(
+    stream: &async_nats::jetstream::stream::Stream,
+    filter: String,
+) -> Result<Vec<String>> {
+    Ok(stream
+        .clone()
+        .info_with_subjects(filter)
+        .await?
+        .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
+        .collect()
+        .await)
+}
+
+/// Whether `stream` holds any message on a subject `filter` matches.
+async fn holds_any(stream: &async_nats::jetstream::stream::Stream, filter: String) -> Result<bool> {
+    Ok(stream
+        .clone()
+        .info_with_subjects(filter)
+        .await?
+        .next()
+        .await
+        .is_some())
+}
+
 /// How old an object chunk that no object names must be before it is
 /// taken as left by a put that failed (refused by a full store, a writer
 /// that died) rather than a put still in progress.
@@ -492,13 +511,8 @@ pub const ORPHAN_CHUNK_AGE: Duration = Duration::from_secs(600);
 /// names, whose last chunk is older than `older_than`. Returns the chunks
 /// removed.
 pub async fn sweep_orphan_chunks(nats: &Nats, older_than: Duration) -> Result<u64> {
-    let stream = nats.blobs_stream.clone();
-    let chunks: Vec<String> = stream
-        .info_with_subjects(format!("$O.{BLOBS_BUCKET}.C.*"))
-        .await?
-        .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
-        .collect()
-        .await;
+    let stream = &nats.blobs_stream;
+    let chunks = subjects(stream, format!("$O.{BLOBS_BUCKET}.C.*")).await?;
     if chunks.is_empty() {
         return Ok(0);
     }
@@ -547,17 +561,11 @@ pub async fn sweep_orphan_chunks(nats: &Nats, older_than: Duration) -> Result<u6
 pub async fn sweep_late(nats: &Nats, workers: &[String], current: &str) -> Result<u64> {
     // Which batches each worker holds results of (one subject per batch).
     let held = futures::future::join_all(workers.iter().map(|w| async move {
-        let subjects = async {
+        let list = async {
             let s = nats.js.get_stream(worker_results_stream(w)).await?;
-            let list: Vec<String> = s
-                .info_with_subjects(format!("{RESULT_SUBJECT_PREFIX}.*.{w}"))
-                .await?
-                .filter_map(|r| async move { r.ok().map(|(subject, _)| subject) })
-                .collect()
-                .await;
-            anyhow::Ok(list)
+            subjects(&s, format!("{RESULT_SUBJECT_PREFIX}.*.{w}")).await
         };
-        (w, subjects.await.unwrap_or_default())
+        (w, list.await.unwrap_or_default())
     }))
     .await;
     let mut finished: std::collections::HashMap<String, bool> = Default::default();
@@ -575,13 +583,11 @@ pub async fn sweep_late(nats: &Nats, workers: &[String], current: &str) -> Resul
                 continue;
             }
             if !finished.contains_key(&batch) {
-                let plans = nats.assign.stream.clone();
-                let planned = plans
-                    .info_with_subjects(format!("$KV.{ASSIGN_BUCKET}.{batch}.>"))
-                    .await?
-                    .next()
-                    .await
-                    .is_some();
+                let planned = holds_any(
+                    &nats.assign.stream,
+                    format!("$KV.{ASSIGN_BUCKET}.{batch}.>"),
+                )
+                .await?;
                 finished.insert(batch.clone(), !planned);
             }
             if !finished[&batch] {
