@@ -214,6 +214,7 @@ pub async fn run(mode: Mode, cfg: ConnectConfig, name: String) -> Result<()> {
                         max_elements: 1 << 26,
                         max_macs: 1 << 36,
                     }),
+                    models: None,
                 };
                 let _ = nats
                     .put_heartbeat(&name, &serde_json::to_vec(&rec).unwrap())

@@ -263,6 +263,18 @@ impl Procs {
         self.worker_as(server, name, &format!("op-{name}"), backend, env)
     }
 
+    /// [`Procs::worker`] with extra command-line arguments.
+    pub fn worker_args(
+        &mut self,
+        server: &lockstep::harness::NatsServer,
+        name: &str,
+        backend: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) {
+        self.spawn_full(server, name, &format!("op-{name}"), backend, args, env)
+    }
+
     /// [`Procs::worker`], enrolled under `operator`.
     pub fn worker_as(
         &mut self,
@@ -270,6 +282,18 @@ impl Procs {
         name: &str,
         operator: &str,
         backend: &str,
+        env: &[(&str, &str)],
+    ) {
+        self.spawn_full(server, name, operator, backend, &[], env)
+    }
+
+    fn spawn_full(
+        &mut self,
+        server: &lockstep::harness::NatsServer,
+        name: &str,
+        operator: &str,
+        backend: &str,
+        args: &[&str],
         env: &[(&str, &str)],
     ) {
         let tmp = std::env::temp_dir();
@@ -287,7 +311,7 @@ impl Procs {
                 name,
                 operator,
                 backend,
-                &["--heartbeat-ms", "250"],
+                &[&["--heartbeat-ms", "250"][..], args].concat(),
                 &env,
             )
             .expect("start worker");

@@ -333,6 +333,7 @@ async fn a_heartbeat_dated_ahead_keeps_no_silent_worker_alive() {
         jobs_done: 0,
         jobs_failed: 0,
         limits: None,
+        models: None,
     };
     bus.put_heartbeat("clock-cheat", &serde_json::to_vec(&rec).unwrap())
         .await

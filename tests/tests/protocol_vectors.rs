@@ -118,6 +118,7 @@ fn make(worker: &Identity, coordinator: &Identity) -> Value {
             signature: results[1].signature.clone(),
             merkle: results[1].merkle.clone(),
         }],
+        generation: None,
         coordinator: CoordinatorSignature {
             public_key: coordinator.public_key(),
             signature: String::new(),

@@ -14,6 +14,20 @@
 //! `file` + `tensor` (a safetensors file, relative to the batch file), or
 //! `object` (a digest already in the object store), each with `shape` (except
 //! `file`, whose shape is read from the file).
+//!
+//! A generate job names a model file (or name) and gives its prompt as text,
+//! as a chat, or as ids; the coordinator loads the model, tokenizes with the
+//! model's own tokenizer (so every worker gets the same ids, and the job
+//! binds the tokenizer's digest), and pushes the model to the model store:
+//! ```text
+//! {"id": "g1", "op": "generate", "model": "smollm2", "prompt": "The capital of France is",
+//!  "max_tokens": 16}
+//! {"id": "g2", "op": "generate", "model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+//!  "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "seed": 7}
+//! {"id": "g3", "op": "generate", "model": "stories260K", "prompt_ids": [1, 403, 407], "max_tokens": 32}
+//! ```
+//! Text and chat prompts stop at the model's end-of-text id unless `stop`
+//! gives the ids.
 
 use std::path::Path;
 
@@ -42,6 +56,35 @@ struct Line {
     a: Option<TensorSource>,
     #[serde(default)]
     b: Option<TensorSource>,
+    // generate: the model and the prompt (one of prompt, messages,
+    // prompt_ids), and the sampling.
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    prompt_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Message {
+    role: String,
+    content: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +127,9 @@ pub struct BatchJob {
     pub id: String,
     pub op: Op,
     pub inputs: Vec<Tensor>,
+    /// For a generate job made from a model file: the file, which the
+    /// coordinator pushes to the model store before dispatching.
+    pub model_file: Option<std::path::PathBuf>,
 }
 
 impl BatchJob {
@@ -93,7 +139,25 @@ impl BatchJob {
             id: id.into(),
             op: Op::Matmul(Matmul {}),
             inputs: vec![a, b],
+            model_file: None,
         }
+    }
+}
+
+/// Models named by the lines of one batch, loaded once each.
+#[derive(Default)]
+struct Models(
+    std::collections::HashMap<String, std::sync::Arc<crate::llm::distribute::LocalModel>>,
+);
+
+impl Models {
+    fn get(&mut self, spec: &str) -> Result<std::sync::Arc<crate::llm::distribute::LocalModel>> {
+        if let Some(m) = self.0.get(spec) {
+            return Ok(m.clone());
+        }
+        let m = std::sync::Arc::new(crate::llm::distribute::LocalModel::load(spec)?);
+        self.0.insert(spec.to_string(), m.clone());
+        Ok(m)
     }
 }
 
@@ -118,12 +182,13 @@ pub fn parse_batch(path: &Path) -> Result<Vec<BatchJob>> {
 pub fn parse_batch_str(text: &str, base: &Path) -> Result<Vec<BatchJob>> {
     let mut jobs = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    let mut models = Models::default();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let job = parse_line(line, base).with_context(|| format!("line {}", i + 1))?;
+        let job = parse_line(line, base, &mut models).with_context(|| format!("line {}", i + 1))?;
         if !seen.insert(job.id.clone()) {
             bail!("line {}: job id `{}` appears twice", i + 1, job.id);
         }
@@ -149,13 +214,34 @@ fn parse_op(name: &str, params: Option<serde_json::Value>) -> Result<Op> {
         .map_err(|e| anyhow::anyhow!("bad params for {name}: {}", shorten(&e.to_string(), 160)))
 }
 
-fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
+fn parse_line(line: &str, base: &Path, models: &mut Models) -> Result<BatchJob> {
     let l: Line = serde_json::from_str(line)
         .map_err(|e| anyhow::anyhow!("not a valid job line: {}", shorten(&e.to_string(), 160)))?;
     if !valid_token(&l.id) {
         bail!(
             "job id {} must be 1-64 characters of A-Z a-z 0-9 _ -",
             quote(&l.id)
+        );
+    }
+    if l.model.is_some() {
+        let id = l.id.clone();
+        return generate_line(l, models).with_context(|| format!("job `{id}`"));
+    }
+    let generate_fields = [
+        l.prompt.is_some(),
+        l.messages.is_some(),
+        l.prompt_ids.is_some(),
+        l.max_tokens.is_some(),
+        l.temperature.is_some(),
+        l.top_k.is_some(),
+        l.top_p.is_some(),
+        l.seed.is_some(),
+        l.stop.is_some(),
+    ];
+    if generate_fields.iter().any(|&g| g) {
+        bail!(
+            "job `{}`: prompt, messages, prompt_ids and the sampling fields belong to a generate job with `model`",
+            l.id
         );
     }
     let (op, sources) = match (l.op, l.kind) {
@@ -204,6 +290,78 @@ fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
         id: l.id,
         op,
         inputs,
+        model_file: None,
+    })
+}
+
+/// A generate line: the model loaded (for its digest, tokenizer, context
+/// and vocabulary), the prompt turned into ids, everything checked.
+fn generate_line(l: Line, models: &mut Models) -> Result<BatchJob> {
+    use lockstep_kernels::contract::Generate;
+    if l.op.as_deref().is_some_and(|o| o != Generate::NAME) || l.kind.is_some() {
+        bail!("`model` belongs to `\"op\": \"generate\"`");
+    }
+    if l.params.is_some() || l.inputs.is_some() || l.a.is_some() || l.b.is_some() {
+        bail!("a generate line with `model` takes no params, inputs, a or b");
+    }
+    let spec = l.model.as_deref().expect("checked by the caller");
+    let local = models.get(spec)?;
+    let given = [
+        l.prompt.is_some(),
+        l.messages.is_some(),
+        l.prompt_ids.is_some(),
+    ];
+    if given.iter().filter(|&&g| g).count() != 1 {
+        bail!("give exactly one of prompt (text), messages (chat) and prompt_ids");
+    }
+    let tok = || {
+        local.tokenizer.as_ref().with_context(|| {
+            format!("model {spec} has no tokenizer: give the prompt as prompt_ids")
+        })
+    };
+    let (ids, tokenizer) = if let Some(ids) = l.prompt_ids {
+        (ids, None)
+    } else if let Some(text) = &l.prompt {
+        let t = tok()?;
+        (t.encode(text)?, Some(t))
+    } else {
+        let t = tok()?;
+        let messages: Vec<(String, String)> = l
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect();
+        (t.encode(&t.chat_messages(&messages)?)?, Some(t))
+    };
+    let stop = match (l.stop, tokenizer.and_then(|t| t.eos)) {
+        (Some(s), _) => s,
+        (None, Some(eos)) => vec![eos],
+        (None, None) => Vec::new(),
+    };
+    let op = Generate {
+        model: local.model.digest,
+        tokenizer: tokenizer.map(|t| t.digest),
+        max_tokens: l.max_tokens.context("`max_tokens` is required")?,
+        stop,
+        temperature: l.temperature.unwrap_or(0.0),
+        top_k: l.top_k.unwrap_or(0),
+        top_p: l.top_p.unwrap_or(1.0),
+        seed: l.seed.unwrap_or(0),
+    };
+    let prompt = Tensor::Data {
+        shape: vec![ids.len()],
+        data: ids.iter().map(|&t| t as f32).collect(),
+    };
+    op.plan(&[prompt.shape()])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    lockstep_kernels::model::generate::check(&local.model, &ids, &op)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(BatchJob {
+        id: l.id,
+        op: Op::Generate(op),
+        inputs: vec![prompt],
+        model_file: Some(local.path.clone()),
     })
 }
 

@@ -63,6 +63,17 @@ enum Command {
     ///
     /// Example: lockstep replay-layer --model smollm2 --layer 7 --inputs layer7.safetensors
     ReplayLayer(crate::llm::generate::ReplayArgs),
+    /// Models by digest: `push` stores a model file in the deployment's model
+    /// store under its model digest (coordinators and admins only), so
+    /// workers can fetch it for generate jobs; `list` shows what is there.
+    ///
+    /// Example: lockstep model push smollm2 --deployment ./lockstep-deployment
+    Model {
+        #[command(subcommand)]
+        action: crate::llm::distribute::ModelCommand,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Benchmarks against the baselines users would otherwise use, in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -322,6 +333,18 @@ struct WorkerArgs {
     /// first.
     #[arg(long, env = "LOCKSTEP_CACHE_MIB", default_value_t = 1024)]
     cache_mib: u64,
+    /// Most MiB of model files kept on disk (in the cache folder's
+    /// `models/`); the least recently used go first.
+    #[arg(long, env = "LOCKSTEP_MODEL_CACHE_MIB", default_value_t = 16384)]
+    model_cache_mib: u64,
+    /// The largest model file (MiB) this worker takes; a generate job for a
+    /// larger one is answered `too_large` and goes to another worker.
+    #[arg(long, env = "LOCKSTEP_MAX_MODEL_MIB", default_value_t = 8192)]
+    max_model_mib: u64,
+    /// Models kept loaded in memory at once (least recently used unloaded
+    /// first). Each runs every generate job for it as one batch.
+    #[arg(long, default_value_t = 2)]
+    max_models: usize,
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
@@ -726,6 +749,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => crate::llm::generate::run(args),
         Command::ReplayLayer(args) => crate::llm::generate::replay(args),
         Command::Worker(args) => run_worker(args),
+        Command::Model { action, connect } => {
+            let cfg = connect.coordinator()?;
+            tokio::runtime::Runtime::new()?.block_on(crate::llm::distribute::run(&cfg, action))
+        }
         Command::Submit(args) => run_submit(args),
         Command::Demo { local: true, .. } => demo_local(256),
         Command::Demo { jobs, .. } => crate::demo::run(jobs),
@@ -936,6 +963,9 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
     o.max_macs = args.max_macs;
     o.cache_dir = args.cache_dir;
     o.cache_bytes = args.cache_mib.saturating_mul(1 << 20);
+    o.model_cache_bytes = args.model_cache_mib.saturating_mul(1 << 20);
+    o.max_model_bytes = args.max_model_mib.saturating_mul(1 << 20);
+    o.max_models = args.max_models;
     o.heartbeat = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
     o.test = crate::worker::TestSwitches {
         fault: args

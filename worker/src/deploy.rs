@@ -603,6 +603,8 @@ fn worker_services(w: &str) -> Vec<(String, bool)> {
         (format!("{api}.DIRECT.GET.OBJ_{BLOBS_BUCKET}"), false),
         (format!("{api}.DIRECT.GET.OBJ_{BLOBS_BUCKET}.>"), false),
         (format!("{api}.STREAM.MSG.GET.OBJ_{BLOBS_BUCKET}"), false),
+        (format!("{api}.DIRECT.GET.OBJ_{MODELS_BUCKET}"), false),
+        (format!("{api}.DIRECT.GET.OBJ_{MODELS_BUCKET}.>"), false),
         (format!("{RESULT_SUBJECT_PREFIX}.*.{w}"), false),
         (format!("{OUTPUT_SUBJECT_PREFIX}.{w}.>"), false),
     ]

@@ -257,6 +257,7 @@ pub fn targets() -> Vec<Target> {
             output_digest: d,
             output_shapes: vec![vec![2, 2]],
             workers: vec![],
+            generation: None,
             coordinator: crate::coordinator::receipt::CoordinatorSignature {
                 public_key: public.clone(),
                 signature: String::new(),

@@ -30,6 +30,9 @@ pub struct Nats {
     pub blobs: object_store::ObjectStore,
     /// The stream behind `blobs`, for reads without consumers.
     pub blobs_stream: stream::Stream,
+    /// Model files by model digest (`lockstep model push`).
+    pub models: object_store::ObjectStore,
+    pub models_stream: stream::Stream,
 }
 
 impl Nats {
@@ -43,7 +46,7 @@ impl Nats {
 /// its JetStream name.
 /// (Each worker also has two of its own: [`worker_results_stream`] and
 /// [`worker_outputs_stream`].)
-pub const STREAM_NAMES: [&str; 8] = [
+pub const STREAM_NAMES: [&str; 9] = [
     JOBS_STREAM,
     RESULTS_STREAM,
     "KV_lockstep_workers",
@@ -52,6 +55,7 @@ pub const STREAM_NAMES: [&str; 8] = [
     "KV_lockstep_faults",
     "KV_lockstep_blob_refs",
     "OBJ_lockstep_blobs",
+    "OBJ_lockstep_models",
 ];
 
 /// Connects as a coordinator and creates, where missing, every store with
@@ -104,6 +108,11 @@ async fn open_all(client: &async_nats::Client, js: &jetstream::Context) -> Resul
             .await
             .context("object store")?,
         blobs_stream: stream("OBJ_lockstep_blobs").await?,
+        models: js
+            .get_object_store(MODELS_BUCKET)
+            .await
+            .context("model store")?,
+        models_stream: stream("OBJ_lockstep_models").await?,
     })
 }
 
@@ -183,6 +192,18 @@ pub async fn connect_with(cfg: &ConnectConfig, limits: &StoreLimits) -> Result<N
         })
         .await
         .context("cannot create the blob object store")?;
+    }
+    if js.get_object_store(MODELS_BUCKET).await.is_err() {
+        js.create_object_store(object_store::Config {
+            bucket: MODELS_BUCKET.into(),
+            storage: stream::StorageType::File,
+            max_age: limits.models.max_age,
+            max_bytes: limits.models.max_bytes,
+            num_replicas: limits.replicas,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create the model object store")?;
     }
     crate::store::adopt_limits(&js, limits).await?;
     // Every enrolled worker has its own streams (enrolled by an older
@@ -527,7 +548,7 @@ pub async fn wait_for_workers(nats: &Nats, names: &[&str], timeout: Duration) ->
 /// The bytes of an object in the blob store (not yet checked: see
 /// [`decode_blob`]).
 pub async fn get_blob(nats: &Nats, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
-    crate::worker::bus::read_blob(&nats.blobs_stream, digest).await
+    crate::worker::bus::read_object(&nats.blobs_stream, BLOBS_BUCKET, digest).await
 }
 
 /// The error of [`get_blob`] when the blob is not in the store.

@@ -57,6 +57,12 @@ pub const ASSIGN_BUCKET: &str = "lockstep_assign";
 pub const FAULTS_BUCKET: &str = "lockstep_faults";
 /// Object store: tensors named by the hex of their contract digest.
 pub const BLOBS_BUCKET: &str = "lockstep_blobs";
+/// Object store: model files (GGUF, llama2.c) named by the hex of their
+/// model digest ([`lockstep_kernels::model::Model::digest`]); written by
+/// coordinators and admins only (`lockstep model push`), read by workers
+/// through direct gets. A worker loads a file and checks that it hashes to
+/// the name before computing with it.
+pub const MODELS_BUCKET: &str = "lockstep_models";
 /// KV: `<digest hex>.<batch>` → empty: a batch still uses that blob. A
 /// finished batch deletes its references, and a blob nobody references.
 pub const BLOB_REFS_BUCKET: &str = "lockstep_blob_refs";
@@ -762,6 +768,18 @@ pub struct WorkerRecord {
     /// `too_large` only takes it off that job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<WorkerLimits>,
+    /// Models this worker holds: loaded in memory, and files on disk
+    /// (model digests), and the largest model file it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<WorkerModels>,
+}
+
+/// The models a worker holds, as its record advertises them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerModels {
+    pub loaded: Vec<Digest>,
+    pub on_disk: Vec<Digest>,
+    pub max_model_bytes: u64,
 }
 
 /// A worker's capacity, as its record advertises it.

@@ -39,6 +39,8 @@ pub struct StoreLimits {
     pub blobs: Limit,
     /// `lockstep_blob_refs`: which running batch uses which blob.
     pub refs: Limit,
+    /// `lockstep_models`: model files by digest (`lockstep model push`).
+    pub models: Limit,
     /// Each worker's own results stream (`LOCKSTEP_RESULTS_<worker>`): its
     /// quota of results not yet purged.
     pub quota_results: Limit,
@@ -69,6 +71,7 @@ impl Default for StoreLimits {
             workers: l(16 * MIB, 1),
             blobs: l(4 * GIB, 7),
             refs: l(16 * MIB, 7),
+            models: l(8 * GIB, 3650),
             quota_results: l(64 * MIB, 7),
             quota_outputs: l(512 * MIB, 7),
             replicas: 0,
@@ -78,7 +81,7 @@ impl Default for StoreLimits {
 
 impl StoreLimits {
     /// The names, as `--store-limits` spells them.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         "jobs",
         "results",
         "plans",
@@ -86,6 +89,7 @@ impl StoreLimits {
         "workers",
         "blobs",
         "refs",
+        "models",
         "quota_results",
         "quota_outputs",
     ];
@@ -99,6 +103,7 @@ impl StoreLimits {
             "workers" => &mut self.workers,
             "blobs" => &mut self.blobs,
             "refs" => &mut self.refs,
+            "models" => &mut self.models,
             "quota_results" => &mut self.quota_results,
             "quota_outputs" => &mut self.quota_outputs,
             _ => return None,
@@ -179,7 +184,7 @@ fn parse_age(v: &str) -> Result<Duration> {
 }
 
 /// The server's stream behind each store, for updates and reports.
-pub(crate) fn stream_names() -> [(&'static str, String); 7] {
+pub(crate) fn stream_names() -> [(&'static str, String); 8] {
     [
         ("jobs", JOBS_STREAM.to_string()),
         ("results", RESULTS_STREAM.to_string()),
@@ -188,6 +193,7 @@ pub(crate) fn stream_names() -> [(&'static str, String); 7] {
         ("workers", format!("KV_{WORKERS_BUCKET}")),
         ("blobs", format!("OBJ_{BLOBS_BUCKET}")),
         ("refs", format!("KV_{BLOB_REFS_BUCKET}")),
+        ("models", format!("OBJ_{MODELS_BUCKET}")),
     ]
 }
 

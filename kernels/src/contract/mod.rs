@@ -13,6 +13,7 @@
 pub mod argmax;
 pub mod attention;
 pub mod elementwise;
+pub mod generate;
 pub mod matmul;
 pub mod prim;
 pub mod quant;
@@ -25,6 +26,7 @@ pub mod swiglu;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
 
+pub use generate::{Generate, GenerateDims};
 pub use matmul::{matmul_spec, Matmul, MatmulDims};
 
 /// Version of the arithmetic contract. Every result carries it; any change to
@@ -124,6 +126,8 @@ pub fn short_shape(shape: &[usize]) -> String {
 pub enum Op {
     /// `c = a·b` ([`matmul`]).
     Matmul(Matmul),
+    /// Text from a model named by its digest ([`generate`]).
+    Generate(Generate),
 }
 
 /// An op whose inputs were checked: everything a kernel needs to launch
@@ -133,16 +137,18 @@ pub enum Op {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
     Matmul(MatmulDims),
+    Generate(Generate, GenerateDims),
 }
 
 impl Op {
     /// The names of every op, as on the wire.
-    pub const NAMES: &'static [&'static str] = &[Matmul::NAME];
+    pub const NAMES: &'static [&'static str] = &[Matmul::NAME, Generate::NAME];
 
     /// The op's name on the wire.
     pub fn name(&self) -> &'static str {
         match self {
             Op::Matmul(_) => Matmul::NAME,
+            Op::Generate(_) => Generate::NAME,
         }
     }
 
@@ -150,6 +156,7 @@ impl Op {
     pub fn input_names(&self) -> &'static [&'static str] {
         match self {
             Op::Matmul(_) => Matmul::INPUTS,
+            Op::Generate(_) => Generate::INPUTS,
         }
     }
 
@@ -157,6 +164,7 @@ impl Op {
     pub fn output_names(&self) -> &'static [&'static str] {
         match self {
             Op::Matmul(_) => Matmul::OUTPUTS,
+            Op::Generate(_) => Generate::OUTPUTS,
         }
     }
 
@@ -175,6 +183,7 @@ impl Op {
         }
         match self {
             Op::Matmul(m) => m.plan(shapes).map(Plan::Matmul),
+            Op::Generate(g) => g.plan(shapes).map(|d| Plan::Generate(g.clone(), d)),
         }
     }
 
@@ -202,6 +211,11 @@ impl Op {
         let plan = self.check(inputs)?;
         let outputs = match plan {
             Plan::Matmul(dims) => vec![matmul_spec(inputs[0].data, inputs[1].data, dims)],
+            Plan::Generate(..) => {
+                return Err(Error::unavailable(
+                    "generate needs its model: it runs through model::generate, not a backend",
+                ))
+            }
         };
         Ok(plan
             .output_shapes()
@@ -217,6 +231,7 @@ impl Plan {
     pub fn output_shapes(&self) -> Vec<Vec<usize>> {
         match self {
             Plan::Matmul(d) => vec![d.output_shape()],
+            Plan::Generate(_, d) => vec![vec![d.max_tokens], vec![generate::TRACE_VALUES]],
         }
     }
 
@@ -225,6 +240,9 @@ impl Plan {
     pub fn work(&self) -> u64 {
         match self {
             Plan::Matmul(d) => d.macs(),
+            // Positions, not multiply-adds: the model decides the cost, and a
+            // worker checks it against the model it holds.
+            Plan::Generate(_, d) => d.positions() as u64,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! f32 throughout.
 
 pub mod engine;
+pub mod generate;
 pub mod gguf;
 mod hf;
 mod llama2c;

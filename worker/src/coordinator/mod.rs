@@ -20,6 +20,7 @@
 //! - [`report`]: the report, the verdict table, the outputs.
 
 mod feed;
+mod models;
 mod plan;
 pub mod receipt;
 pub mod report;
@@ -152,6 +153,7 @@ pub async fn submit(nats: &Nats, jobs: Vec<BatchJob>, opts: &SubmitOptions) -> R
     if let Some(limits) = &opts.store_limits {
         crate::store::apply_limits(nats, limits).await?;
     }
+    models::ensure_models(nats, &jobs).await?;
     let order: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut state = load_jobs(nats, &batch, jobs, opts.redundancy as usize).await?;
 
@@ -669,6 +671,11 @@ impl Run<'_> {
         let Some(js) = self.state.get_mut(id) else {
             return Ok(());
         };
+        if let (Some(d), Some(want)) = (&data, report.digest) {
+            if report::outputs_match(js, d, &want) {
+                report.generation = report::GenerationReport::read(&js.spec, d);
+            }
+        }
         if let (Some(dir), Some(want)) = (&self.opts.out_dir, report.digest) {
             match data.filter(|d| report::outputs_match(js, d, &want)) {
                 Some(d) => report::write_outputs(dir, id, js, &d)?,

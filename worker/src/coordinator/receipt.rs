@@ -67,6 +67,11 @@ pub struct Receipt {
     pub output_shapes: Vec<Vec<usize>>,
     /// Every worker whose signed result gave `output_digest`.
     pub workers: Vec<ReceiptSignature>,
+    /// A generate job's prompt ids, generated ids and trace root: `verify`
+    /// checks that they hash to the prompt's input digest and to
+    /// `output_digest` (the model, tokenizer and sampling are in `op`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<super::report::GenerationReport>,
     pub coordinator: CoordinatorSignature,
 }
 
@@ -161,6 +166,7 @@ pub(super) fn build(
         output_digest: digest,
         output_shapes: js.shapes.clone(),
         workers,
+        generation: decided.generation.clone(),
         coordinator: CoordinatorSignature {
             public_key: signer.public_key(),
             signature: String::new(),
@@ -206,6 +212,9 @@ pub fn verify_receipt(r: &Receipt, trust: Option<&Deployment>) -> Result<()> {
         shorten(&format!("{:?}", r.output_shapes), 100),
         shorten(&format!("{shapes:?}"), 100)
     );
+    if let lockstep_kernels::Op::Generate(g) = &spec.op {
+        check_generation(r, g)?;
+    }
     let mut workers = BTreeSet::new();
     let mut operators = BTreeSet::new();
     for w in &r.workers {
@@ -255,6 +264,40 @@ pub fn verify_receipt(r: &Receipt, trust: Option<&Deployment>) -> Result<()> {
             quote(&r.coordinator.public_key)
         );
     }
+    Ok(())
+}
+
+/// A generate receipt's ids: the prompt ids are the prompt input, the
+/// generated ids and trace root are the accepted outputs.
+fn check_generation(r: &Receipt, g: &lockstep_kernels::contract::Generate) -> Result<()> {
+    use lockstep_kernels::contract::generate::{digest_values, tokens_output, TRACE_VALUES};
+    use lockstep_kernels::tensor_digest_f32;
+    let gen = r
+        .generation
+        .as_ref()
+        .context("a generate receipt must state its prompt and output ids")?;
+    let prompt: Vec<f32> = gen.prompt_ids.iter().map(|&t| t as f32).collect();
+    ensure!(
+        r.inputs.len() == 1
+            && r.inputs[0].digest == tensor_digest_f32(&[prompt.len()], &prompt)
+            && r.inputs[0].shape == [prompt.len()],
+        "the prompt ids are not the job's prompt"
+    );
+    ensure!(
+        gen.output_ids.len() <= g.max_tokens,
+        "more output ids than max_tokens"
+    );
+    let outputs = [
+        tensor_digest_f32(
+            &[g.max_tokens],
+            &tokens_output(&gen.output_ids, g.max_tokens),
+        ),
+        tensor_digest_f32(&[TRACE_VALUES], &digest_values(&gen.trace_root)),
+    ];
+    ensure!(
+        lockstep_kernels::outputs_digest(&outputs) == r.output_digest,
+        "the output ids and trace root do not hash to the output digest"
+    );
     Ok(())
 }
 

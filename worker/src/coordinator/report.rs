@@ -60,6 +60,35 @@ pub struct JobReport {
     pub audited: bool,
     /// Milliseconds from the job's dispatch to its verdict (this run).
     pub latency_ms: f64,
+    /// A generate job's prompt and accepted tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationReport>,
+}
+
+/// What an accepted generation came to, read from its accepted outputs.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct GenerationReport {
+    pub prompt_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    /// The root of every (position, layer) output digest.
+    pub trace_root: Digest,
+}
+
+impl GenerationReport {
+    /// From a generate job's prompt and accepted outputs (`None` if they
+    /// are not a generation's).
+    pub fn read(spec: &JobSpec, outputs: &[Vec<f32>]) -> Option<Self> {
+        use lockstep_kernels::contract::generate::{generated_ids, prompt_ids, values_digest};
+        if !matches!(spec.op, lockstep_kernels::Op::Generate(_)) {
+            return None;
+        }
+        let prompt = decode_f32(spec.inputs.first()?.inline.as_ref()?).ok()?;
+        Some(Self {
+            prompt_ids: prompt_ids(&prompt).ok()?,
+            output_ids: generated_ids(outputs.first()?)?,
+            trace_root: values_digest(outputs.get(1)?)?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -238,6 +267,7 @@ impl JobReport {
             reassigned_from: reassigned_from(js),
             reason: None,
             audited: false,
+            generation: None,
             latency_ms: js
                 .dispatched
                 .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),

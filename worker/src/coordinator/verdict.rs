@@ -261,6 +261,12 @@ pub(super) async fn check(
             }
             Checked::Fine(Some(data))
         }
+        // A model larger than a worker takes, or than its memory: nothing
+        // the coordinator can check; it takes that worker off the job.
+        Outcome::Error {
+            code: ErrorCode::TooLarge,
+            ..
+        } if matches!(js.spec.op, lockstep_kernels::Op::Generate(_)) => Checked::Fine(None),
         Outcome::Error {
             code: ErrorCode::TooLarge,
             ..
@@ -275,6 +281,13 @@ pub(super) async fn check(
             code: code @ (ErrorCode::TamperedBlob | ErrorCode::MissingBlob),
             ..
         } => {
+            if let lockstep_kernels::Op::Generate(g) = &js.spec.op {
+                // The model: a claim is true when it is missing or does not
+                // load to its name.
+                if super::models::model(nats, &g.model).await.is_err() {
+                    return Checked::Fine(None);
+                }
+            }
             for t in &js.spec.inputs {
                 if let Some(d) = &t.object {
                     let fine = match crate::nats::get_blob(nats, d).await {
@@ -287,7 +300,7 @@ pub(super) async fn check(
                 }
             }
             Checked::Rejected(format!(
-                "it claimed {code:?}, but every input is in the store and hashes to its name"
+                "it claimed {code:?}, but every input (and model) is in the store and hashes to its name"
             ))
         }
         _ => Checked::Fine(None),
@@ -395,6 +408,15 @@ pub(super) async fn reference_outputs(
     let mut data = Vec::with_capacity(spec.inputs.len());
     for t in &spec.inputs {
         data.push(load_tensor(nats, t).await?);
+    }
+    if let lockstep_kernels::Op::Generate(g) = &spec.op {
+        let outputs =
+            super::models::reference_generation(nats, g, data.remove(0), cpu.threads()).await?;
+        let digests: Vec<Digest> = outputs.iter().map(|t| t.digest()).collect();
+        return Ok((
+            outputs_digest(&digests),
+            outputs.into_iter().map(|t| t.data).collect(),
+        ));
     }
     let shapes: Vec<Vec<usize>> = spec.inputs.iter().map(|t| t.shape.clone()).collect();
     let (cpu, op) = (cpu.clone(), spec.op.clone());

@@ -65,7 +65,13 @@ impl WorkerProcs {
             .args(["worker", "--nats", &cfg.url, "--nkey"])
             .arg(&key)
             .args(&tls)
-            .args(["--name", name, "--backend", backend, "--threads", "1"])
+            .args(["--name", name, "--backend", backend])
+            // One thread unless the caller says otherwise.
+            .args(if args.contains(&"--threads") {
+                &[][..]
+            } else {
+                &["--threads", "1"][..]
+            })
             .args(args)
             .env(
                 "RUST_LOG",

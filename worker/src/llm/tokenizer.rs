@@ -20,6 +20,67 @@ pub struct TextTokenizer {
     pub eos: Option<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// The tokenizer digest: SHA3-256 over `lockstep.tokenizer\0` and
+    /// everything that decides text → ids and the chat template (see
+    /// [`tokenizer_digest`]). A generate job made from text names it.
+    pub digest: lockstep_kernels::Digest,
+}
+
+/// SHA3-256 over `lockstep.tokenizer\0`, then each of `tokenizer.ggml.model`,
+/// `tokenizer.ggml.pre`, every token, every merge, every token type, the
+/// BOS and EOS ids, `add_bos_token` and the chat template, each as a u64
+/// little-endian length (or count) followed by its bytes (strings UTF-8,
+/// numbers u64 little-endian, a missing value as length `u64::MAX`).
+pub fn tokenizer_digest(g: &Gguf) -> lockstep_kernels::Digest {
+    use sha3::Digest as _;
+    let mut h = sha3::Sha3_256::new();
+    h.update(b"lockstep.tokenizer\0");
+    let mut put = |bytes: Option<&[u8]>| match bytes {
+        Some(b) => {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        None => h.update(u64::MAX.to_le_bytes()),
+    };
+    let text = |k: &str| {
+        g.get(k)
+            .and_then(Value::as_str)
+            .map(|s| s.as_bytes().to_vec())
+    };
+    let number = |k: &str| {
+        g.get(k)
+            .and_then(Value::as_u64)
+            .map(|v| v.to_le_bytes().to_vec())
+    };
+    put(text("tokenizer.ggml.model").as_deref());
+    put(text("tokenizer.ggml.pre").as_deref());
+    for key in [
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+    ] {
+        match g.get(key).and_then(Value::as_array) {
+            Some(a) => {
+                put(Some(&(a.len() as u64).to_le_bytes()));
+                for v in a {
+                    match (v.as_str(), v.as_u64()) {
+                        (Some(s), _) => put(Some(s.as_bytes())),
+                        (None, Some(n)) => put(Some(&n.to_le_bytes())),
+                        _ => put(None),
+                    }
+                }
+            }
+            None => put(None),
+        }
+    }
+    put(number("tokenizer.ggml.bos_token_id").as_deref());
+    put(number("tokenizer.ggml.eos_token_id").as_deref());
+    put(Some(&[matches!(
+        g.get("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    ) as u8]));
+    put(text("tokenizer.chat_template").as_deref());
+    lockstep_kernels::Digest(h.finalize().into())
 }
 
 fn strings<'a>(g: &'a Gguf, key: &str) -> Result<Vec<&'a str>> {
@@ -91,6 +152,7 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("cannot add the special tokens: {e}"))?;
         let id = |k: &str| g.get(k).and_then(Value::as_u64).map(|v| v as u32);
         Ok(Self {
+            digest: tokenizer_digest(g),
             inner,
             bos: id("tokenizer.ggml.bos_token_id"),
             eos: id("tokenizer.ggml.eos_token_id"),
@@ -150,6 +212,36 @@ impl TextTokenizer {
         s.push_str(&format!(
             "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
         ));
+        Ok(s)
+    }
+
+    /// A conversation (`(role, content)` in order) in the ChatML template,
+    /// the assistant's turn opened. Without a system message first, the
+    /// template's default one is put in, as [`TextTokenizer::chat`] does.
+    pub fn chat_messages(&self, messages: &[(String, String)]) -> Result<String> {
+        let Some(((first_role, first), rest)) = messages.split_first() else {
+            bail!("`messages` is empty");
+        };
+        for (role, _) in messages {
+            if !matches!(role.as_str(), "system" | "user" | "assistant") {
+                bail!("message role {role:?} is not system, user or assistant");
+            }
+        }
+        let (mut s, rest) = if first_role == "user" {
+            // The default system message and the first user turn.
+            let s = self.chat(first)?;
+            (
+                s.trim_end_matches("<|im_start|>assistant\n").to_string(),
+                rest,
+            )
+        } else {
+            self.chat("")?;
+            (String::new(), messages)
+        };
+        for (role, content) in rest {
+            s.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+        }
+        s.push_str("<|im_start|>assistant\n");
         Ok(s)
     }
 }

@@ -30,6 +30,7 @@ pub struct WorkerNats {
     pub jobs: stream::Stream<()>,
     heartbeats: stream::Stream<()>,
     blobs: stream::Stream<()>,
+    models: stream::Stream<()>,
 }
 
 impl WorkerNats {
@@ -57,6 +58,7 @@ impl WorkerNats {
             jobs: open(JOBS_STREAM.into()).await?,
             heartbeats: open(format!("KV_{WORKERS_BUCKET}")).await?,
             blobs: open(format!("OBJ_{BLOBS_BUCKET}")).await?,
+            models: open(format!("OBJ_{MODELS_BUCKET}")).await?,
             client,
             js,
         };
@@ -155,22 +157,29 @@ impl WorkerNats {
     /// The bytes of an input in the object store (not yet checked: see
     /// [`decode_blob`]).
     pub async fn blob(&self, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
-        read_blob(&self.blobs, digest).await
+        read_object(&self.blobs, BLOBS_BUCKET, digest).await
+    }
+
+    /// The bytes of a model file in the model store (not yet checked: the
+    /// worker loads them and compares the model digest with the name).
+    pub async fn model_file(&self, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
+        read_object(&self.models, MODELS_BUCKET, digest).await
     }
 }
 
-/// The bytes of an object in the blob store, read by direct gets from its
+/// The bytes of an object in `bucket` (the blob or the model store), read by direct gets from its
 /// stream (metadata, then chunks): no consumer per read (at thousands of
 /// reads a second those hit the server's consumer limit), and no stream
 /// info (workers may not read it).
-pub async fn read_blob<I>(
+pub async fn read_object<I>(
     blobs: &stream::Stream<I>,
+    bucket: &str,
     digest: &lockstep_kernels::Digest,
 ) -> Result<Vec<u8>> {
     use base64::Engine as _;
     let name = base64::engine::general_purpose::URL_SAFE.encode(digest.to_hex());
     let meta = match blobs
-        .direct_get_last_for_subject(format!("$O.{BLOBS_BUCKET}.M.{name}"))
+        .direct_get_last_for_subject(format!("$O.{bucket}.M.{name}"))
         .await
     {
         Ok(m) => m,
@@ -184,7 +193,7 @@ pub async fn read_blob<I>(
     if info.deleted {
         bail!(crate::nats::BlobMissing(*digest));
     }
-    let subject = format!("$O.{BLOBS_BUCKET}.C.{}", info.nuid);
+    let subject = format!("$O.{bucket}.C.{}", info.nuid);
     let mut buf = Vec::with_capacity(info.size);
     let mut seq = 0;
     for _ in 0..info.chunks {

@@ -225,6 +225,9 @@ async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<O
     let t = Instant::now();
     let plan = check_job(job, ctx.opts.max_elements, ctx.opts.max_macs)?;
     let spec = &job.spec;
+    if let Op::Generate(g) = &spec.op {
+        return generate(ctx, job, g, timings).await;
+    }
     let work = plan.work();
     let mut data = Vec::with_capacity(spec.inputs.len());
     for input in &spec.inputs {
@@ -333,8 +336,53 @@ async fn compute_and_store(
             )))
         })
     };
-    let mut outputs = out.map_err(|e| job_err(ErrorCode::Backend, e.to_string()))?;
+    let outputs = out.map_err(|e| job_err(ErrorCode::Backend, e.to_string()))?;
     timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
+    store_outputs(ctx, job, outputs).await
+}
+
+/// A generate job: the model by its digest (memory, disk cache or the
+/// model store), the prompt's ids, and the model's decoding thread, which
+/// batches it with the other generations it runs.
+async fn generate(
+    ctx: &Ctx,
+    job: &JobMessage,
+    g: &lockstep_kernels::contract::Generate,
+    timings: &mut Timings,
+) -> Result<Outcome, JobError> {
+    let t = Instant::now();
+    if ctx.info.kind != BackendKind::Cpu {
+        return Err(job_err(
+            ErrorCode::Backend,
+            format!(
+                "models run on the CPU backend for now; this worker computes on {}",
+                ctx.info.kind
+            ),
+        ));
+    }
+    let prompt = fetch(ctx, &job.spec.inputs[0]).await?;
+    let prompt = lockstep_kernels::contract::generate::prompt_ids(&prompt).map_err(kernel_err)?;
+    let runner = ctx.models.get(ctx, &g.model).await?;
+    timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    if !ctx.opts.test.delay.is_zero() {
+        tokio::time::sleep(ctx.opts.test.delay).await;
+    }
+    let generation = runner
+        .generate(prompt, g.clone())
+        .await
+        .map_err(kernel_err)?;
+    timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
+    store_outputs(ctx, job, generation.outputs()).await
+}
+
+/// Signs nothing yet: applies the test fault switch, then puts outputs too
+/// large for the result message in this worker's outputs stream.
+async fn store_outputs(
+    ctx: &Ctx,
+    job: &JobMessage,
+    mut outputs: Vec<lockstep_kernels::Tensor>,
+) -> Result<Outcome, JobError> {
     if let Some(f) = ctx.opts.test.fault {
         f.apply(&job.job, &mut outputs);
     }
@@ -361,6 +409,9 @@ fn kernel_err(e: lockstep_kernels::Error) -> JobError {
     let code = match e.kind {
         ErrorKind::Shape => ErrorCode::BadShape,
         ErrorKind::TooLarge => ErrorCode::TooLarge,
+        // A request that does not fit the model (a token outside its
+        // vocabulary): the job's fault, as a bad shape is.
+        ErrorKind::Model => ErrorCode::BadShape,
         _ => ErrorCode::Backend,
     };
     job_err(code, e.message)

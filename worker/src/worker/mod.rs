@@ -19,6 +19,7 @@ pub mod bus;
 mod cache;
 pub(crate) mod handler;
 mod inflight;
+pub mod models;
 mod publish;
 mod registry;
 pub mod testing;
@@ -65,6 +66,13 @@ pub struct WorkerOptions {
     pub cache_dir: Option<PathBuf>,
     /// Most bytes the blob cache may hold (least recently used go first).
     pub cache_bytes: u64,
+    /// Most bytes of model files kept on disk (in `<cache>/models`).
+    pub model_cache_bytes: u64,
+    /// The largest model file this worker takes (a larger one is answered
+    /// `too_large`).
+    pub max_model_bytes: u64,
+    /// Models kept loaded in memory at once.
+    pub max_models: usize,
     /// Test-only switches; all off unless a test sets them.
     pub test: TestSwitches,
 }
@@ -82,6 +90,9 @@ impl WorkerOptions {
             threads: 0,
             cache_dir: None,
             cache_bytes: 1 << 30,
+            model_cache_bytes: 16 << 30,
+            max_model_bytes: 8 << 30,
+            max_models: 2,
             test: TestSwitches::default(),
         }
     }
@@ -125,6 +136,8 @@ struct Ctx {
     cache: PathBuf,
     /// Job messages started and not yet acked, on disk.
     inflight: inflight::Inflight,
+    /// Models fetched and loaded, for generate jobs.
+    models: models::Models,
     done: AtomicU64,
     failed: AtomicU64,
 }
@@ -183,6 +196,13 @@ pub async fn run(
         backend,
         info,
         inflight,
+        models: models::Models::new(
+            cache.join("models"),
+            opts.model_cache_bytes,
+            opts.max_model_bytes,
+            opts.max_models,
+            opts.threads,
+        ),
         cache,
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),

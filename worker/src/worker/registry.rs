@@ -31,6 +31,11 @@ pub(super) async fn publish_record(
             max_elements: ctx.opts.max_elements as u64,
             max_macs: ctx.opts.max_macs,
         }),
+        models: Some(WorkerModels {
+            loaded: ctx.models.loaded(),
+            on_disk: ctx.models.on_disk(),
+            max_model_bytes: ctx.models.max_model_bytes(),
+        }),
     };
     let value = serde_json::to_vec(&rec).expect("serialisable");
     if let Err(e) = ctx.nats.put_heartbeat(&rec.id, &value).await {

@@ -1,0 +1,209 @@
+//! The `generate` op ([`crate::contract::generate`]) on a loaded model:
+//! prompts in, generated ids and traces out, many sequences decoded as one
+//! batch. Sequences join and leave between passes (continuous batching);
+//! the engine's batch invariance means a sequence's bits do not depend on
+//! who else is in the batch, so a worker may batch however it likes.
+
+use super::{Engine, Model, Sequence, Trace};
+use crate::contract::generate::{digest_values, tokens_output, Generate};
+use crate::contract::sample::sample_spec;
+use crate::contract::Tensor;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// What a backend answers when asked to run `generate` on its own.
+pub fn not_a_backend_op() -> Error {
+    Error::unavailable("generate needs its model: it runs through model::generate, not a backend")
+}
+
+/// One finished generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub prompt: Vec<u32>,
+    pub tokens: Vec<u32>,
+    /// `trace[pos][layer]`: the digest of every layer's output at every
+    /// position fed (the prompt and every generated token but the last).
+    pub trace: Vec<Vec<Digest>>,
+    pub max_tokens: usize,
+}
+
+impl Generation {
+    pub fn trace_root(&self) -> Digest {
+        Trace::root(&self.trace)
+    }
+
+    /// The op's outputs: `tokens` [max_tokens] and `trace` [16].
+    pub fn outputs(&self) -> Vec<Tensor> {
+        vec![
+            Tensor::new(
+                vec![self.max_tokens],
+                tokens_output(&self.tokens, self.max_tokens),
+            ),
+            Tensor::new(
+                vec![crate::contract::generate::TRACE_VALUES],
+                digest_values(&self.trace_root()),
+            ),
+        ]
+    }
+}
+
+/// Checks a request against the model: the model it names, the prompt's
+/// ids within the vocabulary, prompt plus max tokens within the context.
+pub fn check(model: &Model, prompt: &[u32], g: &Generate) -> Result<()> {
+    let c = &model.config;
+    if g.model != model.digest {
+        return Err(Error::model(format!(
+            "the job names model {}, this is {}",
+            g.model, model.digest
+        )));
+    }
+    if prompt.is_empty() {
+        return Err(Error::shape("the prompt has no tokens"));
+    }
+    if let Some(t) = prompt.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::shape(format!(
+            "prompt token {t} is outside the vocabulary of {}",
+            c.vocab_size
+        )));
+    }
+    if prompt.len().saturating_add(g.max_tokens) > c.max_seq {
+        return Err(Error::too_large(format!(
+            "a prompt of {} tokens plus max_tokens {} exceeds the model's context of {} tokens",
+            prompt.len(),
+            g.max_tokens,
+            c.max_seq
+        )));
+    }
+    Ok(())
+}
+
+struct Active<K> {
+    key: K,
+    seq: Sequence,
+    prompt: Vec<u32>,
+    params: Generate,
+    generated: Vec<u32>,
+}
+
+/// Sequences being decoded together. [`Batch::join`] adds one (its prompt
+/// is fed in the next pass, beside the others' next tokens);
+/// [`Batch::step`] runs one pass and returns the sequences that finished.
+pub struct Batch<'e, 'm, K> {
+    engine: &'e Engine<'m>,
+    active: Vec<Active<K>>,
+}
+
+impl<'e, 'm, K> Batch<'e, 'm, K> {
+    pub fn new(engine: &'e Engine<'m>) -> Self {
+        Self {
+            engine,
+            active: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    /// Adds a sequence, or says why the model cannot run it (and gives
+    /// the key back).
+    pub fn join(&mut self, key: K, prompt: Vec<u32>, params: Generate) -> Result<(), (Error, K)> {
+        if let Err(e) = check(self.engine.model, &prompt, &params) {
+            return Err((e, key));
+        }
+        let seq = match self.engine.sequence(prompt.len() + params.max_tokens, true) {
+            Ok(s) => s,
+            Err(e) => return Err((e, key)),
+        };
+        self.active.push(Active {
+            key,
+            seq,
+            prompt,
+            params,
+            generated: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Removes every sequence, unfinished; their keys.
+    pub fn drain(&mut self) -> Vec<K> {
+        self.active.drain(..).map(|a| a.key).collect()
+    }
+
+    /// One forward pass over every sequence: prompts of those that just
+    /// joined, the last token of the others. Returns those that finished
+    /// (a stop id, or max tokens).
+    pub fn step(&mut self) -> Result<Vec<(K, Generation)>> {
+        if self.active.is_empty() {
+            return Ok(Vec::new());
+        }
+        let feed: Vec<Vec<u32>> = self
+            .active
+            .iter()
+            .map(|a| match a.generated.last() {
+                None => a.prompt.clone(),
+                Some(&t) => vec![t],
+            })
+            .collect();
+        let logits = {
+            let mut seqs: Vec<&mut Sequence> = self.active.iter_mut().map(|a| &mut a.seq).collect();
+            let slices: Vec<&[u32]> = feed.iter().map(Vec::as_slice).collect();
+            self.engine.forward(&mut seqs, &slices)?
+        };
+        let mut finished = Vec::new();
+        for (a, l) in self.active.iter_mut().zip(logits) {
+            let l = l.ok_or_else(|| Error::model("a sequence got no logits"))?;
+            let position = (a.prompt.len() + a.generated.len()) as u64;
+            let t = sample_spec(&l, &a.params.sampling(), position)
+                .ok_or_else(|| Error::model("empty vocabulary"))? as u32;
+            a.generated.push(t);
+        }
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &self.active[i];
+            let last = *a.generated.last().expect("sampled above");
+            if a.params.stop.contains(&last) || a.generated.len() >= a.params.max_tokens {
+                let mut a = self.active.swap_remove(i);
+                finished.push((
+                    a.key,
+                    Generation {
+                        prompt: a.prompt,
+                        tokens: a.generated,
+                        trace: a.seq.trace.take().unwrap_or_default(),
+                        max_tokens: a.params.max_tokens,
+                    },
+                ));
+            } else {
+                i += 1;
+            }
+        }
+        Ok(finished)
+    }
+}
+
+/// Runs requests to the end as one batch, in order.
+pub fn generate_all(
+    engine: &Engine<'_>,
+    requests: &[(Vec<u32>, Generate)],
+) -> Result<Vec<Generation>> {
+    let mut batch = Batch::new(engine);
+    for (i, (prompt, params)) in requests.iter().enumerate() {
+        batch
+            .join(i, prompt.clone(), params.clone())
+            .map_err(|(e, _)| e)?;
+    }
+    let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+    while !batch.is_empty() {
+        for (i, g) in batch.step()? {
+            out[i] = Some(g);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|g| g.expect("every sequence finishes"))
+        .collect())
+}

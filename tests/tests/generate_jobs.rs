@@ -1,0 +1,333 @@
+//! Generate jobs over a real nats-server (authorization on) and real worker
+//! processes: models pushed by digest and fetched by workers, generations
+//! verified across workers of different thread counts, receipts that bind
+//! the prompt and output ids, a corrupted generation caught, and bad
+//! generate jobs answered with clear errors while the worker keeps serving.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lockstep::batch::{parse_batch_str, BatchJob};
+use lockstep::coordinator::receipt::{parse_receipts, verify_receipt};
+use lockstep::coordinator::{submit, SubmitOptions, Verdict};
+use lockstep::protocol::*;
+use lockstep_kernels::contract::Generate;
+use lockstep_kernels::model::generate::generate_all;
+use lockstep_kernels::model::{Engine, Model};
+use lockstep_kernels::{outputs_digest, Op};
+use lockstep_tests::{direct_job, nats_server, send_to_worker, wait_workers, watch_results, Procs};
+
+fn opts(
+    server: &lockstep::harness::NatsServer,
+    batch: &str,
+    out: Option<&std::path::Path>,
+) -> SubmitOptions {
+    SubmitOptions {
+        signer: Some(std::sync::Arc::new(
+            server.coordinator().identity().unwrap().unwrap(),
+        )),
+        redundancy: 2,
+        batch_id: Some(batch.into()),
+        worker_timeout: Duration::from_secs(3),
+        job_timeout: Duration::from_secs(120),
+        deadline: Some(Duration::from_secs(400)),
+        progress: false,
+        threads: 1,
+        out_dir: out.map(|p| p.to_path_buf()),
+        ..Default::default()
+    }
+}
+
+fn smollm2_present() -> bool {
+    lockstep::llm::models::resolve("smollm2").is_ok()
+}
+
+/// The batch: tiny llama2.c models by ids (greedy and sampled), and, when
+/// SmolLM2 is installed, a text prompt and a chat.
+fn batch_text() -> String {
+    let mut lines = vec![
+        r#"{"id": "stories-greedy", "op": "generate", "model": "stories260K", "prompt_ids": [1, 403, 407, 261, 378], "max_tokens": 24}"#.to_string(),
+        r#"{"id": "stories-sampled", "op": "generate", "model": "stories260K", "prompt_ids": [1, 403], "max_tokens": 24, "temperature": 0.9, "top_p": 0.9, "seed": 11}"#.to_string(),
+        r#"{"id": "aidreams-topk", "op": "generate", "model": "aidreams260K", "prompt_ids": [1, 300, 301], "max_tokens": 16, "temperature": 1.0, "top_k": 8, "seed": 5, "stop": [2]}"#.to_string(),
+    ];
+    if smollm2_present() {
+        lines.push(r#"{"id": "smol-text", "op": "generate", "model": "smollm2", "prompt": "The capital of France is", "max_tokens": 6}"#.to_string());
+        lines.push(r#"{"id": "smol-chat", "op": "generate", "model": "smollm2", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6}"#.to_string());
+    }
+    lines.join("\n")
+}
+
+/// Each job's outputs digest, computed here with the model engine.
+fn expected(jobs: &[BatchJob]) -> Vec<lockstep_kernels::Digest> {
+    jobs.iter()
+        .map(|j| {
+            let Op::Generate(g) = &j.op else {
+                panic!("not generate")
+            };
+            let model = Model::load(j.model_file.as_ref().unwrap()).unwrap();
+            let engine = Engine::new(&model, 1, lockstep_kernels::cpu::Isa::detect()).unwrap();
+            let lockstep::batch::Tensor::Data { data, .. } = &j.inputs[0] else {
+                panic!("inline prompt")
+            };
+            let ids = lockstep_kernels::contract::generate::prompt_ids(data).unwrap();
+            let out = generate_all(&engine, &[(ids, g.clone())]).unwrap();
+            let digests: Vec<_> = out[0].outputs().iter().map(|t| t.digest()).collect();
+            outputs_digest(&digests)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_jobs_verify_across_thread_counts_and_receipts_bind_the_ids() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker_args(&server, "gen-t1", "cpu", &["--threads", "1"], &[]);
+    procs.worker_args(&server, "gen-t2", "cpu", &["--threads", "2"], &[]);
+    procs.worker_args(&server, "gen-t3", "cpu", &["--threads", "3"], &[]);
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["gen-t1", "gen-t2", "gen-t3"]).await;
+    let jobs = parse_batch_str(&batch_text(), std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs);
+    let out = tempfile::tempdir().unwrap();
+    let report = submit(
+        &nats,
+        jobs.clone(),
+        &opts(&server, "gen-ok", Some(out.path())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.verified, jobs.len(), "{report:#?}");
+    for (j, w) in report.jobs.iter().zip(&want) {
+        assert_eq!(j.digest, Some(*w), "{}: not the engine's generation", j.job);
+        assert_eq!(j.results.len(), 2);
+        let g = j.generation.as_ref().expect("a generation report");
+        assert!(!g.output_ids.is_empty());
+    }
+    // The same request twice gives the same tokens; sampling really sampled
+    // (the sampled job differs from greedy decoding of its prompt).
+    let gen = |id: &str| {
+        report
+            .jobs
+            .iter()
+            .find(|j| j.job == id)
+            .and_then(|j| j.generation.clone())
+            .unwrap()
+    };
+    assert_eq!(gen("stories-greedy").output_ids.len(), 24);
+    // Receipts verify offline against the deployment and bind the ids.
+    let text = std::fs::read_to_string(out.path().join("receipts.jsonl")).unwrap();
+    let receipts = parse_receipts(&text).unwrap();
+    assert_eq!(receipts.len(), jobs.len());
+    let dep = lockstep::deploy::Deployment::open(&server.dir()).unwrap();
+    for r in &receipts {
+        verify_receipt(r, Some(&dep)).unwrap();
+        let op: Op = serde_json::from_value(r.op.clone()).unwrap();
+        let Op::Generate(g) = op else {
+            panic!("not generate")
+        };
+        if r.job.starts_with("smol") {
+            assert!(g.tokenizer.is_some(), "a text prompt binds its tokenizer");
+        }
+        // Any change to the ids or the sampling is caught.
+        let mut bad = r.clone();
+        bad.generation.as_mut().unwrap().output_ids[0] ^= 1;
+        assert!(verify_receipt(&bad, Some(&dep)).is_err());
+        let mut bad = r.clone();
+        bad.generation.as_mut().unwrap().prompt_ids.push(5);
+        assert!(verify_receipt(&bad, Some(&dep)).is_err());
+        let mut bad = r.clone();
+        bad.op["params"]["seed"] = serde_json::json!(12345);
+        assert!(verify_receipt(&bad, Some(&dep)).is_err());
+    }
+    // The workers advertise the models they hold.
+    let live = lockstep::nats::live_workers(&nats, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let held: usize = live
+        .iter()
+        .filter_map(|w| w.record.models.as_ref())
+        .map(|m| m.loaded.len())
+        .sum();
+    assert!(held > 0, "no worker advertises a loaded model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_generation_is_caught_and_the_honest_text_accepted() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(&server, "gen-honest-1", "cpu", &[]);
+    procs.worker(&server, "gen-honest-2", "cpu", &[]);
+    procs.worker(
+        &server,
+        "gen-faulty",
+        "cpu",
+        &[("LOCKSTEP_FAULT_INJECT_EVERY", "1")],
+    );
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["gen-honest-1", "gen-honest-2", "gen-faulty"]).await;
+    let lines: Vec<String> = (0..6)
+        .map(|i| format!(
+            r#"{{"id": "g{i}", "op": "generate", "model": "stories260K", "prompt_ids": [1, {}], "max_tokens": 12}}"#,
+            300 + i
+        ))
+        .collect();
+    let jobs = parse_batch_str(&lines.join("\n"), std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs);
+    let report = submit(&nats, jobs, &opts(&server, "gen-fault", None))
+        .await
+        .unwrap();
+    assert!(report.all_accepted(), "{report:#?}");
+    let mut caught = 0;
+    for (j, w) in report.jobs.iter().zip(&want) {
+        assert_eq!(
+            j.digest,
+            Some(*w),
+            "{}: the accepted text is not the honest one",
+            j.job
+        );
+        if j.results.iter().any(|r| r.worker == "gen-faulty") {
+            caught += 1;
+            assert_eq!(j.verdict, Verdict::Resolved);
+            assert_eq!(j.faulty_workers, vec!["gen-faulty".to_string()]);
+        } else {
+            assert!(j.faulty_workers.is_empty());
+        }
+    }
+    assert!(
+        caught >= 1,
+        "the faulty worker computed nothing; the test proves nothing"
+    );
+    assert!(report.faults.iter().all(|f| f.worker == "gen-faulty"));
+}
+
+/// Sends one generate job straight to a worker and waits for its result.
+async fn answer(
+    nats: &lockstep::nats::Nats,
+    results: &mut async_nats::jetstream::consumer::pull::Ordered,
+    worker: &str,
+    id: &str,
+    g: Generate,
+    prompt: &[u32],
+) -> Outcome {
+    let data: Vec<f32> = prompt.iter().map(|&t| t as f32).collect();
+    let spec = JobSpec {
+        op: Op::Generate(g),
+        inputs: vec![TensorRef::inline(vec![data.len()], &data)],
+    };
+    let job = direct_job(worker, "gen-bad", id, spec);
+    send_to_worker(nats, worker, "gen-bad", serde_json::to_vec(&job).unwrap()).await;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(120), results.next())
+            .await
+            .expect("a result in time")
+            .unwrap()
+            .unwrap();
+        let rs = parse_results(&m.payload).unwrap();
+        if let Some(r) = rs.into_iter().find(|r| r.job == id) {
+            return r.outcome;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    procs.worker(&server, "gen-w", "cpu", &[]);
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["gen-w"]).await;
+    let local = lockstep::llm::distribute::LocalModel::load("stories260K").unwrap();
+    lockstep::llm::distribute::push(&nats, &local)
+        .await
+        .unwrap();
+    let digest = local.model.digest;
+    // A model blob whose content does not match its name: stories260K's
+    // bytes stored under another digest.
+    let forged = lockstep_kernels::Digest([0x5a; 32]);
+    let bytes = std::fs::read(&local.path).unwrap();
+    nats.models
+        .put(forged.to_hex().as_str(), &mut bytes.as_slice())
+        .await
+        .unwrap();
+    let g = |model, max_tokens| Generate {
+        model,
+        tokenizer: None,
+        max_tokens,
+        stop: vec![],
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let mut results = watch_results(&nats, &results_filter("gen-bad")).await;
+    let cases: Vec<(&str, Generate, Vec<u32>, ErrorCode, &str)> = vec![
+        (
+            "unknown-model",
+            g(lockstep_kernels::Digest([1; 32]), 4),
+            vec![1, 2],
+            ErrorCode::MissingBlob,
+            "not in the model store",
+        ),
+        (
+            "forged-model",
+            g(forged, 4),
+            vec![1, 2],
+            ErrorCode::TamperedBlob,
+            "hashes to",
+        ),
+        (
+            "over-context",
+            g(digest, local.model.config.max_seq),
+            vec![1, 2],
+            ErrorCode::TooLarge,
+            "context",
+        ),
+        (
+            "outside-vocab",
+            g(digest, 4),
+            vec![1, 100_000],
+            ErrorCode::BadShape,
+            "vocabulary",
+        ),
+        (
+            "zero-tokens",
+            g(digest, 0),
+            vec![1, 2],
+            ErrorCode::BadShape,
+            "max_tokens",
+        ),
+        (
+            "absurd-tokens",
+            g(digest, 1 << 40),
+            vec![1, 2],
+            ErrorCode::TooLarge,
+            "max_tokens",
+        ),
+    ];
+    for (id, params, prompt, code, says) in cases {
+        match answer(&nats, &mut results, "gen-w", id, params, &prompt).await {
+            Outcome::Error { code: c, message } => {
+                assert_eq!(c, code, "{id}: {message}");
+                assert!(message.contains(says), "{id}: {message}");
+                assert!(!message.contains('\n'), "{id}: not one line: {message}");
+            }
+            o => panic!("{id}: {o:?}"),
+        }
+    }
+    // The forged file was dropped from the worker's cache, and the worker
+    // still serves a good job.
+    match answer(
+        &nats,
+        &mut results,
+        "gen-w",
+        "good",
+        g(digest, 5),
+        &[1, 403],
+    )
+    .await
+    {
+        Outcome::Ok { outputs, .. } => assert_eq!(outputs.len(), 2),
+        o => panic!("good job: {o:?}"),
+    }
+    assert!(procs.is_running("gen-w"));
+}
