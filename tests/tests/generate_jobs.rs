@@ -331,3 +331,117 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
     }
     assert!(procs.is_running("gen-w"));
 }
+
+/// One generation (stories260K, 16 tokens) on an honest worker and a
+/// faulty one (the test switches in `env`): the dispute's report, and the
+/// faults it recorded.
+async fn dispute_with(
+    env: &[(&str, &str)],
+    batch: &str,
+) -> Option<(
+    lockstep::coordinator::report::JobReport,
+    Vec<FaultRecord>,
+    lockstep_kernels::Digest,
+)> {
+    let server = nats_server()?;
+    let mut procs = Procs::default();
+    procs.worker(&server, "honest", "cpu", &[]);
+    procs.worker(&server, "faulty", "cpu", env);
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["honest", "faulty"]).await;
+    let line = r#"{"id": "story", "op": "generate", "model": "stories260K", "prompt_ids": [1, 403, 407, 261, 378, 300], "max_tokens": 16}"#;
+    let jobs = parse_batch_str(line, std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs)[0];
+    let mut o = opts(&server, batch, None);
+    o.dispute_timeout = Duration::from_secs(8);
+    let report = submit(&nats, jobs, &o).await.unwrap();
+    assert!(report.all_accepted(), "{report:#?}");
+    let j = report.jobs[0].clone();
+    assert_eq!(j.verdict, Verdict::Resolved, "{j:#?}");
+    assert_eq!(
+        j.digest,
+        Some(want),
+        "the accepted generation is not the honest one"
+    );
+    assert_eq!(j.faulty_workers, vec!["faulty".to_string()], "{j:#?}");
+    assert!(report.faults.iter().all(|f| f.worker == "faulty"));
+    Some((j, report.faults, want))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_in_one_layer_is_pinned_by_replaying_that_layer_alone() {
+    let Some((j, faults, _)) =
+        dispute_with(&[("LOCKSTEP_FAULT_INJECT_LAYER", "7:2")], "gen-layer").await
+    else {
+        return;
+    };
+    let d = j.dispute.expect("settled by a one-layer replay");
+    assert_eq!((d.position, d.layer), (7, Some(2)), "{d:?}");
+    assert_eq!(d.positions_replayed, 8);
+    assert!(
+        faults[0].reason.contains("layer 2 at position 7"),
+        "{}",
+        faults[0].reason
+    );
+    eprintln!(
+        "one-layer replay {:.2} ms; the generation {:.1} ms",
+        d.replay_ms, d.generation_ms
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_pinned_after_the_last_layer() {
+    let Some((j, faults, _)) =
+        dispute_with(&[("LOCKSTEP_FAULT_INJECT_TOKEN", "3")], "gen-token").await
+    else {
+        return;
+    };
+    let d = j.dispute.expect("settled by replaying the final step");
+    // Token 3 is sampled at position prompt (6) + 3 − 1.
+    assert_eq!((d.position, d.layer), (8, None), "{d:?}");
+    assert!(
+        faults[0].reason.contains("after the last layer"),
+        "{}",
+        faults[0].reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lies_in_a_dispute_is_at_fault() {
+    let Some((_, faults, _)) = dispute_with(
+        &[
+            ("LOCKSTEP_FAULT_INJECT_LAYER", "2:0"),
+            ("LOCKSTEP_TEST_DISPUTE", "lie"),
+        ],
+        "gen-lie",
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        faults[0].reason.contains("does not hash to the trace root"),
+        "{}",
+        faults[0].reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_does_not_answer_a_dispute_is_at_fault() {
+    let Some((_, faults, _)) = dispute_with(
+        &[
+            ("LOCKSTEP_FAULT_INJECT_LAYER", "2:0"),
+            ("LOCKSTEP_TEST_DISPUTE", "silent"),
+        ],
+        "gen-silent",
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(
+        faults[0].reason.contains("no answer within"),
+        "{}",
+        faults[0].reason
+    );
+}

@@ -355,6 +355,32 @@ struct WorkerArgs {
     /// TEST ONLY: sleep this many milliseconds before computing each job.
     #[arg(long, env = "LOCKSTEP_TEST_DELAY_MS", hide = true, default_value_t = 0)]
     test_delay_ms: u64,
+    /// TEST ONLY: in every generation, flip one bit of layer L's output at
+    /// position P (`P:L`), as a broken device would.
+    #[arg(long, env = "LOCKSTEP_FAULT_INJECT_LAYER", hide = true, value_parser = parse_pos_layer)]
+    fault_inject_layer: Option<(usize, usize)>,
+    /// TEST ONLY: in every generation, replace generated token I by the
+    /// next id (a wrong classifier or sampler).
+    #[arg(long, env = "LOCKSTEP_FAULT_INJECT_TOKEN", hide = true)]
+    fault_inject_token: Option<usize>,
+    /// TEST ONLY: answer dispute queries with a trace that is not the one
+    /// signed (`lie`), or not at all (`silent`).
+    #[arg(long, env = "LOCKSTEP_TEST_DISPUTE", hide = true)]
+    test_dispute: Option<crate::worker::DisputeBehaviour>,
+}
+
+fn parse_pos_layer(s: &str) -> Result<(usize, usize), String> {
+    let (p, l) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not POSITION:LAYER"))?;
+    Ok((
+        p.trim()
+            .parse()
+            .map_err(|_| format!("{p:?} is not a position"))?,
+        l.trim()
+            .parse()
+            .map_err(|_| format!("{l:?} is not a layer"))?,
+    ))
 }
 
 #[derive(clap::Args)]
@@ -408,6 +434,10 @@ struct SubmitArgs {
     /// (see docs/PROTOCOL.md, "Threat model").
     #[arg(long, default_value_t = 0.0)]
     audit_rate: f64,
+    /// Seconds a worker has to answer a dispute query about a generation it
+    /// signed (its trace, a layer's inputs); no answer in time is its fault.
+    #[arg(long, default_value_t = 120.0)]
+    dispute_timeout: f64,
 }
 
 #[derive(Subcommand)]
@@ -972,6 +1002,11 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
             .fault_inject_every
             .map(|every| crate::worker::FaultInjection { every }),
         delay: std::time::Duration::from_millis(args.test_delay_ms),
+        generation: lockstep_kernels::model::generate::TestFault {
+            layer: args.fault_inject_layer,
+            token: args.fault_inject_token,
+        },
+        dispute: args.test_dispute,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(crate::worker::run(o, shutdown_signal()))
@@ -1008,6 +1043,7 @@ fn run_submit(args: SubmitArgs) -> Result<()> {
         keep_batch: args.keep_batch,
         signer: Some(std::sync::Arc::new(signer)),
         audit_rate: args.audit_rate,
+        dispute_timeout: Duration::from_secs_f64(args.dispute_timeout),
         store_limits: args
             .store_limits
             .as_deref()

@@ -207,3 +207,107 @@ mod tests {
         assert!(prompt_ids(&[-0.5]).is_err());
     }
 }
+
+/// `generate_trace`: the digest of every layer's output at every position
+/// of a model fed `tokens` from position 0 (a generation's prompt and every
+/// generated token but the last: the positions its trace covers). What a
+/// coordinator asks of each side of a disputed generation; the answer must
+/// hash to the trace root that side signed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateTrace {
+    pub model: Digest,
+    /// The model's layer count (fixes the output shape; a worker checks it).
+    pub layers: usize,
+}
+
+/// `layer_inputs`: layer `layer`'s input at every position of a model fed
+/// `tokens` from position 0 ([`crate::model::spec::layer_spec`]'s `x`); layer
+/// `layers` (one past the last) is the last layer's output, the final
+/// norm's input. What a coordinator needs to recompute one layer alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerInputs {
+    pub model: Digest,
+    pub layer: usize,
+    /// The model's width (fixes the output shape; a worker checks it).
+    pub dim: usize,
+}
+
+/// The sizes of a replay query: positions fed, and the width of each
+/// position's output row (layers × 16 for a trace, dim for inputs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayDims {
+    pub positions: usize,
+    pub width: usize,
+}
+
+fn replay_tokens(name: &str, shapes: &[&[usize]]) -> Result<usize> {
+    let &[n] = shapes[0] else {
+        return Err(Error::shape(format!(
+            "{name}'s tokens must be rank 1, got rank {}",
+            shapes[0].len()
+        )));
+    };
+    if n == 0 {
+        return Err(Error::shape(format!("{name} has no tokens")));
+    }
+    if n > MAX_PROMPT + MAX_TOKENS {
+        return Err(Error::too_large(format!("{n} tokens is over the limit")));
+    }
+    Ok(n)
+}
+
+impl GenerateTrace {
+    pub const NAME: &'static str = "generate_trace";
+    pub const INPUTS: &'static [&'static str] = &["tokens"];
+    pub const OUTPUTS: &'static [&'static str] = &["trace"];
+
+    pub fn plan(&self, shapes: &[&[usize]]) -> Result<ReplayDims> {
+        let positions = replay_tokens(Self::NAME, shapes)?;
+        if self.layers == 0 || self.layers > 1024 {
+            return Err(Error::shape("layers must be 1 to 1024"));
+        }
+        Ok(ReplayDims {
+            positions,
+            width: self.layers * TRACE_VALUES,
+        })
+    }
+}
+
+impl LayerInputs {
+    pub const NAME: &'static str = "layer_inputs";
+    pub const INPUTS: &'static [&'static str] = &["tokens"];
+    pub const OUTPUTS: &'static [&'static str] = &["inputs"];
+
+    pub fn plan(&self, shapes: &[&[usize]]) -> Result<ReplayDims> {
+        let positions = replay_tokens(Self::NAME, shapes)?;
+        if self.dim == 0 || self.dim > 1 << 16 || self.layer > 1024 {
+            return Err(Error::shape(
+                "dim must be 1 to 65536 and layer at most 1024",
+            ));
+        }
+        Ok(ReplayDims {
+            positions,
+            width: self.dim,
+        })
+    }
+}
+
+/// A trace (`[positions][layers]` digests) as the `trace` output of
+/// `generate_trace`: [positions, layers, 16].
+pub fn trace_values(trace: &[Vec<Digest>]) -> Vec<f32> {
+    trace.iter().flatten().flat_map(digest_values).collect()
+}
+
+/// The trace in a `generate_trace` output of `layers` layers (`None` if a
+/// value is not a u16).
+pub fn values_trace(values: &[f32], layers: usize) -> Option<Vec<Vec<Digest>>> {
+    if layers == 0 || !values.len().is_multiple_of(layers * TRACE_VALUES) {
+        return None;
+    }
+    values
+        .chunks_exact(layers * TRACE_VALUES)
+        .map(|row| row.chunks_exact(TRACE_VALUES).map(values_digest).collect())
+        .collect()
+}

@@ -26,7 +26,7 @@ pub mod swiglu;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
 
-pub use generate::{Generate, GenerateDims};
+pub use generate::{Generate, GenerateDims, GenerateTrace, LayerInputs, ReplayDims};
 pub use matmul::{matmul_spec, Matmul, MatmulDims};
 
 /// Version of the arithmetic contract. Every result carries it; any change to
@@ -128,6 +128,11 @@ pub enum Op {
     Matmul(Matmul),
     /// Text from a model named by its digest ([`generate`]).
     Generate(Generate),
+    /// Every (position, layer) digest of a model over given tokens: a
+    /// dispute query ([`generate`]).
+    GenerateTrace(GenerateTrace),
+    /// One layer's inputs at every position: a dispute query ([`generate`]).
+    LayerInputs(LayerInputs),
 }
 
 /// An op whose inputs were checked: everything a kernel needs to launch
@@ -138,17 +143,26 @@ pub enum Op {
 pub enum Plan {
     Matmul(MatmulDims),
     Generate(Generate, GenerateDims),
+    GenerateTrace(GenerateTrace, ReplayDims),
+    LayerInputs(LayerInputs, ReplayDims),
 }
 
 impl Op {
     /// The names of every op, as on the wire.
-    pub const NAMES: &'static [&'static str] = &[Matmul::NAME, Generate::NAME];
+    pub const NAMES: &'static [&'static str] = &[
+        Matmul::NAME,
+        Generate::NAME,
+        GenerateTrace::NAME,
+        LayerInputs::NAME,
+    ];
 
     /// The op's name on the wire.
     pub fn name(&self) -> &'static str {
         match self {
             Op::Matmul(_) => Matmul::NAME,
             Op::Generate(_) => Generate::NAME,
+            Op::GenerateTrace(_) => GenerateTrace::NAME,
+            Op::LayerInputs(_) => LayerInputs::NAME,
         }
     }
 
@@ -157,6 +171,8 @@ impl Op {
         match self {
             Op::Matmul(_) => Matmul::INPUTS,
             Op::Generate(_) => Generate::INPUTS,
+            Op::GenerateTrace(_) => GenerateTrace::INPUTS,
+            Op::LayerInputs(_) => LayerInputs::INPUTS,
         }
     }
 
@@ -165,6 +181,8 @@ impl Op {
         match self {
             Op::Matmul(_) => Matmul::OUTPUTS,
             Op::Generate(_) => Generate::OUTPUTS,
+            Op::GenerateTrace(_) => GenerateTrace::OUTPUTS,
+            Op::LayerInputs(_) => LayerInputs::OUTPUTS,
         }
     }
 
@@ -184,6 +202,8 @@ impl Op {
         match self {
             Op::Matmul(m) => m.plan(shapes).map(Plan::Matmul),
             Op::Generate(g) => g.plan(shapes).map(|d| Plan::Generate(g.clone(), d)),
+            Op::GenerateTrace(t) => t.plan(shapes).map(|d| Plan::GenerateTrace(t.clone(), d)),
+            Op::LayerInputs(l) => l.plan(shapes).map(|d| Plan::LayerInputs(l.clone(), d)),
         }
     }
 
@@ -211,7 +231,7 @@ impl Op {
         let plan = self.check(inputs)?;
         let outputs = match plan {
             Plan::Matmul(dims) => vec![matmul_spec(inputs[0].data, inputs[1].data, dims)],
-            Plan::Generate(..) => {
+            Plan::Generate(..) | Plan::GenerateTrace(..) | Plan::LayerInputs(..) => {
                 return Err(Error::unavailable(
                     "generate needs its model: it runs through model::generate, not a backend",
                 ))
@@ -232,6 +252,8 @@ impl Plan {
         match self {
             Plan::Matmul(d) => vec![d.output_shape()],
             Plan::Generate(_, d) => vec![vec![d.max_tokens], vec![generate::TRACE_VALUES]],
+            Plan::GenerateTrace(t, d) => vec![vec![d.positions, t.layers, generate::TRACE_VALUES]],
+            Plan::LayerInputs(_, d) => vec![vec![d.positions, d.width]],
         }
     }
 
@@ -243,6 +265,7 @@ impl Plan {
             // Positions, not multiply-adds: the model decides the cost, and a
             // worker checks it against the model it holds.
             Plan::Generate(_, d) => d.positions() as u64,
+            Plan::GenerateTrace(_, d) | Plan::LayerInputs(_, d) => d.positions as u64,
         }
     }
 }

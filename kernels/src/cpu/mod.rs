@@ -106,7 +106,9 @@ impl Backend for CpuBackend {
                     .pool
                     .install(|| matmul::matmul(a, b, dims, self.isa, self.threads))]
             }
-            Plan::Generate(..) => return Err(crate::model::generate::not_a_backend_op()),
+            Plan::Generate(..) | Plan::GenerateTrace(..) | Plan::LayerInputs(..) => {
+                return Err(crate::model::generate::not_a_backend_op())
+            }
         })
     }
 }

@@ -224,7 +224,9 @@ impl Backend for CudaBackend {
     fn launch(&self, plan: &Plan, inputs: &[TensorView<'_>]) -> Result<Vec<Vec<f32>>> {
         Ok(match *plan {
             Plan::Matmul(dims) => vec![self.matmul_host(inputs[0].data, inputs[1].data, dims)?],
-            Plan::Generate(..) => return Err(crate::model::generate::not_a_backend_op()),
+            Plan::Generate(..) | Plan::GenerateTrace(..) | Plan::LayerInputs(..) => {
+                return Err(crate::model::generate::not_a_backend_op())
+            }
         })
     }
 }

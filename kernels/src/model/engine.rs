@@ -67,8 +67,14 @@ pub struct Sequence {
     /// `trace[pos][layer]`, when tracing.
     pub trace: Option<Vec<Vec<Digest>>>,
     /// `(layer, inputs)`: when set, every pass appends that layer's input
-    /// rows ([dim] per position) to `inputs`, for `lockstep replay-layer`.
+    /// rows ([dim] per position) to `inputs`, for `lockstep replay-layer`
+    /// and dispute queries; layer `n_layers` means the last layer's output
+    /// (the final norm's input).
     pub capture: Option<(usize, Vec<f32>)>,
+    /// Test only (a worker's hidden fault switch): flip the lowest bit of
+    /// the first value of layer `.1`'s output at position `.0`, as a broken
+    /// device would, before the trace digest is taken. Never set otherwise.
+    pub fault: Option<(usize, usize)>,
 }
 
 impl Sequence {
@@ -168,6 +174,7 @@ impl<'m> Engine<'m> {
                 .collect(),
             trace: traced.then(Vec::new),
             capture: None,
+            fault: None,
         })
     }
 
@@ -312,6 +319,10 @@ impl<'m> Engine<'m> {
             layer.w_down.matmul(&h, r, &mut o, self.isa, pool);
             steps::residual(self.isa, &mut x, &o);
             for (i, row) in rows.iter().enumerate() {
+                if seqs[row.seq].fault == Some((row.pos, li)) {
+                    let v = &mut x[i * dim];
+                    *v = f32::from_bits(v.to_bits() ^ 1);
+                }
                 if let Some(trace) = seqs[row.seq].trace.as_mut() {
                     if trace.len() <= row.pos {
                         trace.resize(row.pos + 1, Vec::new());
@@ -319,6 +330,13 @@ impl<'m> Engine<'m> {
                     let t = &mut trace[row.pos];
                     t.truncate(li);
                     t.push(tensor_digest_f32(&[dim], &x[i * dim..(i + 1) * dim]));
+                }
+            }
+        }
+        for (i, row) in rows.iter().enumerate() {
+            if let Some((l, inputs)) = seqs[row.seq].capture.as_mut() {
+                if *l == c.n_layers {
+                    inputs.extend_from_slice(&x[i * dim..(i + 1) * dim]);
                 }
             }
         }

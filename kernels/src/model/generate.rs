@@ -77,9 +77,21 @@ pub fn check(model: &Model, prompt: &[u32], g: &Generate) -> Result<()> {
     Ok(())
 }
 
+/// Test-only faults, set by a worker's hidden switches so the system tests
+/// can show a dispute pinning them: a bit flipped in one layer's output at
+/// one position, or one sampled token replaced by the next id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestFault {
+    /// (position, layer).
+    pub layer: Option<(usize, usize)>,
+    /// The index of the generated token to replace.
+    pub token: Option<usize>,
+}
+
 struct Active<K> {
     key: K,
     seq: Sequence,
+    fault: TestFault,
     prompt: Vec<u32>,
     params: Generate,
     generated: Vec<u32>,
@@ -111,17 +123,25 @@ impl<'e, 'm, K> Batch<'e, 'm, K> {
 
     /// Adds a sequence, or says why the model cannot run it (and gives
     /// the key back).
-    pub fn join(&mut self, key: K, prompt: Vec<u32>, params: Generate) -> Result<(), (Error, K)> {
+    pub fn join(
+        &mut self,
+        key: K,
+        prompt: Vec<u32>,
+        params: Generate,
+        fault: TestFault,
+    ) -> Result<(), (Error, K)> {
         if let Err(e) = check(self.engine.model, &prompt, &params) {
             return Err((e, key));
         }
-        let seq = match self.engine.sequence(prompt.len() + params.max_tokens, true) {
+        let mut seq = match self.engine.sequence(prompt.len() + params.max_tokens, true) {
             Ok(s) => s,
             Err(e) => return Err((e, key)),
         };
+        seq.fault = fault.layer;
         self.active.push(Active {
             key,
             seq,
+            fault,
             prompt,
             params,
             generated: Vec::new(),
@@ -158,8 +178,11 @@ impl<'e, 'm, K> Batch<'e, 'm, K> {
         for (a, l) in self.active.iter_mut().zip(logits) {
             let l = l.ok_or_else(|| Error::model("a sequence got no logits"))?;
             let position = (a.prompt.len() + a.generated.len()) as u64;
-            let t = sample_spec(&l, &a.params.sampling(), position)
+            let mut t = sample_spec(&l, &a.params.sampling(), position)
                 .ok_or_else(|| Error::model("empty vocabulary"))? as u32;
+            if a.fault.token == Some(a.generated.len()) {
+                t = (t + 1) % l.len() as u32;
+            }
             a.generated.push(t);
         }
         let mut i = 0;
@@ -193,7 +216,7 @@ pub fn generate_all(
     let mut batch = Batch::new(engine);
     for (i, (prompt, params)) in requests.iter().enumerate() {
         batch
-            .join(i, prompt.clone(), params.clone())
+            .join(i, prompt.clone(), params.clone(), TestFault::default())
             .map_err(|(e, _)| e)?;
     }
     let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
@@ -206,4 +229,58 @@ pub fn generate_all(
         .into_iter()
         .map(|g| g.expect("every sequence finishes"))
         .collect())
+}
+
+/// What a replay of a generation gives: its trace, and one layer's inputs
+/// when asked for.
+pub struct Replay {
+    pub trace: Vec<Vec<Digest>>,
+    /// [positions, dim], when a layer was captured.
+    pub inputs: Option<Vec<f32>>,
+}
+
+/// Feeds `tokens` from position 0 in one pass (the positions a generation
+/// fed: its prompt and every generated token but the last) and returns the
+/// trace, and layer `capture`'s inputs (`n_layers`: the last layer's
+/// output) at every position. Batch invariance makes this the
+/// generation's own trace, bit for bit.
+pub fn replay(
+    engine: &Engine<'_>,
+    tokens: &[u32],
+    capture: Option<usize>,
+    fault: TestFault,
+) -> Result<Replay> {
+    let c = &engine.model.config;
+    if tokens.is_empty() {
+        return Err(Error::shape("no tokens to replay"));
+    }
+    if let Some(t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::shape(format!(
+            "token {t} is outside the vocabulary of {}",
+            c.vocab_size
+        )));
+    }
+    if tokens.len() > c.max_seq {
+        return Err(Error::too_large(format!(
+            "{} tokens exceed the model's context of {} tokens",
+            tokens.len(),
+            c.max_seq
+        )));
+    }
+    if let Some(l) = capture {
+        if l > c.n_layers {
+            return Err(Error::shape(format!(
+                "layer {l}: the model has {} layers",
+                c.n_layers
+            )));
+        }
+    }
+    let mut seq = engine.sequence(tokens.len(), true)?;
+    seq.capture = capture.map(|l| (l, Vec::new()));
+    seq.fault = fault.layer;
+    engine.forward(&mut [&mut seq], &[tokens])?;
+    Ok(Replay {
+        trace: seq.trace.take().unwrap_or_default(),
+        inputs: seq.capture.take().map(|(_, v)| v),
+    })
 }

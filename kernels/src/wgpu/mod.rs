@@ -513,7 +513,9 @@ impl Backend for WgpuBackend {
             Plan::Matmul(dims) => {
                 vec![self.matmul(self.path, inputs[0].data, inputs[1].data, dims)?]
             }
-            Plan::Generate(..) => return Err(crate::model::generate::not_a_backend_op()),
+            Plan::Generate(..) | Plan::GenerateTrace(..) | Plan::LayerInputs(..) => {
+                return Err(crate::model::generate::not_a_backend_op())
+            }
         })
     }
 }

@@ -19,6 +19,7 @@
 //! - `verdict`: verdicts and disputes;
 //! - [`report`]: the report, the verdict table, the outputs.
 
+pub mod dispute;
 mod feed;
 mod models;
 mod plan;
@@ -75,6 +76,9 @@ pub struct SubmitOptions {
     /// coordinator recomputes anyway; a mismatch is a fault of every worker
     /// that agreed.
     pub audit_rate: f64,
+    /// How long a worker has to answer a dispute query about a generation
+    /// it signed; no answer in time is its fault.
+    pub dispute_timeout: Duration,
 }
 
 impl Default for SubmitOptions {
@@ -93,6 +97,7 @@ impl Default for SubmitOptions {
             store_limits: None,
             signer: None,
             audit_rate: 0.0,
+            dispute_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -353,7 +358,15 @@ struct Reference {
     job: String,
     audit: bool,
     outputs: Result<(lockstep_kernels::Digest, Vec<Vec<f32>>)>,
+    /// A generation's dispute: the workers it found at fault (with why),
+    /// and, when it settled the job itself (`outputs` is then the side
+    /// found right), where and at what cost.
+    dispute: Option<DisputeFindings>,
 }
+
+/// Workers a generation's dispute found at fault (with why), its report,
+/// and whether it settled the job itself.
+type DisputeFindings = (Vec<(String, String)>, Option<dispute::DisputeReport>, bool);
 
 impl Run<'_> {
     /// One message from the results stream (`lockstep.result.<batch>.<worker>`,
@@ -548,13 +561,47 @@ impl Run<'_> {
             self.dispute_lane.clone(),
             id.to_string(),
         );
+        let generation =
+            (matches!(spec.op, lockstep_kernels::Op::Generate(_)) && !audit).then(|| {
+                let keys: BTreeMap<String, String> = self
+                    .enrolled
+                    .iter()
+                    .map(|(w, e)| (w.clone(), e.public_key.clone()))
+                    .collect();
+                (
+                    js.results.clone(),
+                    keys,
+                    self.batch.clone(),
+                    self.opts.dispute_timeout,
+                    self.opts.threads,
+                )
+            });
         tokio::spawn(async move {
             let _turn = lane.acquire_owned().await;
+            let mut found = None;
+            if let Some((results, keys, batch, timeout, threads)) = generation {
+                // A generation: settled by replaying one step if it can be.
+                let s = dispute::settle_generation(
+                    &nats, &batch, &id, &spec, &results, &keys, timeout, threads,
+                )
+                .await;
+                if let Some(accepted) = s.accepted {
+                    let _ = tx.send(Reference {
+                        job: id,
+                        audit,
+                        outputs: Ok(accepted),
+                        dispute: Some((s.faults, s.report, true)),
+                    });
+                    return;
+                }
+                found = Some((s.faults, s.report, false));
+            }
             let r = verdict::reference_outputs(&nats, &spec, &cpu).await;
             let _ = tx.send(Reference {
                 job: id,
                 audit,
                 outputs: r,
+                dispute: found,
             });
         });
     }
@@ -568,8 +615,32 @@ impl Run<'_> {
         if js.decided.is_some() {
             return Ok(());
         }
-        let d = match done.outputs {
-            Ok((digest, outputs)) => {
+        let d = match (done.outputs, done.dispute) {
+            (Ok((digest, outputs)), Some((found, report, settled))) => {
+                // A generation's dispute: its findings, plus every other
+                // worker whose digest differs from the accepted one.
+                let mut d = verdict::settle_dispute(
+                    self.nats,
+                    &self.batch,
+                    &done.job,
+                    js,
+                    digest,
+                    outputs,
+                    found,
+                    if settled { report } else { None },
+                    &mut self.faults,
+                    &mut self.enrolled,
+                )
+                .await;
+                if !settled {
+                    d.report.reason = Some(format!(
+                        "digests disagreed; recomputed by the coordinator; {} faulty",
+                        d.report.faulty_workers.len()
+                    ));
+                }
+                d
+            }
+            (Ok((digest, outputs)), None) => {
                 verdict::settle(
                     self.nats,
                     &self.batch,
@@ -583,7 +654,7 @@ impl Run<'_> {
                 )
                 .await
             }
-            Err(e) => {
+            (Err(e), _) => {
                 tracing::error!(job = %done.job, "the coordinator cannot recompute it: {e:#}");
                 let mut report = JobReport::new(&done.job, js, Verdict::Failed);
                 report.reason = Some(format!(

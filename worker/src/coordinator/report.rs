@@ -63,6 +63,9 @@ pub struct JobReport {
     /// A generate job's prompt and accepted tokens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<GenerationReport>,
+    /// A generate job's dispute: where it was settled and what it cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispute: Option<super::dispute::DisputeReport>,
 }
 
 /// What an accepted generation came to, read from its accepted outputs.
@@ -268,6 +271,7 @@ impl JobReport {
             reason: None,
             audited: false,
             generation: None,
+            dispute: None,
             latency_ms: js
                 .dispatched
                 .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),

@@ -152,6 +152,80 @@ pub(super) async fn settle(
     }
 }
 
+/// Decides a generate job a dispute settled: `accepted` is the side the
+/// one-step replay found right; every worker the dispute found at fault,
+/// and every other worker whose digest differs from the accepted one, gets
+/// a fault.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn settle_dispute(
+    nats: &Nats,
+    batch: &str,
+    id: &str,
+    js: &JobState,
+    accepted: Digest,
+    outputs: Vec<Vec<f32>>,
+    found: Vec<(String, String)>,
+    dispute: Option<super::dispute::DisputeReport>,
+    faults: &mut Vec<FaultRecord>,
+    enrolled: &mut BTreeMap<String, Enrollment>,
+) -> Decision {
+    let mut report = JobReport::new(id, js, Verdict::Resolved);
+    report.digest = Some(accepted);
+    let oks = ok_digests(js);
+    let mut blamed: Vec<(String, Option<Digest>, String)> = found
+        .into_iter()
+        .map(|(w, why)| {
+            let d = oks.iter().find(|(o, _)| *o == w).map(|(_, d)| *d);
+            (w, d, why)
+        })
+        .collect();
+    for (w, d) in &oks {
+        if *d != accepted && !blamed.iter().any(|(b, _, _)| b == w) {
+            blamed.push((
+                w.clone(),
+                Some(*d),
+                format!("returned {d}; the dispute accepted {accepted}"),
+            ));
+        }
+    }
+    for (w, d, why) in blamed {
+        let f = FaultRecord {
+            worker: w.clone(),
+            batch: batch.into(),
+            job: id.into(),
+            reported: d,
+            correct: Some(accepted),
+            reason: why,
+            at_ms: now_ms(),
+        };
+        if let Err(e) = record_fault(nats, enrolled, f, faults).await {
+            tracing::error!("{e:#}");
+        }
+        if !report.faulty_workers.contains(&w) {
+            report.faulty_workers.push(w);
+        }
+    }
+    report.reason = Some(match &dispute {
+        Some(d) => format!(
+            "digests disagreed; settled by replaying {} at position {} ({:.1} ms against {:.0} ms for the generation); {} faulty",
+            d.layer.map_or("the final norm, classifier and sampling".to_string(), |l| format!("layer {l}")),
+            d.position,
+            d.replay_ms,
+            d.generation_ms,
+            report.faulty_workers.len()
+        ),
+        None => format!(
+            "digests disagreed; settled by the dispute; {} faulty",
+            report.faulty_workers.len()
+        ),
+    });
+    report.dispute = dispute;
+    Decision {
+        report,
+        reference: Some(outputs),
+    }
+}
+
 /// A job's verdict, with the coordinator's own outputs when it computed
 /// them (a dispute or an audit).
 pub(super) struct Decision {
@@ -385,6 +459,29 @@ pub(super) fn system_failed(id: &str, js: &JobState) -> JobReport {
         js.system_failures.join("; ")
     ));
     report
+}
+
+/// An output of `worker`'s result: inline, or read back from its own
+/// outputs stream (re-hashed against the digest it names).
+pub(super) async fn load_output(
+    nats: &Nats,
+    batch: &str,
+    worker: &str,
+    t: &TensorRef,
+) -> Result<Vec<f32>, crate::nats::OutputError> {
+    match (&t.inline, &t.object) {
+        (Some(b64), _) => {
+            let d = decode_f32(b64).map_err(crate::nats::OutputError::Bad)?;
+            if Some(d.len()) != t.elements() {
+                return Err(crate::nats::OutputError::Bad(
+                    "an inline output does not fit its shape".into(),
+                ));
+            }
+            Ok(d)
+        }
+        (None, Some(d)) => crate::nats::get_output(nats, worker, batch, &t.shape, d).await,
+        (None, None) => Err(crate::nats::OutputError::Bad("no data".into())),
+    }
 }
 
 pub(super) async fn load_tensor(nats: &Nats, t: &TensorRef) -> Result<Vec<f32>> {

@@ -62,6 +62,17 @@ async fn handle_counted(ctx: &Ctx, msg: &jetstream::Message, delivered: i64) -> 
         let text = |k: &str| v.get(k).and_then(|s| s.as_str());
         Some((text("batch")?, text("id")?, v.get("jobs")?.as_array()?))
     });
+    if ctx.opts.test.dispute == Some(super::DisputeBehaviour::Silent) {
+        let op = value
+            .as_ref()
+            .and_then(|v| v.get("op"))
+            .and_then(|o| o.as_str());
+        if matches!(op, Some("generate_trace" | "layer_inputs")) {
+            tracing::warn!("DISPUTE SILENT: ignoring a dispute query (test switch)");
+            let _ = msg.ack().await;
+            return true;
+        }
+    }
     if let Some((batch, id, jobs)) = bundle {
         // Several replicas in one message: compute each, answer together.
         let mut results = Vec::with_capacity(jobs.len());
@@ -225,8 +236,10 @@ async fn execute(ctx: &Ctx, job: &JobMessage, timings: &mut Timings) -> Result<O
     let t = Instant::now();
     let plan = check_job(job, ctx.opts.max_elements, ctx.opts.max_macs)?;
     let spec = &job.spec;
-    if let Op::Generate(g) = &spec.op {
-        return generate(ctx, job, g, timings).await;
+    match &spec.op {
+        Op::Generate(g) => return generate(ctx, job, g, timings).await,
+        Op::GenerateTrace(_) | Op::LayerInputs(_) => return replay_query(ctx, job, timings).await,
+        Op::Matmul(_) => {}
     }
     let work = plan.work();
     let mut data = Vec::with_capacity(spec.inputs.len());
@@ -369,11 +382,81 @@ async fn generate(
         tokio::time::sleep(ctx.opts.test.delay).await;
     }
     let generation = runner
-        .generate(prompt, g.clone())
+        .generate(prompt, g.clone(), ctx.opts.test.generation)
         .await
         .map_err(kernel_err)?;
     timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
     store_outputs(ctx, job, generation.outputs()).await
+}
+
+/// A dispute query about a generation this worker may have computed: the
+/// trace of the tokens it fed, or one layer's inputs at every position,
+/// recomputed (the bits are the generation's own: batch invariance).
+async fn replay_query(
+    ctx: &Ctx,
+    job: &JobMessage,
+    timings: &mut Timings,
+) -> Result<Outcome, JobError> {
+    use lockstep_kernels::contract::generate::trace_values;
+    let t = Instant::now();
+    if ctx.info.kind != BackendKind::Cpu {
+        return Err(job_err(
+            ErrorCode::Backend,
+            format!(
+                "models run on the CPU backend for now; this worker computes on {}",
+                ctx.info.kind
+            ),
+        ));
+    }
+    let (model, capture, check) = match &job.spec.op {
+        Op::GenerateTrace(q) => (q.model, None, (q.layers, None)),
+        Op::LayerInputs(q) => (q.model, Some(q.layer), (0, Some(q.dim))),
+        _ => unreachable!("the caller matched the op"),
+    };
+    let tokens = fetch(ctx, &job.spec.inputs[0]).await?;
+    let tokens = lockstep_kernels::contract::generate::prompt_ids(&tokens).map_err(kernel_err)?;
+    let runner = ctx.models.get(ctx, &model).await?;
+    let c = &runner.model.config;
+    if (check.0 != 0 && check.0 != c.n_layers) || check.1.is_some_and(|d| d != c.dim) {
+        return Err(job_err(
+            ErrorCode::BadShape,
+            format!(
+                "the query's shape does not fit model {model} ({} layers, width {})",
+                c.n_layers, c.dim
+            ),
+        ));
+    }
+    timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let n = tokens.len();
+    let replay = runner
+        .replay(tokens, capture, ctx.opts.test.generation)
+        .await
+        .map_err(kernel_err)?;
+    timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
+    let output = match &job.spec.op {
+        Op::GenerateTrace(q) => {
+            let mut trace = replay.trace;
+            if ctx.opts.test.dispute == Some(super::DisputeBehaviour::Lie) {
+                if let Some(d) = trace.first_mut().and_then(|p| p.first_mut()) {
+                    d.0[0] ^= 1;
+                    tracing::warn!(job = %job.job, "DISPUTE LIE: answering with a changed trace (test switch)");
+                }
+            }
+            lockstep_kernels::Tensor::new(
+                vec![
+                    n,
+                    q.layers,
+                    lockstep_kernels::contract::generate::TRACE_VALUES,
+                ],
+                trace_values(&trace),
+            )
+        }
+        _ => lockstep_kernels::Tensor::new(vec![n, c.dim], replay.inputs.unwrap_or_default()),
+    };
+    // (No test fault switch here: `fault_inject_every` corrupts answers to
+    // jobs, the layer and token switches the generation itself.)
+    store_outputs_unfaulted(ctx, job, vec![output]).await
 }
 
 /// Signs nothing yet: applies the test fault switch, then puts outputs too
@@ -386,6 +469,16 @@ async fn store_outputs(
     if let Some(f) = ctx.opts.test.fault {
         f.apply(&job.job, &mut outputs);
     }
+    store_outputs_unfaulted(ctx, job, outputs).await
+}
+
+/// Puts outputs too large for the result message in this worker's outputs
+/// stream; the outcome with their digest.
+async fn store_outputs_unfaulted(
+    ctx: &Ctx,
+    job: &JobMessage,
+    outputs: Vec<lockstep_kernels::Tensor>,
+) -> Result<Outcome, JobError> {
     let digests: Vec<_> = outputs.iter().map(|t| t.digest()).collect();
     let inline = inline_limit(ctx.nats.max_payload());
     let mut refs = Vec::with_capacity(outputs.len());

@@ -35,7 +35,7 @@ use futures::StreamExt;
 use lockstep_kernels::{Backend, BackendInfo};
 
 pub use backends::{open_backend, BackendChoice};
-pub use testing::{FaultInjection, TestSwitches};
+pub use testing::{DisputeBehaviour, FaultInjection, TestSwitches};
 
 use crate::auth::{ConnectConfig, Identity};
 use crate::nats::connect_worker;

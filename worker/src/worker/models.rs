@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 
 use lockstep_kernels::contract::Generate;
 use lockstep_kernels::cpu::Isa;
-use lockstep_kernels::model::generate::{Batch, Generation};
+use lockstep_kernels::model::generate::{Batch, Generation, Replay, TestFault};
 use lockstep_kernels::model::{Engine, Model};
 use lockstep_kernels::Digest;
 use tokio::sync::oneshot;
@@ -22,6 +22,7 @@ use crate::protocol::ErrorCode;
 struct Request {
     prompt: Vec<u32>,
     params: Generate,
+    fault: TestFault,
     reply: oneshot::Sender<lockstep_kernels::Result<Generation>>,
 }
 
@@ -29,12 +30,16 @@ struct Request {
 pub struct Runner {
     pub digest: Digest,
     pub bytes: u64,
+    pub model: Arc<Model>,
+    threads: usize,
     tx: Mutex<mpsc::Sender<Request>>,
 }
 
 impl Runner {
     fn start(model: Model, bytes: u64, threads: usize) -> Result<Arc<Self>, String> {
         let digest = model.digest;
+        let model = Arc::new(model);
+        let shared = model.clone();
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -59,8 +64,31 @@ impl Runner {
         Ok(Arc::new(Self {
             digest,
             bytes,
+            model: shared,
+            threads,
             tx: Mutex::new(tx),
         }))
+    }
+
+    /// Replays a generation's fed tokens (a dispute query) on a team of its
+    /// own, beside the decoding thread.
+    pub async fn replay(
+        &self,
+        tokens: Vec<u32>,
+        capture: Option<usize>,
+        fault: TestFault,
+    ) -> lockstep_kernels::Result<Replay> {
+        let (model, threads) = (self.model.clone(), self.threads);
+        tokio::task::spawn_blocking(move || {
+            let engine = Engine::new(&model, threads, Isa::detect())?;
+            lockstep_kernels::model::generate::replay(&engine, &tokens, capture, fault)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(lockstep_kernels::Error::device(format!(
+                "replay task failed: {e}"
+            )))
+        })
     }
 
     /// Generates on this model's thread, beside whatever else it decodes.
@@ -68,11 +96,13 @@ impl Runner {
         &self,
         prompt: Vec<u32>,
         params: Generate,
+        fault: TestFault,
     ) -> lockstep_kernels::Result<Generation> {
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.lock().expect("not poisoned").send(Request {
             prompt,
             params,
+            fault,
             reply,
         });
         if sent.is_err() {
@@ -103,7 +133,7 @@ fn decode_loop(engine: &Engine<'_>, rx: mpsc::Receiver<Request>) {
         };
         for r in first.into_iter().chain(rx.try_iter()) {
             // A request the model cannot run is answered at once.
-            if let Err((e, reply)) = batch.join(r.reply, r.prompt, r.params) {
+            if let Err((e, reply)) = batch.join(r.reply, r.prompt, r.params, r.fault) {
                 let _ = reply.send(Err(e));
             }
         }

@@ -14,6 +14,19 @@ pub struct TestSwitches {
     pub fault: Option<FaultInjection>,
     /// Sleep this long before each computation (to make jobs long).
     pub delay: Duration,
+    /// Faults injected into every generation (a layer output bit, a token).
+    pub generation: lockstep_kernels::model::generate::TestFault,
+    /// How dispute queries are answered (`None`: honestly).
+    pub dispute: Option<DisputeBehaviour>,
+}
+
+/// A dishonest way of answering dispute queries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DisputeBehaviour {
+    /// A trace with one digest changed: it does not hash to the signed root.
+    Lie,
+    /// No answer at all.
+    Silent,
 }
 
 /// Deterministic test-only fault injection: flip the lowest bit of the first
