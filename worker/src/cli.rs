@@ -154,15 +154,28 @@ enum Command {
     },
     /// The whole system on this machine: a local nats-server with
     /// authorization on (keys made in a temporary folder), three enrolled
-    /// workers (CPU, and WGSL where present), a batch of matmul jobs with
-    /// r = 2, the verdicts, and the receipts checked.
+    /// CPU workers, one of which computes one layer wrong (a test-only
+    /// switch), and a batch of language-model prompts with r = 2: the text,
+    /// the verdicts, the dispute that pins the wrong worker by replaying one
+    /// layer, and the receipts checked. `--matmul`: matmul jobs on CPU and
+    /// WGSL workers instead.
     Demo {
-        /// Number of jobs in the demo batch.
+        /// Number of jobs in the matmul demo's batch.
         #[arg(long, default_value_t = 12)]
         jobs: usize,
         /// Skip NATS: run one matmul on every backend here and compare digests.
         #[arg(long)]
         local: bool,
+        /// The matmul demo (CPU and WGSL workers) instead of the LLM one.
+        #[arg(long)]
+        matmul: bool,
+        /// The LLM demo's model: smollm2 (fetched by `./dev setup`),
+        /// stories260K, aidreams260K, or a file.
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Tokens each prompt generates at most.
+        #[arg(long, default_value_t = 24)]
+        max_tokens: usize,
     },
 }
 
@@ -785,7 +798,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Submit(args) => run_submit(args),
         Command::Demo { local: true, .. } => demo_local(256),
-        Command::Demo { jobs, .. } => crate::demo::run(jobs),
+        Command::Demo {
+            jobs, matmul: true, ..
+        } => crate::demo::run(jobs),
+        Command::Demo {
+            model, max_tokens, ..
+        } => crate::demo::run_llm(&model, max_tokens),
         Command::Deploy(DeployCommand::Init {
             dir,
             host,
