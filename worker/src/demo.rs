@@ -143,13 +143,10 @@ pub fn run_llm(model: &str, max_tokens: usize) -> Result<()> {
         server.url()
     );
     println!(
-        "model: {} ({} layers, {}), model digest {}",
+        "model: {} ({} layers, {:.0} MiB of weights), model digest {}",
         local.path.file_name().unwrap_or_default().to_string_lossy(),
         c.n_layers,
-        format!(
-            "{:.0} MiB of weights",
-            local.model.weight_bytes() as f64 / (1 << 20) as f64
-        ),
+        local.model.weight_bytes() as f64 / (1 << 20) as f64,
         local.model.digest
     );
     let fault_env = format!("{}:{}", fault.0, fault.1);
