@@ -114,6 +114,49 @@ fn smollm2_engine_matches_the_spec() {
     }
 }
 
+/// What a dispute replays: one layer alone over given inputs, and the final
+/// norm and classifier, on the engine's kernels, equal the scalar spec.
+#[test]
+fn one_layer_alone_and_the_final_step_match_the_spec() {
+    let mut models = vec![Model::load(&shared_model("stories260K.bin")).unwrap()];
+    if let Some(p) = smollm2() {
+        models.push(Model::load(&p).unwrap());
+    }
+    for model in &models {
+        let c = &model.config;
+        let tokens: Vec<u32> = (0..9).map(|i| (i * 37 + 1) % c.vocab_size as u32).collect();
+        for isa in isas() {
+            let engine = Engine::new(model, 2, isa).unwrap();
+            for layer in [0, c.n_layers / 2, c.n_layers - 1] {
+                // The layer's inputs as a generation computes them.
+                let mut seq = engine.sequence(tokens.len(), false).unwrap();
+                seq.capture = Some((layer, Vec::new()));
+                engine.forward(&mut [&mut seq], &[&tokens]).unwrap();
+                let inputs = seq.capture.take().unwrap().1;
+                let fast = engine.layer_alone(layer, &inputs).unwrap();
+                let mut cache = spec::LayerCache::default();
+                for (pos, row) in inputs.chunks_exact(c.dim).enumerate() {
+                    let mut x = row.to_vec();
+                    spec::layer_spec(model, layer, &mut x, pos, &mut cache);
+                    assert_eq!(
+                        bits(&x),
+                        bits(&fast[pos * c.dim..(pos + 1) * c.dim]),
+                        "{} layer {layer} position {pos} {isa:?}",
+                        model.source
+                    );
+                }
+            }
+            let (spec_logits, _) = spec::forward_spec(model, &tokens[..3]);
+            let mut seq = engine.sequence(3, false).unwrap();
+            seq.capture = Some((c.n_layers, Vec::new()));
+            engine.forward(&mut [&mut seq], &[&tokens[..3]]).unwrap();
+            let last = seq.capture.take().unwrap().1;
+            let logits = engine.logits(&last[2 * c.dim..]);
+            assert_eq!(bits(&logits), bits(spec_logits.last().unwrap()), "{isa:?}");
+        }
+    }
+}
+
 #[test]
 fn batch_and_prefill_chunking_do_not_change_a_bit() {
     for model in [Model::load(&shared_model("stories260K.bin")).unwrap()] {

@@ -113,6 +113,36 @@ impl Trace {
     }
 }
 
+/// Buffers of one pass over `r` rows.
+struct Scratch {
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    h: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(c: &super::Config, r: usize) -> Self {
+        let (dim, kvd, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
+        Self {
+            xb: vec![0f32; r * dim],
+            q: vec![0f32; r * dim],
+            att: vec![0f32; r * dim],
+            o: vec![0f32; r * dim],
+            k: vec![0f32; r * kvd],
+            v: vec![0f32; r * kvd],
+            g: vec![0f32; r * hidden],
+            u: vec![0f32; r * hidden],
+            h: vec![0f32; r * hidden],
+        }
+    }
+}
+
 /// The engine: a model, an ISA and a team of threads.
 pub struct Engine<'m> {
     pub model: &'m Model,
@@ -190,13 +220,169 @@ impl<'m> Engine<'m> {
         self.forward_in_pool(seqs, tokens)
     }
 
+    /// One layer over `rows`: `x` (their inputs, [rows, dim]) becomes their
+    /// outputs; each row's key and value go into `kv[row.seq]`.
+    fn layer_pass(
+        &self,
+        li: usize,
+        rows: &[Row],
+        kv: &mut [&mut KvLayer],
+        tables: &[(Vec<f32>, Vec<f32>)],
+        x: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let c = &self.model.config;
+        let (dim, kvd, hd) = (c.dim, c.kv_dim(), c.head_dim());
+        let r = rows.len();
+        let pool = Some(&self.team);
+        let layer = &self.model.layers[li];
+        let Scratch {
+            xb,
+            q,
+            att,
+            o,
+            k,
+            v,
+            g,
+            u,
+            h,
+        } = s;
+        let (xb, mut q, att, o, mut k, mut v, mut g, mut u, h) = (
+            &mut xb[..r * dim],
+            &mut q[..r * dim],
+            &mut att[..r * dim],
+            &mut o[..r * dim],
+            &mut k[..r * kvd],
+            &mut v[..r * kvd],
+            &mut g[..r * c.hidden_dim],
+            &mut u[..r * c.hidden_dim],
+            &mut h[..r * c.hidden_dim],
+        );
+        for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
+            steps::rmsnorm(self.isa, xr, &layer.attn_norm, c.norm_eps, xbr);
+        }
+        matmuls(
+            &mut [
+                (&layer.wq, xb, &mut q),
+                (&layer.wk, xb, &mut k),
+                (&layer.wv, xb, &mut v),
+            ],
+            r,
+            self.isa,
+            pool,
+        );
+        for (i, row) in rows.iter().enumerate() {
+            let (cos, sin) = &tables[i];
+            steps::rope(self.isa, &mut q[i * dim..(i + 1) * dim], hd, cos, sin);
+            steps::rope(self.isa, &mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
+            kv[row.seq].write(
+                row.pos,
+                &k[i * kvd..(i + 1) * kvd],
+                &v[i * kvd..(i + 1) * kvd],
+            );
+        }
+        {
+            // One unit per (row, head), split over the team.
+            let kv: Vec<&KvLayer> = kv.iter().map(|k| &**k).collect();
+            let nh = c.n_heads;
+            let out = SendPtr(att.as_mut_ptr());
+            let q = &q;
+            let units = |lo: usize, hi: usize| {
+                let out = &out;
+                for u in lo..hi {
+                    let (i, h) = (u / nh, u % nh);
+                    let row = &rows[i];
+                    // SAFETY: unit (i, h) alone writes att[i][h·hd..(h+1)·hd].
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(out.0.add(i * dim + h * hd), hd) };
+                    kv[row.seq].attend_heads(
+                        &q[i * dim..(i + 1) * dim],
+                        row.pos,
+                        h..h + 1,
+                        o,
+                        self.isa,
+                    );
+                }
+            };
+            let n = r * nh;
+            self.team.run(&|m| {
+                let (lo, hi) = share(n, m, self.team.size());
+                units(lo, hi)
+            });
+        }
+        layer.wo.matmul(att, r, o, self.isa, pool);
+        steps::residual(self.isa, x, o);
+        for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
+            steps::rmsnorm(self.isa, xr, &layer.ffn_norm, c.norm_eps, xbr);
+        }
+        matmuls(
+            &mut [(&layer.w_gate, xb, &mut g), (&layer.w_up, xb, &mut u)],
+            r,
+            self.isa,
+            pool,
+        );
+        steps::swiglu(self.isa, g, u, h);
+        layer.w_down.matmul(h, r, o, self.isa, pool);
+        steps::residual(self.isa, x, o);
+    }
+
+    /// The final norm and the classifier over rows of the last layer's
+    /// output ([rows, dim]): [rows, vocab] logits.
+    pub fn logits(&self, x: &[f32]) -> Vec<f32> {
+        let c = &self.model.config;
+        let n = x.len() / c.dim;
+        let mut xn = vec![0f32; n * c.dim];
+        for (xr, xnr) in x.chunks_exact(c.dim).zip(xn.chunks_exact_mut(c.dim)) {
+            rmsnorm_spec(xr, &self.model.final_norm, c.norm_eps, xnr);
+        }
+        let mut logits = vec![0f32; n * c.vocab_size];
+        self.model
+            .classifier()
+            .matmul(&xn, n, &mut logits, self.isa, Some(&self.team));
+        logits
+    }
+
+    /// Layer `li` alone over one sequence's inputs at positions 0.. (`inputs`
+    /// [positions, dim]): each position's output, by the kernels of
+    /// [`Engine::forward`], so bit for bit what the scalar spec
+    /// ([`super::spec::layer_spec`]) gives, in one batched pass. What a
+    /// coordinator replays to settle a dispute.
+    pub fn layer_alone(&self, li: usize, inputs: &[f32]) -> Result<Vec<f32>> {
+        let c = &self.model.config;
+        if li >= c.n_layers || inputs.is_empty() || !inputs.len().is_multiple_of(c.dim) {
+            return Err(Error::shape(format!(
+                "layer {li} of {} over {} values of width {}",
+                c.n_layers,
+                inputs.len(),
+                c.dim
+            )));
+        }
+        let n = inputs.len() / c.dim;
+        if n > c.max_seq {
+            return Err(Error::model(format!(
+                "{n} positions exceed the model's context of {}",
+                c.max_seq
+            )));
+        }
+        let rows: Vec<Row> = (0..n).map(|pos| Row { seq: 0, pos }).collect();
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = rows
+            .iter()
+            .map(|row| rope_table(&self.freqs, row.pos))
+            .collect();
+        let mut kv = KvLayer::new(c.attention(), n);
+        let mut x = inputs.to_vec();
+        let mut scratch = Scratch::new(c, n);
+        self.layer_pass(li, &rows, &mut [&mut kv], &tables, &mut x, &mut scratch);
+        Ok(x)
+    }
+
     fn forward_in_pool(
         &self,
         seqs: &mut [&mut Sequence],
         tokens: &[&[u32]],
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.model.config;
-        let (dim, kvd, hidden) = (c.dim, c.kv_dim(), c.hidden_dim);
+        let dim = c.dim;
         let mut rows = Vec::new();
         for (s, (seq, toks)) in seqs.iter().zip(tokens).enumerate() {
             if seq.pos + toks.len() > seq.capacity() {
@@ -221,7 +407,6 @@ impl<'m> Engine<'m> {
         }
         let r = rows.len();
         let flat: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
-        let pool = Some(&self.team);
         let mut x = vec![0f32; r * dim];
         for (row, &t) in x.chunks_exact_mut(dim).zip(&flat) {
             row.copy_from_slice(&self.model.embedding.dequantize_row(t as usize));
@@ -230,20 +415,8 @@ impl<'m> Engine<'m> {
             .iter()
             .map(|row| rope_table(&self.freqs, row.pos))
             .collect();
-        let (mut xb, mut q, mut att, mut o) = (
-            vec![0f32; r * dim],
-            vec![0f32; r * dim],
-            vec![0f32; r * dim],
-            vec![0f32; r * dim],
-        );
-        let (mut k, mut v) = (vec![0f32; r * kvd], vec![0f32; r * kvd]);
-        let (mut g, mut u, mut h) = (
-            vec![0f32; r * hidden],
-            vec![0f32; r * hidden],
-            vec![0f32; r * hidden],
-        );
-        let hd = c.head_dim();
-        for (li, layer) in self.model.layers.iter().enumerate() {
+        let mut scratch = Scratch::new(c, r);
+        for li in 0..self.model.layers.len() {
             for (i, row) in rows.iter().enumerate() {
                 if let Some((l, inputs)) = seqs[row.seq].capture.as_mut() {
                     if *l == li {
@@ -251,73 +424,10 @@ impl<'m> Engine<'m> {
                     }
                 }
             }
-            for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
-                steps::rmsnorm(self.isa, xr, &layer.attn_norm, c.norm_eps, xbr);
-            }
-            matmuls(
-                &mut [
-                    (&layer.wq, &xb, &mut q),
-                    (&layer.wk, &xb, &mut k),
-                    (&layer.wv, &xb, &mut v),
-                ],
-                r,
-                self.isa,
-                pool,
-            );
-            for (i, row) in rows.iter().enumerate() {
-                let (cos, sin) = &tables[i];
-                steps::rope(self.isa, &mut q[i * dim..(i + 1) * dim], hd, cos, sin);
-                steps::rope(self.isa, &mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
-                seqs[row.seq].kv[li].write(
-                    row.pos,
-                    &k[i * kvd..(i + 1) * kvd],
-                    &v[i * kvd..(i + 1) * kvd],
-                );
-            }
             {
-                // One unit per (row, head), split over the team.
-                let kv: Vec<&KvLayer> = seqs.iter().map(|s| &s.kv[li]).collect();
-                let nh = c.n_heads;
-                let out = SendPtr(att.as_mut_ptr());
-                let q = &q;
-                let units = |lo: usize, hi: usize| {
-                    let out = &out;
-                    for u in lo..hi {
-                        let (i, h) = (u / nh, u % nh);
-                        let row = &rows[i];
-                        // SAFETY: unit (i, h) alone writes att[i][h·hd..(h+1)·hd].
-                        let o = unsafe {
-                            std::slice::from_raw_parts_mut(out.0.add(i * dim + h * hd), hd)
-                        };
-                        kv[row.seq].attend_heads(
-                            &q[i * dim..(i + 1) * dim],
-                            row.pos,
-                            h..h + 1,
-                            o,
-                            self.isa,
-                        );
-                    }
-                };
-                let n = r * nh;
-                self.team.run(&|m| {
-                    let (lo, hi) = share(n, m, self.team.size());
-                    units(lo, hi)
-                });
+                let mut kv: Vec<&mut KvLayer> = seqs.iter_mut().map(|s| &mut s.kv[li]).collect();
+                self.layer_pass(li, &rows, &mut kv, &tables, &mut x, &mut scratch);
             }
-            layer.wo.matmul(&att, r, &mut o, self.isa, pool);
-            steps::residual(self.isa, &mut x, &o);
-            for (xr, xbr) in x.chunks_exact(dim).zip(xb.chunks_exact_mut(dim)) {
-                steps::rmsnorm(self.isa, xr, &layer.ffn_norm, c.norm_eps, xbr);
-            }
-            matmuls(
-                &mut [(&layer.w_gate, &xb, &mut g), (&layer.w_up, &xb, &mut u)],
-                r,
-                self.isa,
-                pool,
-            );
-            steps::swiglu(self.isa, &g, &u, &mut h);
-            layer.w_down.matmul(&h, r, &mut o, self.isa, pool);
-            steps::residual(self.isa, &mut x, &o);
             for (i, row) in rows.iter().enumerate() {
                 if seqs[row.seq].fault == Some((row.pos, li)) {
                     let v = &mut x[i * dim];
@@ -349,19 +459,11 @@ impl<'m> Engine<'m> {
                 last.push(at - 1);
             }
         }
-        let mut xn = vec![0f32; last.len() * dim];
-        for (j, &i) in last.iter().enumerate() {
-            rmsnorm_spec(
-                &x[i * dim..(i + 1) * dim],
-                &self.model.final_norm,
-                c.norm_eps,
-                &mut xn[j * dim..(j + 1) * dim],
-            );
-        }
-        let mut logits = vec![0f32; last.len() * c.vocab_size];
-        self.model
-            .classifier()
-            .matmul(&xn, last.len(), &mut logits, self.isa, pool);
+        let rows: Vec<f32> = last
+            .iter()
+            .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().copied())
+            .collect();
+        let logits = self.logits(&rows);
         let mut out = Vec::with_capacity(seqs.len());
         let mut chunks = logits.chunks_exact(c.vocab_size);
         for (seq, toks) in seqs.iter_mut().zip(tokens) {

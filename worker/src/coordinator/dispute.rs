@@ -28,8 +28,7 @@ use lockstep_kernels::contract::generate::{
 };
 use lockstep_kernels::contract::sample::sample_spec;
 use lockstep_kernels::contract::{Generate, GenerateTrace, LayerInputs};
-use lockstep_kernels::model::spec::{layer_spec, matvec, LayerCache};
-use lockstep_kernels::model::Model;
+use lockstep_kernels::model::{Engine, Model};
 use lockstep_kernels::{tensor_digest_f32, Digest, Op};
 use serde::Serialize;
 
@@ -284,11 +283,12 @@ pub(super) async fn settle_generation(
     // 4. That one step, by the scalar spec.
     let t = Instant::now();
     let (m, gen) = (model.clone(), g.clone());
-    let verdict =
-        tokio::task::spawn_blocking(move || replay_step(&m, &gen, &inputs, position, layer)).await;
+    let verdict = tokio::task::spawn_blocking(move || {
+        replay_step(&m, &gen, &inputs, position, layer, threads)
+    })
+    .await;
     let replay_ms = t.elapsed().as_secs_f64() * 1e3;
-    let _ = threads;
-    let Ok(step) = verdict else {
+    let Ok(Ok(step)) = verdict else {
         return fallback(faults);
     };
     let mut right = Vec::new();
@@ -342,7 +342,12 @@ pub(super) async fn settle_generation(
     }
 }
 
-/// The coordinator's recomputation of the disputed step.
+/// The coordinator's recomputation of the disputed step: layer `layer`
+/// over positions 0..=p (its KV state rebuilt from the inputs), or the
+/// final norm, classifier and sampling at the position. It runs on the
+/// engine's kernels, which the tests hold bit for bit to the scalar spec
+/// (`spec::layer_spec`, what `lockstep replay-layer` runs), batched over the
+/// positions.
 enum Step {
     /// The layer's output digest at the position.
     Layer(Digest),
@@ -356,33 +361,21 @@ fn replay_step(
     inputs: &[f32],
     position: usize,
     layer: Option<usize>,
-) -> Step {
+    threads: usize,
+) -> lockstep_kernels::Result<Step> {
     let c = &model.config;
-    match layer {
+    let engine = Engine::new(model, threads, lockstep_kernels::cpu::Isa::detect())?;
+    Ok(match layer {
         Some(l) => {
-            let mut cache = LayerCache::default();
-            let mut out = Vec::new();
-            for (pos, row) in inputs.chunks_exact(c.dim).enumerate() {
-                let mut x = row.to_vec();
-                layer_spec(model, l, &mut x, pos, &mut cache);
-                out = x;
-            }
-            Step::Layer(tensor_digest_f32(&[c.dim], &out))
+            let out = engine.layer_alone(l, inputs)?;
+            Step::Layer(tensor_digest_f32(&[c.dim], &out[position * c.dim..]))
         }
         None => {
-            let x = &inputs[position * c.dim..(position + 1) * c.dim];
-            let mut xn = vec![0f32; c.dim];
-            lockstep_kernels::contract::rmsnorm::rmsnorm_spec(
-                x,
-                &model.final_norm,
-                c.norm_eps,
-                &mut xn,
-            );
-            let logits = matvec(model.classifier(), &xn);
+            let logits = engine.logits(&inputs[position * c.dim..(position + 1) * c.dim]);
             let t = sample_spec(&logits, &g.sampling(), (position + 1) as u64).unwrap_or(0);
             Step::Token(t as u32)
         }
-    }
+    })
 }
 
 /// Layer `layer`'s inputs at positions 0..=p are what both sides agree on:
