@@ -510,6 +510,67 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Verified LLM throughput: generated tokens/s of a batch of generate
+    /// jobs with r = 2 against the same two local workers with r = 1, in
+    /// the same run (0.5 is the ideal ratio).
+    ///
+    /// Example: lockstep bench verified-generate --model smollm2 --jobs 8 --max-tokens 32
+    VerifiedGenerate {
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        jobs: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Rounds of (r = 1, r = 2).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// CPU threads of each worker.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Jobs each worker decodes at once (as one batch).
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a dispute costs: replaying one layer at the last position of a
+    /// generation against re-executing the whole generation, same run.
+    ///
+    /// Example: lockstep bench dispute --model smollm2 --tokens 128
+    Dispute {
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// CPU threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continuous batching: aggregate tokens/s of N sequences decoded as one
+    /// batch against the same N decoded one after another, same run (and a
+    /// check that every sequence's bits are the same either way).
+    ///
+    /// Example: lockstep bench batch-decode --model smollm2 --sequences 8 --threads 2
+    BatchDecode {
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        sequences: usize,
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// CPU threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Verified jobs per second and latency of tiny r = 2 jobs on three local
     /// workers, next to raw JetStream publish-and-ack round trips measured in
     /// the same run.
@@ -686,6 +747,94 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             anyhow::ensure!(r.failures() == 0, "{} inputs failed", r.failures());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::VerifiedGenerate {
+            model,
+            jobs,
+            max_tokens,
+            runs,
+            threads,
+            concurrency,
+            json,
+        }) => {
+            let r = bench::llm::verified_generate(
+                &model,
+                jobs,
+                max_tokens,
+                runs,
+                threads,
+                concurrency,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "verified-generate: {} jobs x {} tokens of {}, {} CPU workers",
+                    r.jobs, r.max_tokens, r.model, r.workers
+                );
+                for (i, ((u, v), q)) in r
+                    .unverified_tok_s
+                    .iter()
+                    .zip(&r.verified_tok_s)
+                    .zip(&r.ratios)
+                    .enumerate()
+                {
+                    println!("  run {i}: unverified (r = 1) {u:>8.1} tok/s   verified (r = 2) {v:>8.1} tok/s   ratio {q:.3}");
+                }
+                println!(
+                    "  median ratio {:.3} (goal >= 0.45; 0.5 is ideal for r = 2)",
+                    r.median_ratio
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Dispute {
+            model,
+            tokens,
+            runs,
+            threads,
+            json,
+        }) => {
+            let r = bench::llm::dispute_cost(&model, tokens, runs, threads)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "dispute: {} tokens of {}, dispute at position {} layer {}, {} threads",
+                    r.tokens, r.model, r.position, r.layer, r.threads
+                );
+                for (i, (f, l)) in r.full_ms.iter().zip(&r.layer_ms).enumerate() {
+                    println!("  run {i}: whole generation {f:>9.1} ms   one-layer replay {l:>7.2} ms   ratio {:.1}", f / l);
+                }
+                println!(
+                    "  median ratio {:.1} (goal >= 20); the same layer by the plain scalar spec: {:.1} ms (ratio {:.1})",
+                    r.median_ratio, r.layer_spec_ms, r.spec_ratio
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::BatchDecode {
+            model,
+            sequences,
+            tokens,
+            runs,
+            threads,
+            json,
+        }) => {
+            let r = bench::llm::batch_decode(&model, sequences, tokens, runs, threads)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "batch-decode: {} sequences x {} tokens of {}, {} threads",
+                    r.sequences, r.tokens, r.model, r.threads
+                );
+                for (i, (b, s)) in r.batched_tok_s.iter().zip(&r.sequential_tok_s).enumerate() {
+                    println!("  run {i}: as one batch {b:>8.1} tok/s   one at a time {s:>8.1} tok/s   ratio {:.2}", b / s);
+                }
+                println!("  median ratio {:.2} (goal >= 2); every sequence's tokens and trace equal either way", r.median_ratio);
+            }
             Ok(())
         }
         Command::Bench(BenchCommand::Dispatch { jobs, json }) => {
