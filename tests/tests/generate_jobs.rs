@@ -445,3 +445,201 @@ async fn a_worker_that_does_not_answer_a_dispute_is_at_fault() {
         faults[0].reason
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_workers_are_caught_on_generate_jobs() {
+    use lockstep_tests::adversary::AdversaryProc;
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let honest = ["gh1", "gh2", "gh3"];
+    for w in honest {
+        procs.worker(&server, w, "cpu", &[]);
+    }
+    let liars = [
+        ("gliar-shape", "wrong-shape"),
+        ("gliar-error", "false-error"),
+        ("gliar-sig", "bad-signature"),
+        ("gliar-wrong", "wrong"),
+    ];
+    let _adversaries: Vec<AdversaryProc> = liars
+        .iter()
+        .map(|(n, mode)| AdversaryProc::start(&server, n, &format!("op-{n}"), mode))
+        .collect();
+    let nats = server.connect().await.unwrap();
+    let mut all: Vec<&str> = honest.to_vec();
+    all.extend(liars.iter().map(|(n, _)| *n));
+    wait_workers(&nats, &all).await;
+    let lines: Vec<String> = (0..10)
+        .map(|i| format!(
+            r#"{{"id": "lie{i}", "op": "generate", "model": "stories260K", "prompt_ids": [1, {}, 407], "max_tokens": 10}}"#,
+            300 + i
+        ))
+        .collect();
+    let jobs = parse_batch_str(&lines.join("\n"), std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs);
+    let report = submit(&nats, jobs, &opts(&server, "gen-liars", None))
+        .await
+        .unwrap();
+    assert!(report.all_accepted(), "{report:#?}");
+    for (j, w) in report.jobs.iter().zip(&want) {
+        assert_eq!(j.digest, Some(*w), "{}: a lie was accepted", j.job);
+        for h in honest {
+            assert!(
+                !j.faulty_workers.iter().any(|f| f == h),
+                "{h} blamed: {j:#?}"
+            );
+        }
+    }
+    let caught: Vec<&str> = liars
+        .iter()
+        .map(|(l, _)| *l)
+        .filter(|l| report.faults.iter().any(|f| f.worker == *l))
+        .collect();
+    for (liar, _) in liars {
+        let answered = report
+            .jobs
+            .iter()
+            .any(|j| j.results.iter().any(|r| r.worker == liar));
+        assert!(
+            !answered || caught.contains(&liar),
+            "{liar} answered and was not caught"
+        );
+    }
+    assert!(
+        caught.len() >= 2,
+        "too few liars got a job: {:?}",
+        report.faults
+    );
+    assert!(report
+        .faults
+        .iter()
+        .all(|f| !honest.contains(&f.worker.as_str())));
+}
+
+/// The batch of the crash tests: `n` stories260K generations.
+fn story_lines(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"id": "s{i:02}", "op": "generate", "model": "stories260K", "prompt_ids": [1, {}, 407, 261], "max_tokens": 20}}"#,
+                300 + i
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_generation_loses_no_job() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    for w in ["gk1", "gk2", "gk3"] {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "150")]);
+    }
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["gk1", "gk2", "gk3"]).await;
+    let jobs = parse_batch_str(&story_lines(12), std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs);
+    let task = {
+        let (nats, o) = (nats.clone(), opts(&server, "gen-kill", None));
+        tokio::spawn(async move { submit(&nats, jobs, &o).await })
+    };
+    // Mid-batch (each generation waits 150 ms first): SIGKILL a worker
+    // that holds replicas.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let victim = {
+        let mut keys = nats.assign.keys().await.unwrap();
+        let mut found = None;
+        while let Some(k) = keys.next().await {
+            let k = k.unwrap();
+            if let Ok(Some(v)) = nats.assign.get(&k).await {
+                let entries: Vec<PlanEntry> = serde_json::from_slice(&v).unwrap();
+                if let Some(e) = entries.first() {
+                    found = Some(e.assignment.worker.clone());
+                    break;
+                }
+            }
+        }
+        found.expect("a plan entry")
+    };
+    procs.kill(&victim);
+    let report = task.await.unwrap().unwrap();
+    assert_eq!(report.verified, 12, "{report:#?}");
+    for (j, w) in report.jobs.iter().zip(&want) {
+        assert_eq!(j.digest, Some(*w));
+        assert!(j
+            .results
+            .iter()
+            .all(|r| r.worker != victim || j.results.len() == 2));
+    }
+    assert!(
+        report
+            .jobs
+            .iter()
+            .any(|j| j.reassigned_from.contains(&victim)),
+        "{victim} held replicas when killed; they must have moved"
+    );
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_a_generate_batch() {
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    for w in ["gc1", "gc2", "gc3"] {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "400")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("batch.jsonl");
+    // Model names resolve from the repository (the test's working folder).
+    std::fs::write(&batch, story_lines(12)).unwrap();
+    let out = dir.path().join("out");
+    let submit_cmd = || {
+        let mut c = std::process::Command::new(lockstep_tests::lockstep_bin());
+        c.args([
+            "submit",
+            "--deployment",
+            server.dir().to_str().unwrap(),
+            "--batch-id",
+            "gen-resume",
+            "--quiet",
+            "--worker-timeout",
+            "3",
+            "--deadline",
+            "240",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .arg(&batch)
+        .env("RUST_LOG", "warn");
+        c
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nats = rt.block_on(server.connect()).unwrap();
+    rt.block_on(wait_workers(&nats, &["gc1", "gc2", "gc3"]));
+    let mut first = submit_cmd()
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the batch finished before the kill; make jobs longer"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let o = submit_cmd().output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["verified"], 12, "{report:#}");
+    let jobs = parse_batch_str(&story_lines(12), std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs);
+    for (j, w) in report["jobs"].as_array().unwrap().iter().zip(&want) {
+        assert_eq!(j["results"].as_array().unwrap().len(), 2, "{j:#}");
+        assert_eq!(j["digest"].as_str().unwrap(), w.to_string());
+        assert!(j["generation"]["output_ids"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()));
+    }
+}

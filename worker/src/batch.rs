@@ -474,6 +474,69 @@ mod tests {
     }
 
     #[test]
+    fn generate_lines_are_checked_against_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1,403],"max_tokens":8,"temperature":0.5,"seed":3}"#;
+        let jobs = parse_batch_str(ok, dir.path()).unwrap();
+        let Op::Generate(g) = &jobs[0].op else {
+            panic!("not generate")
+        };
+        assert_eq!((g.max_tokens, g.seed, g.temperature), (8, 3, 0.5));
+        assert!(g.tokenizer.is_none() && g.stop.is_empty());
+        assert!(jobs[0].model_file.is_some());
+        for (line, says) in [
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","max_tokens":8}"#,
+                "exactly one of",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1],"prompt":"hi","max_tokens":8}"#,
+                "exactly one of",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1]}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1],"max_tokens":0}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1],"max_tokens":100000}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1],"max_tokens":600}"#,
+                "context",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[99999],"max_tokens":4}"#,
+                "vocabulary",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt":"hi","max_tokens":4}"#,
+                "no tokenizer",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"no-such-model","prompt_ids":[1],"max_tokens":4}"#,
+                "no model file",
+            ),
+            (
+                r#"{"id":"g","op":"generate","model":"stories260K","prompt_ids":[1],"max_tokens":4,"top_p":0}"#,
+                "top_p",
+            ),
+            (
+                r#"{"id":"g","op":"matmul","prompt":"hi","inputs":[]}"#,
+                "belong to a generate job",
+            ),
+        ] {
+            let e = format!("{:#}", parse_batch_str(line, dir.path()).unwrap_err());
+            assert!(e.contains(says), "{line}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
     fn general_form_and_shorthand_give_the_same_job() {
         let dir = tempfile::tempdir().unwrap();
         let general = r#"{"id":"g","op":"matmul","params":{},"inputs":[{"shape":[1,2],"data":[1,2]},{"shape":[2,1],"data":[3,4]}]}"#;

@@ -160,8 +160,29 @@ pub fn targets() -> Vec<Target> {
         worker: "w".into(),
         jobs: vec![job.clone(), object_job.clone()],
     };
+    let generate_job = JobMessage {
+        spec: JobSpec {
+            op: lockstep_kernels::Op::Generate(lockstep_kernels::contract::Generate {
+                model: TensorRef::digest_of(&[1], &[1.0]),
+                tokenizer: None,
+                max_tokens: 8,
+                stop: vec![2],
+                temperature: 0.7,
+                top_k: 4,
+                top_p: 0.9,
+                seed: 5,
+            }),
+            inputs: vec![TensorRef::inline(vec![3], &[1.0, 403.0, 407.0])],
+        },
+        ..job.clone()
+    };
     let json = |v: &dyn erased::Ser| v.bytes();
-    let job_seeds = vec![json(&job), json(&object_job), json(&bundle)];
+    let job_seeds = vec![
+        json(&job),
+        json(&object_job),
+        json(&bundle),
+        json(&generate_job),
+    ];
 
     let shapes = vec![vec![2usize, 2]];
     let out = TensorRef::inline(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
@@ -211,6 +232,10 @@ pub fn targets() -> Vec<Target> {
             "{{\"id\":\"j2\",\"kind\":\"matmul\",\"a\":{{\"shape\":[1,2],\"inline\":\"{}\"}},\"b\":{{\"shape\":[2,1],\"object\":\"{}\"}}}}\n# comment\n",
             encode_f32(&[1.0, 2.0]),
             d
+        )
+        .into_bytes(),
+        format!(
+            "{{\"id\":\"g1\",\"op\":\"generate\",\"params\":{{\"model\":\"{d}\",\"max_tokens\":4,\"temperature\":0.5}},\"inputs\":[{{\"shape\":[2],\"data\":[1,403]}}]}}"
         )
         .into_bytes(),
     ];

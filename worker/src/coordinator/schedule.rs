@@ -23,6 +23,20 @@ type ReplicaKey = (String, usize);
 /// server's `max_payload` (see [`result_bytes`]).
 const BUNDLE_MAX_JOBS: usize = 64;
 
+/// How far a worker is from running a generate job at once, as replicas:
+/// 0 with the model loaded, 1 with its file on disk, 2 without it (its
+/// record says which); 0 for other ops.
+fn coldness(w: &LiveWorker, spec: &JobSpec) -> usize {
+    let lockstep_kernels::Op::Generate(g) = &spec.op else {
+        return 0;
+    };
+    match &w.record.models {
+        Some(m) if m.loaded.contains(&g.model) => 0,
+        Some(m) if m.on_disk.contains(&g.model) => 1,
+        _ => 2,
+    }
+}
+
 /// Bytes a replica's job message takes in a bundle (inline inputs as base64).
 fn job_bytes(spec: &JobSpec) -> usize {
     512 + spec.inline_bytes()
@@ -206,13 +220,14 @@ pub(super) async fn schedule(
                     candidates.retain(|w| Some(&w.id) != previous.as_ref());
                 }
             }
-            let min_load = candidates
-                .iter()
-                .map(|w| load.get(&w.id).copied().unwrap_or(0))
-                .min();
+            // For a generate job, a worker that must first fetch or load
+            // the model counts as if it held that many replicas more.
+            let cost =
+                |w: &LiveWorker| load.get(&w.id).copied().unwrap_or(0) + coldness(w, &js.spec);
+            let min_load = candidates.iter().map(|w| cost(w)).min();
             let least: Vec<&&LiveWorker> = candidates
                 .iter()
-                .filter(|w| Some(load.get(&w.id).copied().unwrap_or(0)) == min_load)
+                .filter(|w| Some(cost(w)) == min_load)
                 .collect();
             let Some(w) = least.choose(&mut rng) else {
                 continue;
@@ -303,4 +318,61 @@ pub(super) async fn schedule(
         return Err(e);
     }
     Ok(assigned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_holding_the_model_is_warmer() {
+        let model = lockstep_kernels::Digest([3; 32]);
+        let spec = JobSpec {
+            op: lockstep_kernels::Op::Generate(lockstep_kernels::contract::Generate {
+                model,
+                tokenizer: None,
+                max_tokens: 4,
+                stop: vec![],
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                seed: 0,
+            }),
+            inputs: vec![TensorRef::inline(vec![1], &[1.0])],
+        };
+        let worker = |models: Option<WorkerModels>| LiveWorker {
+            id: "w".into(),
+            operator: "o".into(),
+            record: WorkerRecord {
+                protocol: PROTOCOL_VERSION,
+                id: "w".into(),
+                backends: vec![],
+                contract_version: lockstep_kernels::CONTRACT_VERSION,
+                concurrency: 1,
+                started_ms: 0,
+                heartbeat_ms: 0,
+                state: WorkerState::Up,
+                jobs_done: 0,
+                jobs_failed: 0,
+                limits: None,
+                models,
+            },
+        };
+        let held = |loaded: Vec<_>, on_disk: Vec<_>| {
+            Some(WorkerModels {
+                loaded,
+                on_disk,
+                max_model_bytes: 1 << 30,
+            })
+        };
+        assert_eq!(coldness(&worker(held(vec![model], vec![model])), &spec), 0);
+        assert_eq!(coldness(&worker(held(vec![], vec![model])), &spec), 1);
+        assert_eq!(coldness(&worker(held(vec![], vec![])), &spec), 2);
+        assert_eq!(coldness(&worker(None), &spec), 2);
+        let matmul = JobSpec::matmul(
+            TensorRef::inline(vec![1, 1], &[1.0]),
+            TensorRef::inline(vec![1, 1], &[1.0]),
+        );
+        assert_eq!(coldness(&worker(None), &matmul), 0);
+    }
 }
