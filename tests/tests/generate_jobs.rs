@@ -314,6 +314,49 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
             o => panic!("{id}: {o:?}"),
         }
     }
+    // A worker that cannot hold the model says so ("not me"), and a worker
+    // whose backend cannot run models yet says that.
+    procs.worker_args(&server, "gen-small", "cpu", &["--max-model-mib", "0"], &[]);
+    let wgpu = lockstep_kernels::wgpu::WgpuBackend::new(Default::default()).is_ok();
+    if wgpu {
+        procs.worker(&server, "gen-wgsl", "wgpu", &[]);
+    }
+    wait_workers(&nats, &["gen-small"]).await;
+    match answer(
+        &nats,
+        &mut results,
+        "gen-small",
+        "small",
+        g(digest, 4),
+        &[1, 2],
+    )
+    .await
+    {
+        Outcome::Error { code, message } => {
+            assert_eq!(code, ErrorCode::TooLarge, "{message}");
+            assert!(message.contains("--max-model-mib"), "{message}");
+        }
+        o => panic!("small: {o:?}"),
+    }
+    if wgpu {
+        wait_workers(&nats, &["gen-wgsl"]).await;
+        match answer(
+            &nats,
+            &mut results,
+            "gen-wgsl",
+            "wgsl",
+            g(digest, 4),
+            &[1, 2],
+        )
+        .await
+        {
+            Outcome::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Backend, "{message}");
+                assert!(message.contains("CPU backend"), "{message}");
+            }
+            o => panic!("wgsl: {o:?}"),
+        }
+    }
     // The forged file was dropped from the worker's cache, and the worker
     // still serves a good job.
     match answer(

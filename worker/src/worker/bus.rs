@@ -165,6 +165,11 @@ impl WorkerNats {
     pub async fn model_file(&self, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
         read_object(&self.models, MODELS_BUCKET, digest).await
     }
+
+    /// The size of a model file in the model store, from its metadata.
+    pub async fn model_size(&self, digest: &lockstep_kernels::Digest) -> Result<u64> {
+        Ok(object_info(&self.models, MODELS_BUCKET, digest).await?.size as u64)
+    }
 }
 
 /// The bytes of an object in `bucket` (the blob or the model store), read by direct gets from its
@@ -176,23 +181,7 @@ pub async fn read_object<I>(
     bucket: &str,
     digest: &lockstep_kernels::Digest,
 ) -> Result<Vec<u8>> {
-    use base64::Engine as _;
-    let name = base64::engine::general_purpose::URL_SAFE.encode(digest.to_hex());
-    let meta = match blobs
-        .direct_get_last_for_subject(format!("$O.{bucket}.M.{name}"))
-        .await
-    {
-        Ok(m) => m,
-        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
-            bail!(crate::nats::BlobMissing(*digest))
-        }
-        Err(e) => bail!("cannot look up object {digest}: {e}"),
-    };
-    let info: object_store::ObjectInfo = serde_json::from_slice(&meta.payload)
-        .with_context(|| format!("object {digest}: unreadable metadata"))?;
-    if info.deleted {
-        bail!(crate::nats::BlobMissing(*digest));
-    }
+    let info = object_info(blobs, bucket, digest).await?;
     let subject = format!("$O.{bucket}.C.{}", info.nuid);
     let mut buf = Vec::with_capacity(info.size);
     let mut seq = 0;
@@ -211,4 +200,30 @@ pub async fn read_object<I>(
         info.size
     );
     Ok(buf)
+}
+
+/// An object's metadata in `bucket` (missing or deleted: [`crate::nats::BlobMissing`]).
+pub async fn object_info<I>(
+    blobs: &stream::Stream<I>,
+    bucket: &str,
+    digest: &lockstep_kernels::Digest,
+) -> Result<object_store::ObjectInfo> {
+    use base64::Engine as _;
+    let name = base64::engine::general_purpose::URL_SAFE.encode(digest.to_hex());
+    let meta = match blobs
+        .direct_get_last_for_subject(format!("$O.{bucket}.M.{name}"))
+        .await
+    {
+        Ok(m) => m,
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+            bail!(crate::nats::BlobMissing(*digest))
+        }
+        Err(e) => bail!("cannot look up object {digest}: {e}"),
+    };
+    let info: object_store::ObjectInfo = serde_json::from_slice(&meta.payload)
+        .with_context(|| format!("object {digest}: unreadable metadata"))?;
+    if info.deleted {
+        bail!(crate::nats::BlobMissing(*digest));
+    }
+    Ok(info)
 }

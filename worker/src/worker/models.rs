@@ -244,6 +244,21 @@ impl Models {
         })?;
         let path = self.dir.join(format!("{}.model", digest.to_hex()));
         if !path.is_file() {
+            let missing = |e: anyhow::Error| {
+                if crate::nats::blob_missing(&e) {
+                    job_err(
+                        ErrorCode::MissingBlob,
+                        format!("model {digest} is not in the model store"),
+                    )
+                } else {
+                    job_err(
+                        ErrorCode::Backend,
+                        format!("cannot fetch model {digest}: {e:#}"),
+                    )
+                }
+            };
+            // Refused before a byte is fetched when it is too large.
+            self.check_size(digest, ctx.nats.model_size(digest).await.map_err(missing)?)?;
             let bytes = ctx.nats.model_file(digest).await.map_err(|e| {
                 if crate::nats::blob_missing(&e) {
                     job_err(
@@ -312,7 +327,7 @@ impl Models {
             return Err(job_err(
                 ErrorCode::TooLarge,
                 format!(
-                    "model {digest} is {bytes} bytes, over this worker's limit of {} (--max-model-bytes)",
+                    "model {digest} is {bytes} bytes, over this worker's limit of {} (--max-model-mib)",
                     self.max_model_bytes
                 ),
             ));
