@@ -686,3 +686,33 @@ fn a_restarted_coordinator_resumes_a_generate_batch() {
             .is_some_and(|a| !a.is_empty()));
     }
 }
+
+/// The README's first command, on the tiny model: verified text, a dispute
+/// settled by one layer, receipts that verify.
+#[test]
+fn the_demo_shows_verified_text_and_a_one_layer_dispute() {
+    if lockstep_tests::nats_server().is_none() {
+        return;
+    }
+    let o = std::process::Command::new(lockstep_tests::lockstep_bin())
+        .args(["demo", "--model", "stories260K", "--max-tokens", "12"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("verified by") || text.contains("resolved by"),
+        "{text}"
+    );
+    assert!(text.contains("4 receipts verify"), "{text}");
+    // The faulty worker is given a job almost always; when it is, the
+    // dispute names it and the layer.
+    if !text.contains("no dispute") {
+        assert!(
+            text.contains("dispute on [")
+                && text.contains("demo-faulty differed first at position 5, layer 2"),
+            "{text}"
+        );
+    }
+}
