@@ -297,6 +297,16 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
             "max_tokens",
         ),
         (
+            "wrong-tokenizer",
+            Generate {
+                tokenizer: Some(lockstep_kernels::Digest([9; 32])),
+                ..g(digest, 4)
+            },
+            vec![1, 2],
+            ErrorCode::BadShape,
+            "tokenizer",
+        ),
+        (
             "absurd-tokens",
             g(digest, 1 << 40),
             vec![1, 2],
@@ -373,6 +383,32 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
         o => panic!("good job: {o:?}"),
     }
     assert!(procs.is_running("gen-w"));
+    // A coordinator checks jobs that name a stored model against it before
+    // dispatching anything: a foreign tokenizer, ids outside the vocabulary.
+    for (params, prompt, says) in [
+        (
+            format!(
+                r#"{{"model":"{digest}","tokenizer":"{}","max_tokens":4}}"#,
+                lockstep_kernels::Digest([9; 32])
+            ),
+            "[1, 2]",
+            "tokenizer",
+        ),
+        (
+            format!(r#"{{"model":"{digest}","max_tokens":4}}"#),
+            "[1, 99999]",
+            "vocabulary",
+        ),
+    ] {
+        let line = format!(
+            r#"{{"id":"t","op":"generate","params":{params},"inputs":[{{"shape":[2],"data":{prompt}}}]}}"#
+        );
+        let jobs = parse_batch_str(&line, std::path::Path::new(".")).unwrap();
+        let e = submit(&nats, jobs, &opts(&server, "gen-refused", None))
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains(says), "{e:#}");
+    }
 }
 
 /// One generation (stories260K, 16 tokens) on an honest worker and a

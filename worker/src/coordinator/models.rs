@@ -14,35 +14,62 @@ use crate::batch::BatchJob;
 use crate::nats::Nats;
 use crate::protocol::*;
 
-/// Pushes every model file the batch names (once each) and checks that
-/// every other model a generate job names is in the store.
+/// Pushes every model file the batch names (once each), checks that every
+/// other model a generate job names is in the store, and checks every
+/// generate job against its model (prompt ids within the vocabulary,
+/// prompt and max tokens within the context, the tokenizer digest the
+/// model's own), so a worker's claim that a job does not fit its model can
+/// be judged.
 pub(super) async fn ensure_models(nats: &Nats, jobs: &[BatchJob]) -> Result<()> {
-    let mut done: HashMap<Digest, ()> = HashMap::new();
+    let mut models: HashMap<Digest, (Arc<Model>, Option<Digest>)> = HashMap::new();
     for j in jobs {
         let Op::Generate(g) = &j.op else { continue };
-        if done.insert(g.model, ()).is_some() {
-            continue;
-        }
-        match &j.model_file {
-            Some(path) => {
-                let local = crate::llm::distribute::LocalModel::load(&path.display().to_string())?;
-                anyhow::ensure!(
-                    local.model.digest == g.model,
-                    "{} changed since the batch was read",
-                    path.display()
-                );
-                let p = crate::llm::distribute::push(nats, &local).await?;
-                tracing::info!(digest = %p.digest, bytes = p.bytes, present = p.present, "model in the store");
-            }
-            None => {
-                if !crate::llm::distribute::exists(nats, &g.model).await {
-                    bail!(
-                        "job `{}`: model {} is not in the model store (push it first: lockstep model push FILE)",
-                        j.id,
-                        g.model
+        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(g.model) {
+            let entry = match &j.model_file {
+                Some(path) => {
+                    let local =
+                        crate::llm::distribute::LocalModel::load(&path.display().to_string())?;
+                    anyhow::ensure!(
+                        local.model.digest == g.model,
+                        "{} changed since the batch was read",
+                        path.display()
                     );
+                    let p = crate::llm::distribute::push(nats, &local).await?;
+                    tracing::info!(digest = %p.digest, bytes = p.bytes, present = p.present, "model in the store");
+                    let tokenizer = local.tokenizer.as_ref().map(|t| t.digest);
+                    let model = Arc::new(local.model);
+                    remember(model.clone());
+                    (model, tokenizer)
                 }
-            }
+                None => {
+                    if !crate::llm::distribute::exists(nats, &g.model).await {
+                        bail!(
+                            "job `{}`: model {} is not in the model store (push it first: lockstep model push FILE)",
+                            j.id,
+                            g.model
+                        );
+                    }
+                    let m = model(nats, &g.model).await?;
+                    let tokenizer = m.gguf.as_ref().map(crate::llm::tokenizer::tokenizer_digest);
+                    (m, tokenizer)
+                }
+            };
+            slot.insert(entry);
+        }
+        let (model, tokenizer) = &models[&g.model];
+        if let Some(crate::batch::Tensor::Data { data, .. }) = j.inputs.first() {
+            let prompt = lockstep_kernels::contract::generate::prompt_ids(data)
+                .map_err(|e| anyhow::anyhow!("job `{}`: {e}", j.id))?;
+            lockstep_kernels::model::generate::check(model, &prompt, g)
+                .map_err(|e| anyhow::anyhow!("job `{}`: {e}", j.id))?;
+        }
+        if let Some(t) = g.tokenizer {
+            anyhow::ensure!(
+                Some(t) == *tokenizer,
+                "job `{}`: tokenizer {t} is not the tokenizer of model {}",
+                j.id,
+                g.model
+            );
         }
     }
     Ok(())
@@ -76,12 +103,18 @@ pub(super) async fn model(nats: &Nats, digest: &Digest) -> Result<Arc<Model>> {
     })
     .await??;
     let model = Arc::new(model);
+    remember(model.clone());
+    Ok(model)
+}
+
+/// Keeps a loaded model for disputes (the last two).
+fn remember(model: Arc<Model>) {
     let mut l = loaded().lock().expect("not poisoned");
-    l.push(model.clone());
+    l.retain(|m| m.digest != model.digest);
+    l.push(model);
     if l.len() > 2 {
         l.remove(0);
     }
-    Ok(model)
 }
 
 /// A generate job's outputs, recomputed on the coordinator's CPU.

@@ -376,6 +376,17 @@ async fn generate(
     let prompt = fetch(ctx, &job.spec.inputs[0]).await?;
     let prompt = lockstep_kernels::contract::generate::prompt_ids(&prompt).map_err(kernel_err)?;
     let runner = ctx.models.get(ctx, &g.model).await?;
+    if let Some(want) = g.tokenizer {
+        if runner.tokenizer != Some(want) {
+            return Err(job_err(
+                ErrorCode::BadShape,
+                format!(
+                    "the job's tokenizer {want} is not the tokenizer of model {}",
+                    g.model
+                ),
+            ));
+        }
+    }
     timings.fetch_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     if !ctx.opts.test.delay.is_zero() {

@@ -31,6 +31,8 @@ pub struct Runner {
     pub digest: Digest,
     pub bytes: u64,
     pub model: Arc<Model>,
+    /// The tokenizer digest of the model file's tokenizer (GGUF), if any.
+    pub tokenizer: Option<Digest>,
     threads: usize,
     tx: Mutex<mpsc::Sender<Request>>,
 }
@@ -38,6 +40,10 @@ pub struct Runner {
 impl Runner {
     fn start(model: Model, bytes: u64, threads: usize) -> Result<Arc<Self>, String> {
         let digest = model.digest;
+        let tokenizer = model
+            .gguf
+            .as_ref()
+            .map(crate::llm::tokenizer::tokenizer_digest);
         let model = Arc::new(model);
         let shared = model.clone();
         let (tx, rx) = mpsc::channel::<Request>();
@@ -65,6 +71,7 @@ impl Runner {
             digest,
             bytes,
             model: shared,
+            tokenizer,
             threads,
             tx: Mutex::new(tx),
         }))
