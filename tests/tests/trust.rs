@@ -60,6 +60,10 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
         "$KV.lockstep_blob_refs.x.b1",
         "$O.lockstep_blobs.C.abc",
         "$O.lockstep_blobs.M.abc",
+        // The model store: only coordinators put models there.
+        "$O.lockstep_models.C.abc",
+        "$O.lockstep_models.M.abc",
+        "JSL.API.$O.lockstep_models.M.abc",
         "lockstep.job.alice.b1",
         "lockstep.job.mallory.b1",
     ] {
@@ -91,6 +95,8 @@ async fn the_server_refuses_what_a_worker_may_not_do() {
         "DIRECT.GET.LOCKSTEP_RESULTS",
         "STREAM.MSG.GET.LOCKSTEP_RESULTS",
         "STREAM.PURGE.LOCKSTEP_RESULTS",
+        "STREAM.PURGE.OBJ_lockstep_models",
+        "STREAM.DELETE.OBJ_lockstep_models",
         "STREAM.DELETE.LOCKSTEP_JOBS",
         "STREAM.UPDATE.LOCKSTEP_JOBS",
         "STREAM.CREATE.EVIL",
