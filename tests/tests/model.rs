@@ -549,3 +549,162 @@ fn a_hugging_face_checkpoint_of_the_same_weights_is_the_same_model() {
     let e = Model::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("\"gpt_neox\" is not supported"), "{e}");
 }
+
+/// The tensors of a single-file checkpoint, by name (shape, F32 bytes).
+fn hf_tensors(dir: &std::path::Path) -> Vec<(String, Shaped)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = st.tensor(&n).unwrap();
+            (n, (t.shape().to_vec(), t.data().to_vec()))
+        })
+        .collect()
+}
+
+fn write_safetensors(path: &std::path::Path, tensors: &[(String, Shaped)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Rewrites a single-file checkpoint as two shards and an index; `extra`
+/// tensors go into the second shard without being listed, and `listed`
+/// ones are listed under the first shard.
+fn shard(dir: &std::path::Path, extra: &[(String, Shaped)]) {
+    let all = hf_tensors(dir);
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let (a, b) = all.split_at(all.len() / 2);
+    let mut b = b.to_vec();
+    b.extend_from_slice(extra);
+    write_safetensors(&dir.join("model-00001-of-00002.safetensors"), a);
+    write_safetensors(&dir.join("model-00002-of-00002.safetensors"), &b);
+    let mut map = serde_json::Map::new();
+    for (n, _) in a {
+        map.insert(n.clone(), "model-00001-of-00002.safetensors".into());
+    }
+    for (n, _) in &all[all.len() / 2..] {
+        map.insert(n.clone(), "model-00002-of-00002.safetensors".into());
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+}
+
+/// A checkpoint loads to one model or not at all: a tensor in two shards,
+/// or one the index does not list, is an error (never a choice by hash
+/// order); so is any setting or tensor lockstep would otherwise ignore.
+#[test]
+fn a_hugging_face_checkpoint_is_loaded_strictly() {
+    let model = Model::load(&shared_model("stories260K.bin")).unwrap();
+    let fresh = || {
+        let dir = tempfile::tempdir().unwrap();
+        write_hf(&model, dir.path());
+        dir
+    };
+    // Sharded: the same model, every time.
+    let dir = fresh();
+    shard(dir.path(), &[]);
+    for _ in 0..4 {
+        assert_eq!(Model::load(dir.path()).unwrap().digest, model.digest);
+    }
+    let err = |dir: &std::path::Path| Model::load(dir).unwrap_err().to_string();
+    // A tensor in both shards (the index names one of them).
+    let dir = fresh();
+    let first = hf_tensors(dir.path()).remove(0);
+    let changed = (
+        first.0.clone(),
+        (first.1 .0.clone(), vec![0u8; first.1 .1.len()]),
+    );
+    shard(dir.path(), &[changed]);
+    let e = err(dir.path());
+    assert!(e.contains(&format!("tensor {} is in both", first.0)), "{e}");
+    // A tensor the index does not list.
+    let dir = fresh();
+    let bias = (
+        "model.layers.0.self_attn.q_proj.bias".to_string(),
+        (vec![model.config.dim], vec![0u8; model.config.dim * 4]),
+    );
+    shard(dir.path(), std::slice::from_ref(&bias));
+    let e = err(dir.path());
+    assert!(e.contains("does not list it"), "{e}");
+    // A tensor the architecture does not use (a bias), single file.
+    let dir = fresh();
+    let mut t = hf_tensors(dir.path());
+    t.push(bias);
+    write_safetensors(&dir.path().join("model.safetensors"), &t);
+    let e = err(dir.path());
+    assert!(
+        e.contains("q_proj.bias is not part of the llama architecture"),
+        "{e}"
+    );
+    // Settings that change the maths: refused, never ignored.
+    for (key, value, says) in [
+        (
+            "attention_bias",
+            serde_json::json!(true),
+            "attention_bias = true is not supported",
+        ),
+        (
+            "hidden_act",
+            serde_json::json!("gelu"),
+            "hidden_act = \"gelu\" is not supported",
+        ),
+        (
+            "rope_interleaved",
+            serde_json::json!(true),
+            "rope_interleaved",
+        ),
+        (
+            "sliding_window",
+            serde_json::json!(4096),
+            "unknown key \"sliding_window\"",
+        ),
+        (
+            "tie_word_embeddings",
+            serde_json::json!(false),
+            "no lm_head.weight",
+        ),
+    ] {
+        let dir = fresh();
+        let path = dir.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let e = err(dir.path());
+        assert!(e.contains(says), "{key}: {e}");
+        assert!(!e.contains('\n'));
+    }
+    // Settings at the values lockstep computes, and bookkeeping, load.
+    let dir = fresh();
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (k, v) in [
+        ("hidden_act", serde_json::json!("silu")),
+        ("attention_bias", serde_json::json!(false)),
+        ("mlp_bias", serde_json::json!(false)),
+        ("pretraining_tp", serde_json::json!(1)),
+        ("architectures", serde_json::json!(["LlamaForCausalLM"])),
+        ("torch_dtype", serde_json::json!("float32")),
+        ("eos_token_id", serde_json::json!(2)),
+    ] {
+        cfg[k] = v;
+    }
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    assert_eq!(Model::load(dir.path()).unwrap().digest, model.digest);
+}

@@ -9,7 +9,7 @@
 //! `h·d + j·d/2 + i`. The model digest is therefore the same as that of the
 //! same weights converted to GGUF or llama2.c.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
@@ -34,6 +34,78 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
     head_dim: Option<usize>,
+}
+
+/// config.json keys read into the model (and so its digest).
+const USED_KEYS: &[&str] = &[
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_scaling",
+    "head_dim",
+];
+
+/// config.json keys that do not change the computation (bookkeeping,
+/// training-only settings, token ids a tokenizer or a caller uses).
+const INERT_KEYS: &[&str] = &[
+    "architectures",
+    "torch_dtype",
+    "transformers_version",
+    "_name_or_path",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "initializer_range",
+    "attention_dropout",
+    "is_llama_config",
+    "transformers.js_config",
+];
+
+/// config.json keys that change the computation, accepted only at the value
+/// the contract computes (anything else is refused, never ignored).
+fn fixed_key(key: &str) -> Option<serde_json::Value> {
+    use serde_json::json;
+    Some(match key {
+        "hidden_act" => json!("silu"),
+        "attention_bias" | "mlp_bias" | "rope_interleaved" => json!(false),
+        "pretraining_tp" => json!(1),
+        _ => return None,
+    })
+}
+
+/// Every config.json key is used, inert, or at its one accepted value.
+fn check_keys(source: &str, cfg: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let mut keys: Vec<&String> = cfg.keys().collect();
+    keys.sort();
+    for key in keys {
+        if USED_KEYS.contains(&key.as_str()) || INERT_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        match fixed_key(key) {
+            Some(want) if cfg[key] == want || cfg[key].is_null() => {}
+            Some(want) => {
+                return Err(Error::model(format!(
+                    "{source}/config.json: {key} = {} is not supported (only {want}): it would change the computation",
+                    cfg[key]
+                )))
+            }
+            None => {
+                return Err(Error::model(format!(
+                    "{source}/config.json: unknown key {key:?}; lockstep refuses settings it does not implement rather than ignore them"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `path` is (or is inside) a Hugging Face checkpoint folder.
@@ -73,7 +145,12 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|e| Error::model(format!("cannot read {}: {e}", p.display())))
     };
-    let cfg: HfConfig = serde_json::from_slice(&read(&dir.join("config.json"))?)
+    let raw: serde_json::Value = serde_json::from_slice(&read(&dir.join("config.json"))?)
+        .map_err(|e| Error::model(format!("{source}/config.json: {e}")))?;
+    let object = raw
+        .as_object()
+        .ok_or_else(|| Error::model(format!("{source}/config.json is not a JSON object")))?;
+    let cfg: HfConfig = serde_json::from_value(raw.clone())
         .map_err(|e| Error::model(format!("{source}/config.json: {e}")))?;
     if let Some(t) = cfg.model_type.as_deref() {
         if t != "llama" {
@@ -82,6 +159,7 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
             )));
         }
     }
+    check_keys(&source, object)?;
     if cfg.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(Error::model(format!(
             "{source}: rope_scaling is not supported"
@@ -106,13 +184,16 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
             )));
         }
     }
-    // Which file holds each tensor.
+    // Which file holds each tensor: exactly one, as the index says. A
+    // tensor in two shards, or in a shard the index does not name for it,
+    // is an error (choosing one would depend on the order files are read).
     let index = dir.join("model.safetensors.index.json");
-    let mut files: HashMap<String, PathBuf> = HashMap::new();
+    let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let indexed = index.is_file();
     let shards: Vec<PathBuf> = if index.is_file() {
         #[derive(Deserialize)]
         struct Index {
-            weight_map: HashMap<String, String>,
+            weight_map: BTreeMap<String, String>,
         }
         let idx: Index = serde_json::from_slice(&read(&index)?)
             .map_err(|e| Error::model(format!("{}: {e}", index.display())))?;
@@ -133,20 +214,91 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
     } else {
         vec![dir.join("model.safetensors")]
     };
-    let mut bytes: HashMap<PathBuf, Vec<u8>> = HashMap::new();
+    let mut bytes: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
     for s in &shards {
         bytes.insert(s.clone(), read(s)?);
     }
-    let mut parsed: HashMap<PathBuf, SafeTensors<'_>> = HashMap::new();
+    let mut parsed: BTreeMap<PathBuf, SafeTensors<'_>> = BTreeMap::new();
+    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (p, b) in &bytes {
         let st = SafeTensors::deserialize(b)
             .map_err(|e| Error::model(format!("{}: {e}", p.display())))?;
-        for name in st.names() {
-            files.entry(name.to_string()).or_insert_with(|| p.clone());
+        let mut names = st.names();
+        names.sort();
+        for name in names {
+            if let Some(other) = found.insert(name.to_string(), p.clone()) {
+                return Err(Error::model(format!(
+                    "{source}: tensor {name} is in both {} and {}",
+                    other.display(),
+                    p.display()
+                )));
+            }
+            if indexed && files.get(name) != Some(p) {
+                return Err(Error::model(format!(
+                    "{source}: tensor {name} is in {}, but the index {}",
+                    p.display(),
+                    match files.get(name) {
+                        Some(f) => format!("puts it in {}", f.display()),
+                        None => "does not list it".to_string(),
+                    }
+                )));
+            }
         }
         parsed.insert(p.clone(), st);
     }
-    let tied = cfg.tie_word_embeddings.unwrap_or(false) || !files.contains_key("lm_head.weight");
+    if indexed {
+        if let Some((t, f)) = files.iter().find(|(t, _)| !found.contains_key(t.as_str())) {
+            return Err(Error::model(format!(
+                "{source}: the index puts {t} in {}, which does not hold it",
+                f.display()
+            )));
+        }
+    }
+    let files = found;
+    let has_head = files.contains_key("lm_head.weight");
+    let tied = match cfg.tie_word_embeddings {
+        Some(true) if has_head => {
+            return Err(Error::model(format!(
+                "{source}: tie_word_embeddings is true but lm_head.weight is present"
+            )))
+        }
+        Some(false) if !has_head => {
+            return Err(Error::model(format!(
+                "{source}: tie_word_embeddings is false but there is no lm_head.weight"
+            )))
+        }
+        Some(t) => t,
+        // Unsaid: tied exactly when there is no separate classifier.
+        None => !has_head,
+    };
+    // Every tensor in the files is one the model uses.
+    let mut used: Vec<String> = ["token_embd", "output_norm"]
+        .iter()
+        .map(|n| hf_name(n))
+        .collect();
+    if !tied {
+        used.push(hf_name("output"));
+    }
+    for l in 0..config.n_layers {
+        for w in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            used.push(hf_name(&format!("blk.{l}.{w}")));
+        }
+    }
+    if let Some(extra) = files.keys().find(|t| !used.contains(t)) {
+        return Err(Error::model(format!(
+            "{source}: tensor {extra} is not part of the llama architecture lockstep computes; refusing rather than ignoring it"
+        )));
+    }
     let (hd, n_heads, n_kv) = (config.head_dim(), config.n_heads, config.n_kv_heads);
     Model::build(
         config.clone(),
