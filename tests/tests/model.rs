@@ -706,5 +706,24 @@ fn a_hugging_face_checkpoint_is_loaded_strictly() {
         cfg[k] = v;
     }
     std::fs::write(&path, cfg.to_string()).unwrap();
-    assert_eq!(Model::load(dir.path()).unwrap().digest, model.digest);
+    let loaded = Model::load(dir.path()).unwrap();
+    assert_eq!(loaded.digest, model.digest);
+    // Its end of text comes from config.json, or generation_config.json
+    // when that says.
+    assert_eq!(loaded.end_ids, vec![2]);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [2, 7]}"#,
+    )
+    .unwrap();
+    assert_eq!(Model::load(dir.path()).unwrap().end_ids, vec![2, 7]);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": "x"}"#,
+    )
+    .unwrap();
+    assert!(Model::load(dir.path())
+        .unwrap_err()
+        .to_string()
+        .contains("eos_token_id"));
 }

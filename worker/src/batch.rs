@@ -334,10 +334,17 @@ fn generate_line(l: Line, models: &mut Models) -> Result<BatchJob> {
             .collect();
         (t.encode(&t.chat_messages(&messages)?)?, Some(t))
     };
-    let stop = match (l.stop, tokenizer.and_then(|t| t.eos)) {
-        (Some(s), _) => s,
-        (None, Some(eos)) => vec![eos],
-        (None, None) => Vec::new(),
+    // Unless the line says, a generation stops where the model's files say
+    // (its tokenizer's end of text, its configuration's eos_token_id).
+    let stop = match l.stop {
+        Some(s) => s,
+        None => {
+            let mut s = local.model.end_ids.clone();
+            s.extend(local.tokenizer.as_ref().and_then(|t| t.eos));
+            s.sort_unstable();
+            s.dedup();
+            s
+        }
     };
     let op = Generate {
         model: local.model.digest,

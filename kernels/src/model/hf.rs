@@ -300,7 +300,8 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
         )));
     }
     let (hd, n_heads, n_kv) = (config.head_dim(), config.n_heads, config.n_kv_heads);
-    Model::build(
+    let end_ids = end_ids(dir, object)?;
+    let mut model = Model::build(
         config.clone(),
         tied,
         source.clone(),
@@ -363,5 +364,38 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
                 bytes: data,
             })
         },
-    )
+    )?;
+    model.end_ids = end_ids;
+    Ok(model)
+}
+
+/// The ids that end a generation: `eos_token_id` of generation_config.json
+/// when it says, else of config.json (a number or a list).
+fn end_ids(dir: &Path, cfg: &serde_json::Map<String, serde_json::Value>) -> Result<Vec<u32>> {
+    let read_ids = |v: &serde_json::Value, whence: &str| -> Result<Vec<u32>> {
+        let ids: Option<Vec<u32>> = match v {
+            serde_json::Value::Null => Some(vec![]),
+            serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64().map(|n| n as u32)).collect(),
+            x => x.as_u64().map(|n| vec![n as u32]),
+        };
+        ids.ok_or_else(|| {
+            Error::model(format!(
+                "{whence}: eos_token_id {v} is not a token id or a list of them"
+            ))
+        })
+    };
+    let gen = dir.join("generation_config.json");
+    if gen.is_file() {
+        let text = std::fs::read(&gen)
+            .map_err(|e| Error::model(format!("cannot read {}: {e}", gen.display())))?;
+        let g: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::model(format!("{}: {e}", gen.display())))?;
+        if let Some(v) = g.get("eos_token_id") {
+            return read_ids(v, &gen.display().to_string());
+        }
+    }
+    match cfg.get("eos_token_id") {
+        Some(v) => read_ids(v, "config.json"),
+        None => Ok(vec![]),
+    }
 }

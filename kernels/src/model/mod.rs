@@ -110,6 +110,12 @@ pub struct Model {
     pub digest: Digest,
     /// The GGUF's tokenizer, when it has one.
     pub gguf: Option<gguf::Gguf>,
+    /// Ids that end a generation, as the model's files say (GGUF
+    /// `tokenizer.ggml.eos_token_id`; Hugging Face `eos_token_id` in
+    /// generation_config.json, else config.json, a number or a list); empty
+    /// for llama2.c checkpoints. Not part of the digest: when to stop is a
+    /// parameter of each generation (a job states its stop ids).
+    pub end_ids: Vec<u32>,
     /// What it was loaded from, for messages.
     pub source: String,
 }
@@ -298,6 +304,12 @@ impl Model {
         } else {
             Some(b.matrix("output", c.vocab_size, c.dim)?)
         };
+        let end_ids = gguf
+            .as_ref()
+            .and_then(|g| g.get("tokenizer.ggml.eos_token_id"))
+            .and_then(|v| v.as_u64())
+            .map(|v| vec![v as u32])
+            .unwrap_or_default();
         Ok(Model {
             config,
             embedding,
@@ -306,6 +318,7 @@ impl Model {
             output,
             digest: b.finish(),
             gguf,
+            end_ids,
             source,
         })
     }

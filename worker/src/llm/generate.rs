@@ -257,7 +257,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let position = (prompts[i].len() + generated[i].len()) as u64;
             let t = sample_spec(&l, &sampling, position).context("empty vocabulary")? as u32;
             generated[i].push(t);
-            if Some(t) == tok.as_ref().and_then(|t| t.eos) || generated[i].len() >= args.max_tokens
+            if Some(t) == tok.as_ref().and_then(|t| t.eos)
+                || model.end_ids.contains(&t)
+                || generated[i].len() >= args.max_tokens
             {
                 done[i] = true;
             }
