@@ -389,6 +389,55 @@ pub async fn watch_results(
         .expect("results")
 }
 
+/// A worker the plan of `batch` gives replicas to.
+pub async fn holder_of_replicas(nats: &lockstep::nats::Nats, batch: &str) -> String {
+    use futures::StreamExt;
+    let mut keys = nats.assign.keys().await.unwrap();
+    while let Some(k) = keys.next().await {
+        let k = k.unwrap();
+        if !k.starts_with(&format!("{batch}.")) {
+            continue;
+        }
+        if let Ok(Some(v)) = nats.assign.get(&k).await {
+            let entries: Vec<lockstep::protocol::PlanEntry> = serde_json::from_slice(&v).unwrap();
+            if let Some(e) = entries.first() {
+                return e.assignment.worker.clone();
+            }
+        }
+    }
+    panic!("no plan entries for batch {batch}");
+}
+
+/// `lockstep submit` of `batch` as batch `batch_id` into `out`, quiet, with a
+/// 3 s worker timeout and a 240 s deadline: run it again to resume.
+pub fn resumable_submit(
+    server: &lockstep::harness::NatsServer,
+    batch_id: &str,
+    out: &std::path::Path,
+    batch: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(lockstep_bin());
+    c.args([
+        "submit",
+        "--deployment",
+        server.dir().to_str().unwrap(),
+        "--batch-id",
+        batch_id,
+        "--quiet",
+        "--worker-timeout",
+        "3",
+        "--deadline",
+        "240",
+    ])
+    .args(extra)
+    .arg("--out")
+    .arg(out)
+    .arg(batch)
+    .env("RUST_LOG", "warn");
+    c
+}
+
 /// `n` matmul jobs `a` [m,k] · `b` [k,nn] of random mixed-magnitude values.
 pub fn matmul_jobs(
     n: usize,

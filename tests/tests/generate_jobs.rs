@@ -249,16 +249,7 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
         .put(forged.to_hex().as_str(), &mut bytes.as_slice())
         .await
         .unwrap();
-    let g = |model, max_tokens| Generate {
-        model,
-        tokenizer: None,
-        max_tokens,
-        stop: vec![],
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    };
+    let g = Generate::greedy;
     let mut results = watch_results(&nats, &results_filter("gen-bad")).await;
     let cases: Vec<(&str, Generate, Vec<u32>, ErrorCode, &str)> = vec![
         (
@@ -626,21 +617,7 @@ async fn a_worker_killed_mid_generation_loses_no_job() {
     // Mid-batch (each generation waits 150 ms first): SIGKILL a worker
     // that holds replicas.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let victim = {
-        let mut keys = nats.assign.keys().await.unwrap();
-        let mut found = None;
-        while let Some(k) = keys.next().await {
-            let k = k.unwrap();
-            if let Ok(Some(v)) = nats.assign.get(&k).await {
-                let entries: Vec<PlanEntry> = serde_json::from_slice(&v).unwrap();
-                if let Some(e) = entries.first() {
-                    found = Some(e.assignment.worker.clone());
-                    break;
-                }
-            }
-        }
-        found.expect("a plan entry")
-    };
+    let victim = lockstep_tests::holder_of_replicas(&nats, "gen-kill").await;
     procs.kill(&victim);
     let report = task.await.unwrap().unwrap();
     assert_eq!(report.verified, 12, "{report:#?}");
@@ -672,26 +649,7 @@ fn a_restarted_coordinator_resumes_a_generate_batch() {
     // Model names resolve from the repository (the test's working folder).
     std::fs::write(&batch, story_lines(12)).unwrap();
     let out = dir.path().join("out");
-    let submit_cmd = || {
-        let mut c = std::process::Command::new(lockstep_tests::lockstep_bin());
-        c.args([
-            "submit",
-            "--deployment",
-            server.dir().to_str().unwrap(),
-            "--batch-id",
-            "gen-resume",
-            "--quiet",
-            "--worker-timeout",
-            "3",
-            "--deadline",
-            "240",
-        ])
-        .arg("--out")
-        .arg(&out)
-        .arg(&batch)
-        .env("RUST_LOG", "warn");
-        c
-    };
+    let submit_cmd = || lockstep_tests::resumable_submit(&server, "gen-resume", &out, &batch, &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let nats = rt.block_on(server.connect()).unwrap();
     rt.block_on(wait_workers(&nats, &["gc1", "gc2", "gc3"]));

@@ -8,7 +8,8 @@ use futures::StreamExt;
 use lockstep::coordinator::{submit, SubmitOptions, Verdict};
 use lockstep::protocol::*;
 use lockstep_tests::{
-    direct_job, lockstep_bin, nats_server, send_to_worker, small_jobs, wait_workers, Procs,
+    direct_job, holder_of_replicas, lockstep_bin, nats_server, resumable_submit, send_to_worker,
+    small_jobs, wait_workers, Procs,
 };
 
 fn opts(batch: &str) -> SubmitOptions {
@@ -65,24 +66,6 @@ async fn batch_verifies_on_mixed_cpu_and_wgsl_workers() {
         .unwrap();
     assert!(live.iter().all(|w| !w.record.backends.is_empty()
         && w.record.contract_version == lockstep_kernels::CONTRACT_VERSION));
-}
-
-/// A worker the plan of `batch` gives replicas to.
-async fn holder_of_replicas(nats: &lockstep::nats::Nats, batch: &str) -> String {
-    let mut keys = nats.assign.keys().await.unwrap();
-    while let Some(k) = keys.next().await {
-        let k = k.unwrap();
-        if !k.starts_with(&format!("{batch}.")) {
-            continue;
-        }
-        if let Ok(Some(v)) = nats.assign.get(&k).await {
-            let entries: Vec<PlanEntry> = serde_json::from_slice(&v).unwrap();
-            if let Some(e) = entries.first() {
-                return e.assignment.worker.clone();
-            }
-        }
-    }
-    panic!("no plan entries for batch {batch}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,34 +218,6 @@ async fn nats_server_restart_mid_batch() {
 
 /// `lockstep submit` of `batch` under a fixed batch id (so a second run
 /// resumes the first), quiet, with a 3 s worker timeout.
-fn resumable_submit(
-    server: &lockstep::harness::NatsServer,
-    batch_id: &str,
-    out: &std::path::Path,
-    batch: &std::path::Path,
-    extra: &[&str],
-) -> std::process::Command {
-    let mut c = std::process::Command::new(lockstep_bin());
-    c.args([
-        "submit",
-        "--deployment",
-        server.dir().to_str().unwrap(),
-        "--batch-id",
-        batch_id,
-        "--quiet",
-        "--worker-timeout",
-        "3",
-        "--deadline",
-        "240",
-    ])
-    .args(extra)
-    .arg("--out")
-    .arg(out)
-    .arg(batch)
-    .env("RUST_LOG", "warn");
-    c
-}
-
 #[test]
 fn coordinator_restart_resumes_without_duplicates() {
     let Some(server) = nats_server() else { return };

@@ -144,23 +144,6 @@ impl BatchJob {
     }
 }
 
-/// Models named by the lines of one batch, loaded once each.
-#[derive(Default)]
-struct Models(
-    std::collections::HashMap<String, std::sync::Arc<crate::llm::distribute::LocalModel>>,
-);
-
-impl Models {
-    fn get(&mut self, spec: &str) -> Result<std::sync::Arc<crate::llm::distribute::LocalModel>> {
-        if let Some(m) = self.0.get(spec) {
-            return Ok(m.clone());
-        }
-        let m = std::sync::Arc::new(crate::llm::distribute::LocalModel::load(spec)?);
-        self.0.insert(spec.to_string(), m.clone());
-        Ok(m)
-    }
-}
-
 /// Parses a whole batch file; any bad line is an error naming the line, and
 /// nothing is dispatched.
 pub fn parse_batch(path: &Path) -> Result<Vec<BatchJob>> {
@@ -182,13 +165,12 @@ pub fn parse_batch(path: &Path) -> Result<Vec<BatchJob>> {
 pub fn parse_batch_str(text: &str, base: &Path) -> Result<Vec<BatchJob>> {
     let mut jobs = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut models = Models::default();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let job = parse_line(line, base, &mut models).with_context(|| format!("line {}", i + 1))?;
+        let job = parse_line(line, base).with_context(|| format!("line {}", i + 1))?;
         if !seen.insert(job.id.clone()) {
             bail!("line {}: job id `{}` appears twice", i + 1, job.id);
         }
@@ -214,7 +196,7 @@ fn parse_op(name: &str, params: Option<serde_json::Value>) -> Result<Op> {
         .map_err(|e| anyhow::anyhow!("bad params for {name}: {}", shorten(&e.to_string(), 160)))
 }
 
-fn parse_line(line: &str, base: &Path, models: &mut Models) -> Result<BatchJob> {
+fn parse_line(line: &str, base: &Path) -> Result<BatchJob> {
     let l: Line = serde_json::from_str(line)
         .map_err(|e| anyhow::anyhow!("not a valid job line: {}", shorten(&e.to_string(), 160)))?;
     if !valid_token(&l.id) {
@@ -225,7 +207,7 @@ fn parse_line(line: &str, base: &Path, models: &mut Models) -> Result<BatchJob> 
     }
     if l.model.is_some() {
         let id = l.id.clone();
-        return generate_line(l, models).with_context(|| format!("job `{id}`"));
+        return generate_line(l).with_context(|| format!("job `{id}`"));
     }
     let generate_fields = [
         l.prompt.is_some(),
@@ -296,7 +278,7 @@ fn parse_line(line: &str, base: &Path, models: &mut Models) -> Result<BatchJob> 
 
 /// A generate line: the model loaded (for its digest, tokenizer, context
 /// and vocabulary), the prompt turned into ids, everything checked.
-fn generate_line(l: Line, models: &mut Models) -> Result<BatchJob> {
+fn generate_line(l: Line) -> Result<BatchJob> {
     use lockstep_kernels::contract::Generate;
     if l.op.as_deref().is_some_and(|o| o != Generate::NAME) || l.kind.is_some() {
         bail!("`model` belongs to `\"op\": \"generate\"`");
@@ -305,7 +287,7 @@ fn generate_line(l: Line, models: &mut Models) -> Result<BatchJob> {
         bail!("a generate line with `model` takes no params, inputs, a or b");
     }
     let spec = l.model.as_deref().expect("checked by the caller");
-    let local = models.get(spec)?;
+    let local = crate::llm::distribute::LocalModel::load_shared(spec)?;
     let given = [
         l.prompt.is_some(),
         l.messages.is_some(),

@@ -80,6 +80,21 @@ impl Generate {
     pub const INPUTS: &'static [&'static str] = &["prompt"];
     pub const OUTPUTS: &'static [&'static str] = &["tokens", "trace"];
 
+    /// Greedy decoding of up to `max_tokens` with `model`: no tokenizer,
+    /// no stop ids (it runs to `max_tokens`).
+    pub fn greedy(model: Digest, max_tokens: usize) -> Self {
+        Self {
+            model,
+            tokenizer: None,
+            max_tokens,
+            stop: vec![],
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+
     pub fn sampling(&self) -> Sampling {
         Sampling {
             temperature: self.temperature,

@@ -23,7 +23,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Prompts of the benchmarks (ids for models without a tokenizer).
+/// Prompts of the benchmarks (ids for models without a tokenizer). Each
+/// is generated greedily with no stop ids ([`Generate::greedy`]), so every
+/// sequence runs to max tokens and runs compare.
 fn prompts(local: &LocalModel, n: usize) -> Result<Vec<Vec<u32>>> {
     const TEXTS: [&str; 8] = [
         "The capital of France is",
@@ -41,20 +43,6 @@ fn prompts(local: &LocalModel, n: usize) -> Result<Vec<Vec<u32>>> {
             None => Ok(vec![1, 300 + i as u32, 407, 261]),
         })
         .collect()
-}
-
-fn greedy(model: lockstep_kernels::Digest, max_tokens: usize) -> Generate {
-    Generate {
-        model,
-        tokenizer: None,
-        max_tokens,
-        // No stop ids: every sequence runs to max_tokens, so runs compare.
-        stop: vec![],
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-    }
 }
 
 #[derive(Serialize)]
@@ -103,7 +91,7 @@ pub fn verified_generate(
         .enumerate()
         .map(|(i, p)| crate::batch::BatchJob {
             id: format!("gen-{i:03}"),
-            op: lockstep_kernels::Op::Generate(greedy(local.model.digest, max_tokens)),
+            op: lockstep_kernels::Op::Generate(Generate::greedy(local.model.digest, max_tokens)),
             inputs: vec![crate::batch::Tensor::Data {
                 shape: vec![p.len()],
                 data: p.iter().map(|&t| t as f32).collect(),
@@ -195,7 +183,7 @@ pub fn dispute_cost(
     let m = &local.model;
     let engine = Engine::new(m, threads, Isa::detect())?;
     let prompt = prompts(&local, 1)?.remove(0);
-    let g = greedy(m.digest, tokens);
+    let g = Generate::greedy(m.digest, tokens);
     let layer = m.config.n_layers / 2;
     let (mut full, mut one) = (Vec::new(), Vec::new());
     let mut inputs = Vec::new();
@@ -262,7 +250,7 @@ pub fn batch_decode(
     let engine = Engine::new(&local.model, threads, Isa::detect())?;
     let requests: Vec<(Vec<u32>, Generate)> = prompts(&local, sequences)?
         .into_iter()
-        .map(|p| (p, greedy(local.model.digest, tokens)))
+        .map(|p| (p, Generate::greedy(local.model.digest, tokens)))
         .collect();
     let total = (sequences * tokens) as f64;
     let (mut batched, mut sequential, mut ratios) = (Vec::new(), Vec::new(), Vec::new());

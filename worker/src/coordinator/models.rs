@@ -27,8 +27,9 @@ pub(super) async fn ensure_models(nats: &Nats, jobs: &[BatchJob]) -> Result<()> 
         if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(g.model) {
             let entry = match &j.model_file {
                 Some(path) => {
-                    let local =
-                        crate::llm::distribute::LocalModel::load(&path.display().to_string())?;
+                    let local = crate::llm::distribute::LocalModel::load_shared(
+                        &path.display().to_string(),
+                    )?;
                     anyhow::ensure!(
                         local.model.digest == g.model,
                         "{} changed since the batch was read",
@@ -37,9 +38,8 @@ pub(super) async fn ensure_models(nats: &Nats, jobs: &[BatchJob]) -> Result<()> 
                     let p = crate::llm::distribute::push(nats, &local).await?;
                     tracing::info!(digest = %p.digest, bytes = p.bytes, present = p.present, "model in the store");
                     let tokenizer = local.tokenizer.as_ref().map(|t| t.digest);
-                    let model = Arc::new(local.model);
-                    remember(model.clone());
-                    (model, tokenizer)
+                    remember(local.model.clone());
+                    (local.model.clone(), tokenizer)
                 }
                 None => {
                     if !crate::llm::distribute::exists(nats, &g.model).await {

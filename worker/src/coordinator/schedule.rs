@@ -328,16 +328,9 @@ mod tests {
     fn a_worker_holding_the_model_is_warmer() {
         let model = lockstep_kernels::Digest([3; 32]);
         let spec = JobSpec {
-            op: lockstep_kernels::Op::Generate(lockstep_kernels::contract::Generate {
-                model,
-                tokenizer: None,
-                max_tokens: 4,
-                stop: vec![],
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-            }),
+            op: lockstep_kernels::Op::Generate(lockstep_kernels::contract::Generate::greedy(
+                model, 4,
+            )),
             inputs: vec![TensorRef::inline(vec![1], &[1.0])],
         };
         let worker = |models: Option<WorkerModels>| LiveWorker {

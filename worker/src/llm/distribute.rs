@@ -17,11 +17,41 @@ use crate::protocol::*;
 /// tokenizer.
 pub struct LocalModel {
     pub path: PathBuf,
-    pub model: Model,
+    pub model: std::sync::Arc<Model>,
     pub tokenizer: Option<super::tokenizer::TextTokenizer>,
 }
 
 impl LocalModel {
+    /// [`LocalModel::load`], once per file in this process: a batch's lines
+    /// and the coordinator's push share one load (and one hash of the
+    /// weights) while the file's size and modification time stay the same.
+    pub fn load_shared(spec: &str) -> Result<std::sync::Arc<Self>> {
+        use std::sync::{Arc, Mutex, OnceLock};
+        type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+        type Loaded = Mutex<Vec<(Key, Arc<LocalModel>)>>;
+        static LOADED: OnceLock<Loaded> = OnceLock::new();
+        let path = super::models::resolve(spec)?;
+        let meta =
+            std::fs::metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let key: Key = (path.clone(), meta.len(), meta.modified().ok());
+        let loaded = LOADED.get_or_init(Default::default);
+        if let Some((_, m)) = loaded
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(Self::load(&path.display().to_string())?);
+        let mut l = loaded.lock().expect("not poisoned");
+        l.push((key, m.clone()));
+        if l.len() > 4 {
+            l.remove(0);
+        }
+        Ok(m)
+    }
+
     pub fn load(spec: &str) -> Result<Self> {
         let path = super::models::resolve(spec)?;
         if path.is_dir() {
@@ -33,7 +63,7 @@ impl LocalModel {
         let (model, tokenizer) = super::generate::load(&path.display().to_string())?;
         Ok(Self {
             path,
-            model,
+            model: std::sync::Arc::new(model),
             tokenizer,
         })
     }

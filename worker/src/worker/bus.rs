@@ -162,13 +162,20 @@ impl WorkerNats {
 
     /// The bytes of a model file in the model store (not yet checked: the
     /// worker loads them and compares the model digest with the name).
-    pub async fn model_file(&self, digest: &lockstep_kernels::Digest) -> Result<Vec<u8>> {
-        read_object(&self.models, MODELS_BUCKET, digest).await
+    pub async fn model_file(
+        &self,
+        digest: &lockstep_kernels::Digest,
+        info: &object_store::ObjectInfo,
+    ) -> Result<Vec<u8>> {
+        read_chunks(&self.models, MODELS_BUCKET, digest, info).await
     }
 
-    /// The size of a model file in the model store, from its metadata.
-    pub async fn model_size(&self, digest: &lockstep_kernels::Digest) -> Result<u64> {
-        Ok(object_info(&self.models, MODELS_BUCKET, digest).await?.size as u64)
+    /// A model file's metadata in the model store (its size, its chunks).
+    pub async fn model_info(
+        &self,
+        digest: &lockstep_kernels::Digest,
+    ) -> Result<object_store::ObjectInfo> {
+        object_info(&self.models, MODELS_BUCKET, digest).await
     }
 }
 
@@ -182,6 +189,17 @@ pub async fn read_object<I>(
     digest: &lockstep_kernels::Digest,
 ) -> Result<Vec<u8>> {
     let info = object_info(blobs, bucket, digest).await?;
+    read_chunks(blobs, bucket, digest, &info).await
+}
+
+/// The chunks of the object `info` describes, checked to be as many bytes
+/// as it says.
+async fn read_chunks<I>(
+    blobs: &stream::Stream<I>,
+    bucket: &str,
+    digest: &lockstep_kernels::Digest,
+    info: &object_store::ObjectInfo,
+) -> Result<Vec<u8>> {
     let subject = format!("$O.{bucket}.C.{}", info.nuid);
     let mut buf = Vec::with_capacity(info.size);
     let mut seq = 0;

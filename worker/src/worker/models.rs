@@ -264,22 +264,11 @@ impl Models {
                     )
                 }
             };
-            // Refused before a byte is fetched when it is too large.
-            self.check_size(digest, ctx.nats.model_size(digest).await.map_err(missing)?)?;
-            let bytes = ctx.nats.model_file(digest).await.map_err(|e| {
-                if crate::nats::blob_missing(&e) {
-                    job_err(
-                        ErrorCode::MissingBlob,
-                        format!("model {digest} is not in the model store"),
-                    )
-                } else {
-                    job_err(
-                        ErrorCode::Backend,
-                        format!("cannot fetch model {digest}: {e:#}"),
-                    )
-                }
-            })?;
-            self.check_size(digest, bytes.len() as u64)?;
+            // Refused before a byte is fetched when it is too large (the
+            // read checks that the bytes are as many as the metadata says).
+            let info = ctx.nats.model_info(digest).await.map_err(missing)?;
+            self.check_size(digest, info.size as u64)?;
+            let bytes = ctx.nats.model_file(digest, &info).await.map_err(missing)?;
             let tmp = self
                 .dir
                 .join(format!(".{}.{}", digest.to_hex(), std::process::id()));
