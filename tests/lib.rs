@@ -9,6 +9,7 @@
 pub mod adversary;
 pub mod models;
 
+use lockstep_kernels::contract::quant::Format;
 use lockstep_kernels::cpu::{CpuBackend, Isa};
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuOptions, WgpuPath};
 use lockstep_kernels::{Backend, ErrorKind};
@@ -111,6 +112,37 @@ macro_rules! backend_tests {
                 fn $body() {
                     if let Some(backend) = $crate::open($target) {
                         super::$body(&*backend, $target);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// A WGSL backend on `path`, or `None` (after saying why) without a device.
+pub fn open_wgsl(path: Option<WgpuPath>) -> Option<WgpuBackend> {
+    open_wgpu(WgpuOptions {
+        force_path: path,
+        ..Default::default()
+    })
+}
+
+/// Stamps out `mod wgpu_probed` and `mod wgpu_exact`, each with one
+/// `#[test]` per body taking a `&WgpuBackend` on that path: for the WGSL
+/// model ops and engine, which go beyond the `Backend` op interface.
+#[macro_export]
+macro_rules! wgsl_tests {
+    ($($body:ident),* $(,)?) => {
+        $crate::wgsl_tests!(@path wgpu_probed, None; $($body),*);
+        $crate::wgsl_tests!(@path wgpu_exact, Some(lockstep_kernels::wgpu::WgpuPath::Exact); $($body),*);
+    };
+    (@path $modname:ident, $path:expr; $($body:ident),*) => {
+        mod $modname {
+            $(
+                #[test]
+                fn $body() {
+                    if let Some(gpu) = $crate::open_wgsl($path) {
+                        super::$body(&gpu);
                     }
                 }
             )*
@@ -491,4 +523,65 @@ pub fn test_log() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// Random stored weights: block scales from a mix of ordinary, subnormal,
+/// zero, huge, inf and NaN f16 values; quants uniformly random.
+pub fn random_weights(
+    rng: &mut ChaCha8Rng,
+    format: Format,
+    rows: usize,
+    cols: usize,
+    specials: bool,
+) -> Vec<u8> {
+    let rb = format.row_bytes(cols).unwrap();
+    let mut raw: Vec<u8> = (0..rows * rb).map(|_| rng.random()).collect();
+    let f16 = |rng: &mut ChaCha8Rng| -> u16 {
+        if specials && rng.random_ratio(1, 6) {
+            [
+                0x0000, 0x8000, 0x0001, 0x03FF, 0x7BFF, 0x7C00, 0xFC00, 0x7E00,
+            ][rng.random_range(0..8)]
+        } else {
+            // |v| in about [2^-8, 1)
+            (rng.random_range(0x1C00u16..0x3C00)) | if rng.random() { 0x8000 } else { 0 }
+        }
+    };
+    match format {
+        Format::Q4_1 => {
+            for blk in raw.chunks_exact_mut(20) {
+                blk[0..2].copy_from_slice(&f16(rng).to_le_bytes());
+                blk[2..4].copy_from_slice(&f16(rng).to_le_bytes());
+            }
+        }
+        Format::Q8_0 => {
+            for blk in raw.chunks_exact_mut(34) {
+                blk[0..2].copy_from_slice(&f16(rng).to_le_bytes());
+            }
+        }
+        Format::F16 => {
+            for h in raw.chunks_exact_mut(2) {
+                h.copy_from_slice(&f16(rng).to_le_bytes());
+            }
+        }
+        Format::BF16 | Format::F32 => {
+            let n = rows * cols;
+            let vals = random_values(
+                rng,
+                n,
+                if specials {
+                    Values::Specials
+                } else {
+                    Values::Plain
+                },
+            );
+            raw = match format {
+                Format::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                _ => vals
+                    .iter()
+                    .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                    .collect(),
+            };
+        }
+    }
+    raw
 }

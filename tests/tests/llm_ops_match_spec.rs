@@ -13,8 +13,8 @@ use lockstep_kernels::cpu::attention::KvLayer;
 use lockstep_kernels::cpu::qmatvec::PackedMatrix;
 use lockstep_kernels::cpu::team::Team;
 use lockstep_kernels::cpu::Isa;
-use lockstep_tests::{assert_bits_eq, random_values, Values};
-use rand::{Rng, SeedableRng};
+use lockstep_tests::{assert_bits_eq, random_values, random_weights, Values};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn isas() -> Vec<Isa> {
@@ -30,67 +30,6 @@ fn pools() -> Vec<Option<Team>> {
         v.push(Some(Team::new(t).unwrap()));
     }
     v
-}
-
-/// Random stored weights: block scales from a mix of ordinary, subnormal,
-/// zero, huge, inf and NaN f16 values; quants uniformly random.
-fn random_weights(
-    rng: &mut ChaCha8Rng,
-    format: Format,
-    rows: usize,
-    cols: usize,
-    specials: bool,
-) -> Vec<u8> {
-    let rb = format.row_bytes(cols).unwrap();
-    let mut raw: Vec<u8> = (0..rows * rb).map(|_| rng.random()).collect();
-    let f16 = |rng: &mut ChaCha8Rng| -> u16 {
-        if specials && rng.random_ratio(1, 6) {
-            [
-                0x0000, 0x8000, 0x0001, 0x03FF, 0x7BFF, 0x7C00, 0xFC00, 0x7E00,
-            ][rng.random_range(0..8)]
-        } else {
-            // |v| in about [2^-8, 1)
-            (rng.random_range(0x1C00u16..0x3C00)) | if rng.random() { 0x8000 } else { 0 }
-        }
-    };
-    match format {
-        Format::Q4_1 => {
-            for blk in raw.chunks_exact_mut(20) {
-                blk[0..2].copy_from_slice(&f16(rng).to_le_bytes());
-                blk[2..4].copy_from_slice(&f16(rng).to_le_bytes());
-            }
-        }
-        Format::Q8_0 => {
-            for blk in raw.chunks_exact_mut(34) {
-                blk[0..2].copy_from_slice(&f16(rng).to_le_bytes());
-            }
-        }
-        Format::F16 => {
-            for h in raw.chunks_exact_mut(2) {
-                h.copy_from_slice(&f16(rng).to_le_bytes());
-            }
-        }
-        Format::BF16 | Format::F32 => {
-            let n = rows * cols;
-            let vals = random_values(
-                rng,
-                n,
-                if specials {
-                    Values::Specials
-                } else {
-                    Values::Plain
-                },
-            );
-            raw = match format {
-                Format::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                _ => vals
-                    .iter()
-                    .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-                    .collect(),
-            };
-        }
-    }
-    raw
 }
 
 #[test]

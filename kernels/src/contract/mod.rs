@@ -47,7 +47,9 @@ pub const CANONICAL_NAN_BITS: u32 = 0x7FC0_0000;
 /// ±inf) passes through unchanged.
 #[inline]
 pub fn canonicalize(x: f32) -> f32 {
-    if x.is_nan() {
+    // On the bits: a float compare and select may be folded by LLVM into
+    // returning `x` itself (any NaN being "a NaN" to it).
+    if x.to_bits() & 0x7FFF_FFFF > 0x7F80_0000 {
         f32::from_bits(CANONICAL_NAN_BITS)
     } else {
         x

@@ -11,7 +11,12 @@
 //! value is a u32 bit pattern and each fma is done in integer arithmetic
 //! (`shaders/softfloat.wgsl`). Both paths run the same matmul shader.
 
+pub mod engine;
 mod matmul;
+mod ops;
+
+pub use engine::{WgpuModel, WgpuSequence};
+pub use ops::GpuMatrix;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -36,8 +41,19 @@ pub const SOURCES: &[(&str, &str)] = &[
         "arith_exact",
         include_str!("../../../shaders/arith_exact.wgsl"),
     ),
+    ("prim", include_str!("../../../shaders/prim.wgsl")),
     ("matmul", include_str!("../../../shaders/matmul.wgsl")),
+    ("qmatmul", include_str!("../../../shaders/qmatmul.wgsl")),
+    ("rmsnorm", include_str!("../../../shaders/rmsnorm.wgsl")),
+    ("rope", include_str!("../../../shaders/rope.wgsl")),
+    ("attention", include_str!("../../../shaders/attention.wgsl")),
+    ("swiglu", include_str!("../../../shaders/swiglu.wgsl")),
+    ("residual", include_str!("../../../shaders/residual.wgsl")),
     ("probe", include_str!("../../../shaders/probe.wgsl")),
+    (
+        "prim_check",
+        include_str!("../../../shaders/prim_check.wgsl"),
+    ),
 ];
 
 /// Constants every shader gets from Rust, so no shader retypes them.
@@ -421,20 +437,33 @@ impl WgpuBackend {
 }
 
 /// Shaders that compute ops (compiled when the backend opens).
-const OP_SHADERS: &[&str] = &["matmul"];
+const OP_SHADERS: &[&str] = &[
+    "matmul",
+    "qmatmul",
+    "rmsnorm",
+    "rope",
+    "attention.scores",
+    "attention.stats",
+    "attention.exps",
+    "attention.sums",
+    "attention.probs",
+    "attention.mix",
+    "swiglu",
+    "residual",
+];
 
-/// Compiles shader `main` for `path`: the generated constants, `common`, the
-/// path's arithmetic (and the soft-float it needs), then the shader itself.
+/// Compiles shader `name` (`file` for its `main`, `file.entry` for another
+/// entry point) for `path`: the generated constants, `common`, the
+/// path's arithmetic, the soft-float (the exact path's fma, and the exact
+/// division and square root every path uses), `prim` (sub, div, sqrt, exp,
+/// SiLU), then the shader itself.
 fn compile(
     device: &wgpu::Device,
-    main: &'static str,
+    name: &'static str,
     path: WgpuPath,
 ) -> Result<wgpu::ComputePipeline> {
-    let mut parts = vec!["common", path.arith_source()];
-    if path == WgpuPath::Exact {
-        parts.push("softfloat");
-    }
-    parts.push(main);
+    let (main, entry) = name.split_once('.').unwrap_or((name, "main"));
+    let parts = ["common", path.arith_source(), "softfloat", "prim", main];
     let text = std::iter::once(generated_constants())
         .chain(parts.iter().map(|p| source(p).to_string()))
         .collect::<Vec<_>>()
@@ -448,13 +477,13 @@ fn compile(
         label: Some(main),
         layout: None,
         module: &module,
-        entry_point: Some("main"),
+        entry_point: Some(entry),
         compilation_options: Default::default(),
         cache: None,
     });
     if let Some(e) = pollster::block_on(scope.pop()) {
         return Err(Error::device(format!(
-            "WGSL `{main}` ({}) does not compile: {e}",
+            "WGSL `{name}` ({}) does not compile: {e}",
             path.name()
         )));
     }
