@@ -4,7 +4,7 @@
 //! the engine's batch invariance means a sequence's bits do not depend on
 //! who else is in the batch, so a worker may batch however it likes.
 
-use super::{Engine, Model, Sequence, Trace};
+use super::{Engine, Forward, Model, Trace};
 use crate::contract::generate::{digest_values, tokens_output, Generate};
 use crate::contract::sample::sample_spec;
 use crate::contract::Tensor;
@@ -88,9 +88,9 @@ pub struct TestFault {
     pub token: Option<usize>,
 }
 
-struct Active<K> {
+struct Active<K, S> {
     key: K,
-    seq: Sequence,
+    seq: S,
     fault: TestFault,
     prompt: Vec<u32>,
     params: Generate,
@@ -100,13 +100,13 @@ struct Active<K> {
 /// Sequences being decoded together. [`Batch::join`] adds one (its prompt
 /// is fed in the next pass, beside the others' next tokens);
 /// [`Batch::step`] runs one pass and returns the sequences that finished.
-pub struct Batch<'e, 'm, K> {
-    engine: &'e Engine<'m>,
-    active: Vec<Active<K>>,
+pub struct Batch<'e, E: Forward, K> {
+    engine: &'e E,
+    active: Vec<Active<K, E::Seq>>,
 }
 
-impl<'e, 'm, K> Batch<'e, 'm, K> {
-    pub fn new(engine: &'e Engine<'m>) -> Self {
+impl<'e, E: Forward, K> Batch<'e, E, K> {
+    pub fn new(engine: &'e E) -> Self {
         Self {
             engine,
             active: Vec::new(),
@@ -130,14 +130,16 @@ impl<'e, 'm, K> Batch<'e, 'm, K> {
         params: Generate,
         fault: TestFault,
     ) -> Result<(), (Error, K)> {
-        if let Err(e) = check(self.engine.model, &prompt, &params) {
+        if let Err(e) = check(self.engine.model(), &prompt, &params) {
             return Err((e, key));
         }
         let mut seq = match self.engine.sequence(prompt.len() + params.max_tokens, true) {
             Ok(s) => s,
             Err(e) => return Err((e, key)),
         };
-        seq.fault = fault.layer;
+        if let Err(e) = E::set_fault(&mut seq, fault.layer) {
+            return Err((e, key));
+        }
         self.active.push(Active {
             key,
             seq,
@@ -170,7 +172,7 @@ impl<'e, 'm, K> Batch<'e, 'm, K> {
             })
             .collect();
         let logits = {
-            let mut seqs: Vec<&mut Sequence> = self.active.iter_mut().map(|a| &mut a.seq).collect();
+            let mut seqs: Vec<&mut E::Seq> = self.active.iter_mut().map(|a| &mut a.seq).collect();
             let slices: Vec<&[u32]> = feed.iter().map(Vec::as_slice).collect();
             self.engine.forward(&mut seqs, &slices)?
         };
@@ -196,7 +198,7 @@ impl<'e, 'm, K> Batch<'e, 'm, K> {
                     Generation {
                         prompt: a.prompt,
                         tokens: a.generated,
-                        trace: a.seq.trace.take().unwrap_or_default(),
+                        trace: E::take_trace(&mut a.seq).unwrap_or_default(),
                         max_tokens: a.params.max_tokens,
                     },
                 ));
@@ -209,8 +211,8 @@ impl<'e, 'm, K> Batch<'e, 'm, K> {
 }
 
 /// Runs requests to the end as one batch, in order.
-pub fn generate_all(
-    engine: &Engine<'_>,
+pub fn generate_all<E: Forward>(
+    engine: &E,
     requests: &[(Vec<u32>, Generate)],
 ) -> Result<Vec<Generation>> {
     let mut batch = Batch::new(engine);

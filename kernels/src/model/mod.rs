@@ -1,12 +1,14 @@
 //! Llama-architecture language models under the contract: loading
 //! (GGUF, llama2.c checkpoints), the model digest, the scalar forward pass
-//! that defines every bit ([`spec`]), and the fast CPU engine that matches
-//! it ([`engine`]).
+//! that defines every bit ([`spec`]), the fast CPU engine that matches
+//! it ([`engine`]), and [`Forward`], what every backend's engine offers
+//! (the WGSL one is [`crate::wgpu::WgpuModel`]).
 //!
 //! Weights stay in their stored format ([`PackedMatrix`]); activations are
 //! f32 throughout.
 
 pub mod engine;
+pub mod forward;
 pub mod generate;
 pub mod gguf;
 mod hf;
@@ -24,6 +26,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 
 pub use engine::{Engine, Sequence, Trace};
+pub use forward::Forward;
 
 /// A model's hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]

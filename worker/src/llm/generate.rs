@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use lockstep_kernels::contract::sample::{sample_spec, Sampling};
 use lockstep_kernels::cpu::Isa;
-use lockstep_kernels::model::{spec, Engine, Model, Sequence, Trace};
+use lockstep_kernels::model::generate::{self as model_generate, TestFault};
+use lockstep_kernels::model::{spec, Engine, Forward, Model, Trace};
 use lockstep_kernels::{tensor_digest_f32, BackendKind, Digest, CONTRACT_VERSION};
 use sha3::{Digest as _, Sha3_256};
 
@@ -69,7 +70,7 @@ pub struct GenerateArgs {
     /// Seed of the counter-based sampler: (seed, position) fixes each draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where to compute: cpu (WGSL and CUDA come next).
+    /// Where to compute: cpu or wgpu (the same bits; CUDA comes next).
     #[arg(long, default_value = "cpu")]
     pub backend: BackendKind,
     /// CPU threads (0 = one per core). The bits do not depend on it.
@@ -169,12 +170,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    if args.backend != BackendKind::Cpu {
-        bail!(
-            "--backend {}: models run on the CPU backend for now (the WGSL and CUDA kernels for the model's ops come next)",
-            args.backend
-        );
-    }
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!("--temperature must be a finite number ≥ 0");
     }
@@ -200,22 +195,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             );
         }
     }
-    let engine = Engine::new(&model, args.threads, args.isa.isa())?;
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
-    tracing::info!(
-        model = %model.source, digest = %model.digest, isa = engine.isa().name(), threads = engine.threads(),
-        prompts = prompts.len(), "generating"
-    );
-    let traced = args.trace.is_some();
-    let mut seqs: Vec<Sequence> = prompts
-        .iter()
-        .map(|p| engine.sequence(p.len() + args.max_tokens, traced))
-        .collect::<Result<_, _>>()?;
     if args.dump.is_some() && prompts.len() > 1 {
         bail!("--dump saves one sequence's layer inputs: give a single prompt");
     }
@@ -223,74 +202,26 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if l >= c.n_layers {
             bail!("--dump-layer {l}: the model has {} layers", c.n_layers);
         }
-        for s in &mut seqs {
-            s.capture = Some((l, Vec::new()));
-        }
     }
-    let stream = prompts.len() == 1 && !args.json && tok.is_some();
-    // Without streamed text, a bar on a terminal shows the decode going.
-    use std::io::IsTerminal;
-    let bar = if !stream && std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(args.max_tokens as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tokens  {per_sec}",
-            )
-            .expect("valid template"),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
+    let (generated, traces) = match args.backend {
+        BackendKind::Cpu => {
+            let engine = Engine::new(&model, args.threads, args.isa.isa())?;
+            decode(&engine, &args, tok.as_ref(), &prompts)?
+        }
+        BackendKind::Wgpu => {
+            let gpu = lockstep_kernels::wgpu::WgpuBackend::new(Default::default())?;
+            let on_gpu = lockstep_kernels::wgpu::WgpuModel::new(&gpu, &model)?;
+            decode(&on_gpu, &args, tok.as_ref(), &prompts)?
+        }
+        BackendKind::Cuda => bail!(
+            "--backend cuda: the model's CUDA kernels are not written yet; use cpu or wgpu (same bits)"
+        ),
     };
-    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    let mut done = vec![false; prompts.len()];
-    let mut text = TextStream::default();
-    let stdout = std::io::stdout();
-    // Prefill: every prompt in one pass.
-    let mut feed: Vec<Vec<u32>> = prompts.clone();
-    loop {
-        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
-        let logits = engine.forward(&mut refs, &slices)?;
-        for (i, l) in logits.into_iter().enumerate() {
-            let Some(l) = l else { continue };
-            let position = (prompts[i].len() + generated[i].len()) as u64;
-            let t = sample_spec(&l, &sampling, position).context("empty vocabulary")? as u32;
-            generated[i].push(t);
-            if Some(t) == tok.as_ref().and_then(|t| t.eos)
-                || model.end_ids.contains(&t)
-                || generated[i].len() >= args.max_tokens
-            {
-                done[i] = true;
-            }
-            if stream {
-                let piece = text.next(tok.as_ref().unwrap(), &generated[i])?;
-                let mut out = stdout.lock();
-                write!(out, "{piece}")?;
-                out.flush()?;
-            }
-        }
-        bar.set_position(generated.iter().map(Vec::len).max().unwrap_or(0) as u64);
-        if done.iter().all(|&d| d) {
-            break;
-        }
-        feed = (0..prompts.len())
-            .map(|i| {
-                if done[i] {
-                    Vec::new()
-                } else {
-                    vec![*generated[i].last().unwrap()]
-                }
-            })
-            .collect();
-    }
-    bar.finish_and_clear();
-    if stream {
-        println!();
-    }
+    let traced = args.trace.is_some();
+    let stream = prompts.len() == 1 && !args.json && tok.is_some();
     let mut results = Vec::new();
-    for (i, s) in seqs.iter().enumerate() {
-        let trace = s.trace.as_deref().unwrap_or(&[]);
+    for (i, trace) in traces.iter().enumerate() {
+        let trace = trace.as_deref().unwrap_or(&[]);
         results.push(Generation {
             prompt_tokens: prompts[i].clone(),
             tokens: generated[i].clone(),
@@ -310,8 +241,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             std::fs::File::create(path)
                 .with_context(|| format!("cannot write {}", path.display()))?,
         );
-        for (i, s) in seqs.iter().enumerate() {
-            for (pos, layers) in s.trace.iter().flatten().enumerate() {
+        for (i, trace) in traces.iter().enumerate() {
+            for (pos, layers) in trace.iter().flatten().enumerate() {
                 for (layer, d) in layers.iter().enumerate() {
                     writeln!(
                         f,
@@ -322,11 +253,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         f.flush()?;
     }
-    if let (Some(path), Some((_, inputs))) =
-        (&args.dump, seqs.first().and_then(|s| s.capture.as_ref()))
-    {
+    if let (Some(path), Some(layer)) = (&args.dump, args.dump_layer) {
+        // The layer's inputs at every position fed, by a replay of the fed
+        // tokens on the CPU (the same bits as any backend's pass).
+        let fed: Vec<u32> = prompts[0]
+            .iter()
+            .chain(&generated[0][..generated[0].len() - 1])
+            .copied()
+            .collect();
+        let engine = Engine::new(&model, args.threads, args.isa.isa())?;
+        let inputs = model_generate::replay(&engine, &fed, Some(layer), TestFault::default())?
+            .inputs
+            .unwrap_or_default();
         let n = inputs.len() / c.dim;
-        crate::tensors::write_f32(path, &[("inputs", &[n, c.dim], inputs)])?;
+        crate::tensors::write_f32(path, &[("inputs", &[n, c.dim], &inputs)])?;
     }
     for (i, r) in results.iter().enumerate() {
         if args.json {
@@ -352,6 +292,96 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!("model {} (contract v{CONTRACT_VERSION})", model.digest);
     }
     Ok(())
+}
+
+/// Every prompt decoded as one batch on `engine`, text streamed when there
+/// is one prompt: the generated ids and (with --trace) the traces.
+#[allow(clippy::type_complexity)]
+fn decode<E: Forward>(
+    engine: &E,
+    args: &GenerateArgs,
+    tok: Option<&TextTokenizer>,
+    prompts: &[Vec<u32>],
+) -> Result<(Vec<Vec<u32>>, Vec<Option<Vec<Vec<Digest>>>>)> {
+    let model = engine.model();
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    tracing::info!(
+        model = %model.source, digest = %model.digest, engine = %engine.describe(),
+        prompts = prompts.len(), "generating"
+    );
+    let traced = args.trace.is_some();
+    let mut seqs: Vec<E::Seq> = prompts
+        .iter()
+        .map(|p| engine.sequence(p.len() + args.max_tokens, traced))
+        .collect::<Result<_, _>>()?;
+    let stream = prompts.len() == 1 && !args.json && tok.is_some();
+    // Without streamed text, a bar on a terminal shows the decode going.
+    use std::io::IsTerminal;
+    let bar = if !stream && std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(args.max_tokens as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tokens  {per_sec}",
+            )
+            .expect("valid template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut done = vec![false; prompts.len()];
+    let mut text = TextStream::default();
+    let stdout = std::io::stdout();
+    // Prefill: every prompt in one pass.
+    let mut feed: Vec<Vec<u32>> = prompts.to_vec();
+    loop {
+        let mut refs: Vec<&mut E::Seq> = seqs.iter_mut().collect();
+        let slices: Vec<&[u32]> = feed.iter().map(|f| f.as_slice()).collect();
+        let logits = engine.forward(&mut refs, &slices)?;
+        for (i, l) in logits.into_iter().enumerate() {
+            let Some(l) = l else { continue };
+            let position = (prompts[i].len() + generated[i].len()) as u64;
+            let t = sample_spec(&l, &sampling, position).context("empty vocabulary")? as u32;
+            generated[i].push(t);
+            if Some(t) == tok.and_then(|t| t.eos)
+                || model.end_ids.contains(&t)
+                || generated[i].len() >= args.max_tokens
+            {
+                done[i] = true;
+            }
+            if stream {
+                let piece = text.next(tok.expect("stream has a tokenizer"), &generated[i])?;
+                let mut out = stdout.lock();
+                write!(out, "{piece}")?;
+                out.flush()?;
+            }
+        }
+        bar.set_position(generated.iter().map(Vec::len).max().unwrap_or(0) as u64);
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        feed = (0..prompts.len())
+            .map(|i| {
+                if done[i] {
+                    Vec::new()
+                } else {
+                    vec![*generated[i].last().unwrap()]
+                }
+            })
+            .collect();
+    }
+    bar.finish_and_clear();
+    if stream {
+        println!();
+    }
+    let traces = seqs.iter_mut().map(|s| E::take_trace(s)).collect();
+    Ok((generated, traces))
 }
 
 #[derive(clap::Args, Debug)]

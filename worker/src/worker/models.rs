@@ -128,7 +128,7 @@ impl Runner {
 /// Continuous batching: wait for work when idle; before every pass, let
 /// in every request that arrived; after it, answer those that finished.
 fn decode_loop(engine: &Engine<'_>, rx: mpsc::Receiver<Request>) {
-    let mut batch: Batch<'_, '_, oneshot::Sender<_>> = Batch::new(engine);
+    let mut batch: Batch<'_, _, oneshot::Sender<_>> = Batch::new(engine);
     loop {
         let first = if batch.is_empty() {
             match rx.recv() {
