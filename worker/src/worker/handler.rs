@@ -392,15 +392,16 @@ async fn generate(
     store_outputs(ctx, job, generation.outputs()).await
 }
 
-/// Models run on the CPU backend only, for now.
+/// Models run on the CPU and WGSL backends (CUDA's model kernels are not
+/// written yet).
 fn models_run_here(ctx: &Ctx) -> Result<(), JobError> {
-    if ctx.info.kind == BackendKind::Cpu {
+    if matches!(ctx.info.kind, BackendKind::Cpu | BackendKind::Wgpu) {
         return Ok(());
     }
     Err(job_err(
         ErrorCode::Backend,
         format!(
-            "models run on the CPU backend for now; this worker computes on {}",
+            "models run on the CPU and WGSL backends for now; this worker computes on {}",
             ctx.info.kind
         ),
     ))

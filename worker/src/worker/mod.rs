@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use lockstep_kernels::{Backend, BackendInfo};
+use lockstep_kernels::{Backend, BackendInfo, BackendKind};
 
 pub use backends::{open_backend, BackendChoice};
 pub use testing::{DisputeBehaviour, FaultInjection, TestSwitches};
@@ -189,6 +189,10 @@ pub async fn run(
     // sequence numbers the in-flight records count by.
     let inflight = inflight::Inflight::new(&cache, &opts.name, &format!("{created:?}"));
     take_back(&nats, &inflight, &mut consumer).await;
+    let engine_kind = match info.kind {
+        BackendKind::Wgpu => models::EngineKind::Wgpu,
+        _ => models::EngineKind::Cpu,
+    };
     let ctx = Arc::new(Ctx {
         nats: nats.clone(),
         identity,
@@ -202,6 +206,7 @@ pub async fn run(
             opts.max_model_bytes,
             opts.max_models,
             opts.threads,
+            engine_kind,
         ),
         cache,
         done: AtomicU64::new(0),

@@ -10,7 +10,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use lockstep_kernels::contract::Generate;
 use lockstep_kernels::cpu::Isa;
 use lockstep_kernels::model::generate::{Batch, Generation, Replay, TestFault};
-use lockstep_kernels::model::{Engine, Model};
+use lockstep_kernels::model::{Engine, Forward, Model};
+use lockstep_kernels::wgpu::{WgpuBackend, WgpuModel};
 use lockstep_kernels::Digest;
 use tokio::sync::oneshot;
 
@@ -26,6 +27,16 @@ struct Request {
     reply: oneshot::Sender<lockstep_kernels::Result<Generation>>,
 }
 
+/// Where a worker's models decode: the CPU engine, or the WGSL engine on
+/// the worker's WGSL device (the same bits). Dispute replays run on the
+/// CPU engine either way: a replay's bits are the generation's, whichever
+/// engine produced it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    Cpu,
+    Wgpu,
+}
+
 /// A loaded model and the thread that decodes for it.
 pub struct Runner {
     pub digest: Digest,
@@ -38,7 +49,12 @@ pub struct Runner {
 }
 
 impl Runner {
-    fn start(model: Model, bytes: u64, threads: usize) -> Result<Arc<Self>, String> {
+    fn start(
+        model: Model,
+        bytes: u64,
+        threads: usize,
+        kind: EngineKind,
+    ) -> Result<Arc<Self>, String> {
         let digest = model.digest;
         let tokenizer = model
             .gguf
@@ -51,17 +67,32 @@ impl Runner {
         std::thread::Builder::new()
             .name(format!("model-{}", &digest.to_hex()[..8]))
             .spawn(move || {
-                let engine = match Engine::new(&model, threads, Isa::detect()) {
-                    Ok(e) => {
-                        let _ = ready_tx.send(Ok(()));
-                        e
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
+                let fail = |e: lockstep_kernels::Error| {
+                    let _ = ready_tx.send(Err(e.to_string()));
                 };
-                decode_loop(&engine, rx);
+                match kind {
+                    EngineKind::Cpu => match Engine::new(&model, threads, Isa::detect()) {
+                        Ok(engine) => {
+                            let _ = ready_tx.send(Ok(()));
+                            decode_loop(&engine, rx);
+                        }
+                        Err(e) => fail(e),
+                    },
+                    EngineKind::Wgpu => {
+                        let gpu = match WgpuBackend::new(Default::default()) {
+                            Ok(g) => g,
+                            Err(e) => return fail(e),
+                        };
+                        match WgpuModel::new(&gpu, &model) {
+                            Ok(engine) => {
+                                tracing::info!(engine = %engine.describe(), "model on the GPU");
+                                let _ = ready_tx.send(Ok(()));
+                                decode_loop(&engine, rx);
+                            }
+                            Err(e) => fail(e),
+                        }
+                    }
+                }
             })
             .map_err(|e| format!("cannot start a decoding thread: {e}"))?;
         ready_rx
@@ -127,7 +158,7 @@ impl Runner {
 
 /// Continuous batching: wait for work when idle; before every pass, let
 /// in every request that arrived; after it, answer those that finished.
-fn decode_loop(engine: &Engine<'_>, rx: mpsc::Receiver<Request>) {
+fn decode_loop<E: Forward>(engine: &E, rx: mpsc::Receiver<Request>) {
     let mut batch: Batch<'_, _, oneshot::Sender<_>> = Batch::new(engine);
     loop {
         let first = if batch.is_empty() {
@@ -172,6 +203,7 @@ pub struct Models {
     /// Models kept loaded (least recently used unloaded first).
     max_loaded: usize,
     threads: usize,
+    engine: EngineKind,
     /// Loaded, most recently used last.
     loaded: Mutex<Vec<Arc<Runner>>>,
     /// One fetch or load at a time (a second job for the same model then
@@ -186,6 +218,7 @@ impl Models {
         max_model_bytes: u64,
         max_loaded: usize,
         threads: usize,
+        engine: EngineKind,
     ) -> Self {
         Self {
             dir,
@@ -193,6 +226,7 @@ impl Models {
             max_model_bytes,
             max_loaded: max_loaded.max(1),
             threads,
+            engine,
             loaded: Mutex::new(Vec::new()),
             loading: tokio::sync::Mutex::new(()),
         }
@@ -288,10 +322,10 @@ impl Models {
         if let Ok(f) = std::fs::File::options().append(true).open(&path) {
             let _ = f.set_modified(std::time::SystemTime::now());
         }
-        let (p, d, threads) = (path.clone(), *digest, self.threads);
+        let (p, d, threads, kind) = (path.clone(), *digest, self.threads, self.engine);
         let started = tokio::task::spawn_blocking(move || {
             let model = crate::llm::distribute::load_checked(&p, &d)?;
-            Runner::start(model, bytes, threads)
+            Runner::start(model, bytes, threads, kind)
         })
         .await
         .unwrap_or_else(|e| Err(format!("loading task failed: {e}")));
