@@ -501,6 +501,34 @@ impl WgpuBackend {
         })
     }
 
+    /// Bytes per second a device-to-device copy of `bytes` moves (the best
+    /// of a few timed rounds): the bandwidth a decode step's weight reads
+    /// are measured against.
+    pub fn copy_bandwidth(&self, bytes: u64) -> Result<f64> {
+        let bytes = bytes.min(self.max_binding) / 4 * 4;
+        let (a, b) = (
+            self.scratch("copy-a", (bytes / 4) as usize),
+            self.scratch("copy-b", (bytes / 4) as usize),
+        );
+        let mut best = 0f64;
+        for round in 0..4 {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            let copies = 4;
+            for _ in 0..copies {
+                enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
+            }
+            let t = std::time::Instant::now();
+            self.queue.submit([enc.finish()]);
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::device(format!("waiting for the GPU failed: {e}")))?;
+            if round > 0 {
+                best = best.max((bytes * copies) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(best)
+    }
+
     /// `[div(a, b), sqrt(a), exp(c)]` for each triple, by `shaders/prim.wgsl`
     /// on this backend's path (tests compare them with the CPU's).
     pub fn eval_prims(&self, triples: &[[u32; 3]]) -> Result<Vec<[u32; 3]>> {

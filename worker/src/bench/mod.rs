@@ -4,6 +4,7 @@
 //! noisy machine slows both sides alike and the ratio stays meaningful.
 
 pub mod generate;
+pub mod generate_device;
 pub mod llm;
 pub mod soak;
 
