@@ -7,6 +7,7 @@
 //! whose device is absent prints why and passes as skipped.
 
 pub mod adversary;
+pub mod device_ops;
 pub mod models;
 
 use lockstep_kernels::contract::quant::Format;
@@ -142,6 +143,40 @@ macro_rules! wgsl_tests {
                 #[test]
                 fn $body() {
                     if let Some(gpu) = $crate::open_wgsl($path) {
+                        super::$body(&gpu);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+/// CUDA device 0, or `None` (after saying why) without a driver or device;
+/// with `LOCKSTEP_REQUIRE_CUDA=1` ([`cuda_required`]) that fails instead.
+/// `CudaBackend::new` checks for the driver library before touching it, so
+/// this never panics on a machine without a GPU.
+pub fn open_cuda() -> Option<lockstep_kernels::cuda::CudaBackend> {
+    let r = lockstep_kernels::cuda::CudaBackend::new(0);
+    if let Err(e) = &r {
+        assert!(
+            !cuda_required(),
+            "LOCKSTEP_REQUIRE_CUDA is set, but CUDA cannot be opened: {e}"
+        );
+    }
+    present(Target::Cuda, r)
+}
+
+/// Stamps out `mod cuda` with one `#[test]` per body taking a
+/// `&CudaBackend` on device 0 (skipped without one): the CUDA twin of
+/// [`wgsl_tests!`], for the model ops and engine.
+#[macro_export]
+macro_rules! cuda_tests {
+    ($($body:ident),* $(,)?) => {
+        mod cuda {
+            $(
+                #[test]
+                fn $body() {
+                    if let Some(gpu) = $crate::open_cuda() {
                         super::$body(&gpu);
                     }
                 }

@@ -5,7 +5,7 @@
 //! `LOCKSTEP_REQUIRE_NVRTC=1` and `LOCKSTEP_PTXAS`, so in CI this check
 //! cannot silently skip.
 
-use lockstep_kernels::cuda::{compile, nvrtc_present, SOURCES};
+use lockstep_kernels::cuda::{compile, nvrtc_present, PRELUDE, SOURCES};
 
 const ARCH: &str = "sm_90";
 
@@ -19,6 +19,10 @@ fn cuda_sources_compile_for_sm90_without_spills() {
         eprintln!("SKIPPED: NVRTC is not installed");
         return;
     }
+    assert!(
+        !PRELUDE.contains("K_CHUNK"),
+        "prim.cuh uses K_CHUNK; it is compiled in front of every source, which get it from -DK_CHUNK"
+    );
     let dir = tempfile::tempdir().unwrap();
     let ptxas = std::env::var_os("LOCKSTEP_PTXAS");
     for src in SOURCES {
@@ -43,6 +47,13 @@ fn cuda_sources_compile_for_sm90_without_spills() {
             !text.contains("mad.f32") && !text.contains("mad.rn.f32"),
             "{name}.cu: contracted mad in PTX"
         );
+        // Every float rounding is one of the contract's correctly rounded
+        // primitives: no approximate or flush-to-zero instruction (a libm
+        // call such as expf, or a plain `/`, would bring them), no float
+        // min/max (whose ±0 and NaN rules are not the specs' comparisons).
+        for bad in [".approx", ".ftz", "div.full", "max.f32", "min.f32"] {
+            assert!(!text.contains(bad), "{name}.cu: `{bad}` in PTX");
+        }
         let Some(ptxas) = &ptxas else {
             eprintln!("{name}.cu: NVRTC ok (LOCKSTEP_PTXAS not set, assembly not checked)");
             continue;

@@ -464,8 +464,8 @@ enum BenchCommand {
     Generate {
         #[arg(long, default_value = "smollm2")]
         model: String,
-        /// cpu, or wgpu: the model on the WGSL device at each --batch size,
-        /// against the CPU engine on the same prompts in the same run.
+        /// cpu, or wgpu / cuda: the model on that device at each --batch
+        /// size, against the CPU engine on the same prompts in the same run.
         #[arg(long, default_value = "cpu")]
         backend: BackendKind,
         /// With a GPU backend: sequences decoded together (comma-separated).

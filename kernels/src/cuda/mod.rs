@@ -1,14 +1,22 @@
 //! CUDA backend (cudarc): kernels in `kernels/cuda/*.cu`, compiled at run
 //! time by NVRTC for the device's architecture with `--fmad=false`, so the
 //! only roundings are the explicit `__fmaf_rn` / `__fadd_rn` in the source.
-//! Each op's launch code is one module here ([`matmul`]); kernels are
+//! Each op's launch code is one module here ([`matmul`]; the language-model
+//! ops in [`ops`], chained into a forward pass by [`engine`]); kernels are
 //! fetched by name from a registry that compiles each source once, on first
-//! use, and caches its functions.
+//! use, and caches its functions. Every source is compiled with
+//! [`PRELUDE`] (`kernels/cuda/prim.cuh`: NaN canonicalisation, exact f16
+//! widening, the contract's e^x and SiLU) in front of it.
 //!
 //! Without a CUDA driver (or without NVRTC) the backend reports itself
 //! unavailable; nothing here panics on a machine without a GPU.
 
+pub mod engine;
 mod matmul;
+mod ops;
+
+pub use engine::{CudaModel, CudaSequence};
+pub use ops::{attention_scratch, CudaMatrix};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +36,10 @@ pub struct Source {
     pub kernels: &'static [&'static str],
 }
 
+/// Device helpers every source is compiled with (put in front of its text
+/// by [`compile`]): `kernels/cuda/prim.cuh`.
+pub const PRELUDE: &str = include_str!("../../cuda/prim.cuh");
+
 /// Every CUDA source. A new kernel is one `.cu` file and one line here.
 pub const SOURCES: &[Source] = &[
     Source {
@@ -40,6 +52,48 @@ pub const SOURCES: &[Source] = &[
         text: include_str!("../../cuda/matmul_splitk.cu"),
         kernels: &["lockstep_chunk_sums_f32", "lockstep_sum_chunks_f32"],
     },
+    Source {
+        name: "qmatmul",
+        text: include_str!("../../cuda/qmatmul.cu"),
+        kernels: &["lockstep_qmatmul"],
+    },
+    Source {
+        name: "rmsnorm",
+        text: include_str!("../../cuda/rmsnorm.cu"),
+        kernels: &["lockstep_rmsnorm"],
+    },
+    Source {
+        name: "rope",
+        text: include_str!("../../cuda/rope.cu"),
+        kernels: &["lockstep_rope"],
+    },
+    Source {
+        name: "attention",
+        text: include_str!("../../cuda/attention.cu"),
+        kernels: &[
+            "lockstep_attention_scores",
+            "lockstep_attention_stats",
+            "lockstep_attention_exps",
+            "lockstep_attention_sums",
+            "lockstep_attention_probs",
+            "lockstep_attention_mix",
+        ],
+    },
+    Source {
+        name: "swiglu",
+        text: include_str!("../../cuda/swiglu.cu"),
+        kernels: &["lockstep_swiglu"],
+    },
+    Source {
+        name: "residual",
+        text: include_str!("../../cuda/residual.cu"),
+        kernels: &["lockstep_residual"],
+    },
+    Source {
+        name: "prim_check",
+        text: include_str!("../../cuda/prim_check.cu"),
+        kernels: &["lockstep_prim_check"],
+    },
 ];
 
 /// Constants every source gets as macros (`-DNAME=value`): the contract's
@@ -51,6 +105,7 @@ pub fn defines() -> Vec<(&'static str, usize)> {
         ("MATMUL_TILE", matmul::MATMUL_TILE),
         ("MATMUL_THREADS", matmul::MATMUL_THREADS),
         ("SPLITK_THREADS", matmul::SPLITK_THREADS),
+        ("LM_THREADS", ops::LM_THREADS),
     ]
 }
 
@@ -82,13 +137,16 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Compiles one registered source to PTX for `arch` (e.g. `sm_90`).
+/// Compiles one registered source to PTX for `arch` (e.g. `sm_90`), with
+/// [`PRELUDE`] in front of it (`#line` keeps NVRTC's messages pointing at
+/// the source's own lines).
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Ptx> {
     if !nvrtc_present() {
         return Err(Error::unavailable("NVRTC (libnvrtc) is not installed"));
     }
+    let text = format!("{PRELUDE}\n#line 1 \"{name}.cu\"\n{src}");
     cudarc::nvrtc::compile_ptx_with_opts(
-        src,
+        text,
         CompileOptions {
             options: nvrtc_options(arch),
             name: Some(format!("{name}.cu")),

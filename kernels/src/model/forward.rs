@@ -4,6 +4,8 @@
 //! ([`super::generate`]), `lockstep generate`, the benchmarks and the
 //! worker run on any [`Forward`]; every implementation returns the scalar
 //! spec's bits ([`super::spec`]), which the tests check engine by engine.
+//! The GPU engines implement it beside themselves (`wgpu/engine.rs`,
+//! `cuda/engine.rs`), so `model` depends on no GPU backend.
 
 use super::Model;
 use crate::digest::Digest;
@@ -77,35 +79,5 @@ impl<'m> Forward for super::Engine<'m> {
     fn set_fault(seq: &mut Self::Seq, fault: Option<(usize, usize)>) -> Result<()> {
         seq.fault = fault;
         Ok(())
-    }
-}
-
-impl<'a> Forward for crate::wgpu::WgpuModel<'a> {
-    type Seq = crate::wgpu::WgpuSequence;
-
-    fn model(&self) -> &Model {
-        self.model
-    }
-
-    fn describe(&self) -> String {
-        use crate::Backend;
-        let info = self.gpu.info();
-        format!("wgpu {} ({})", info.device, info.path)
-    }
-
-    fn sequence(&self, positions: usize, traced: bool) -> Result<Self::Seq> {
-        crate::wgpu::WgpuModel::sequence(self, positions, traced)
-    }
-
-    fn forward(
-        &self,
-        seqs: &mut [&mut Self::Seq],
-        tokens: &[&[u32]],
-    ) -> Result<Vec<Option<Vec<f32>>>> {
-        crate::wgpu::WgpuModel::forward(self, seqs, tokens)
-    }
-
-    fn take_trace(seq: &mut Self::Seq) -> Option<Vec<Vec<Digest>>> {
-        seq.trace.take()
     }
 }

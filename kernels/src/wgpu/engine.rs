@@ -17,7 +17,7 @@ use crate::contract::rope::{rope_frequencies, rope_table};
 use crate::cpu::qmatvec::PackedMatrix;
 use crate::digest::{tensor_digest_f32, Digest};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Forward, Model};
 
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
@@ -354,5 +354,35 @@ impl<'a> WgpuModel<'a> {
             });
         }
         Ok(out)
+    }
+}
+
+impl<'a> Forward for WgpuModel<'a> {
+    type Seq = WgpuSequence;
+
+    fn model(&self) -> &Model {
+        self.model
+    }
+
+    fn describe(&self) -> String {
+        use crate::Backend;
+        let info = self.gpu.info();
+        format!("wgpu {} ({})", info.device, info.path)
+    }
+
+    fn sequence(&self, positions: usize, traced: bool) -> Result<Self::Seq> {
+        WgpuModel::sequence(self, positions, traced)
+    }
+
+    fn forward(
+        &self,
+        seqs: &mut [&mut Self::Seq],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        WgpuModel::forward(self, seqs, tokens)
+    }
+
+    fn take_trace(seq: &mut Self::Seq) -> Option<Vec<Vec<Digest>>> {
+        seq.trace.take()
     }
 }

@@ -1,4 +1,4 @@
-//! `lockstep bench generate --backend wgpu`: the model on a GPU backend at
+//! `lockstep bench generate --backend wgpu|cuda`: the model on a GPU backend at
 //! several batch sizes, against the CPU engine on the same prompts in the
 //! same run. Reports prefill and decode tokens/s, the weight bandwidth one
 //! decode step achieves against a device-to-device copy measured in the
@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use lockstep_kernels::contract::argmax::argmax_spec;
 use lockstep_kernels::cpu::Isa;
+use lockstep_kernels::cuda::{CudaBackend, CudaModel};
 use lockstep_kernels::model::{Engine, Forward, Model};
 use lockstep_kernels::wgpu::{WgpuBackend, WgpuModel};
 use lockstep_kernels::{Backend, BackendKind};
@@ -156,23 +157,41 @@ pub fn bench_generate_device(
     if model.config.vocab_size < 2 {
         bail!("the model's vocabulary is too small to benchmark");
     }
-    let gpu = match backend {
-        BackendKind::Wgpu => WgpuBackend::new(Default::default())?,
+    // The device engine's sweep, its weight bytes and a device copy's
+    // bandwidth, measured while the device and the model are resident.
+    let (info, device_points, weight_bytes, copy) = match backend {
+        BackendKind::Wgpu => {
+            let gpu = WgpuBackend::new(Default::default())?;
+            let on_gpu = WgpuModel::new(&gpu, &model)?;
+            let points = sweep(
+                &on_gpu,
+                "wgpu",
+                batches,
+                prompt_tokens,
+                tokens,
+                &mut progress,
+            )?;
+            let bytes = on_gpu.weight_bytes();
+            let copy = gpu.copy_bandwidth(bytes.clamp(1 << 20, 256 << 20))?;
+            (gpu.info(), points, bytes, copy)
+        }
         BackendKind::Cuda => {
-            bail!("bench generate --backend cuda: the model's CUDA kernels are not written yet")
+            let gpu = CudaBackend::new(0)?;
+            let on_gpu = CudaModel::new(&gpu, &model)?;
+            let points = sweep(
+                &on_gpu,
+                "cuda",
+                batches,
+                prompt_tokens,
+                tokens,
+                &mut progress,
+            )?;
+            let bytes = on_gpu.weight_bytes();
+            let copy = gpu.copy_bandwidth(bytes.clamp(1 << 20, 256 << 20))?;
+            (gpu.info(), points, bytes, copy)
         }
         BackendKind::Cpu => bail!("the CPU is measured by `bench generate --backend cpu`"),
     };
-    let info = gpu.info();
-    let on_gpu = WgpuModel::new(&gpu, &model)?;
-    let device_points = sweep(
-        &on_gpu,
-        "wgpu",
-        batches,
-        prompt_tokens,
-        tokens,
-        &mut progress,
-    )?;
     let engine = Engine::new(&model, threads, Isa::detect())?;
     let cpu_name = engine.describe();
     let cpu_points = sweep(
@@ -193,8 +212,6 @@ pub fn bench_generate_device(
             );
         }
     }
-    let weight_bytes = on_gpu.weight_bytes();
-    let copy = gpu.copy_bandwidth(weight_bytes.clamp(1 << 20, 256 << 20))?;
     let step1 = device_points
         .iter()
         .find(|p| p.batch == 1)

@@ -70,7 +70,7 @@ pub struct GenerateArgs {
     /// Seed of the counter-based sampler: (seed, position) fixes each draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where to compute: cpu or wgpu (the same bits; CUDA comes next).
+    /// Where to compute: cpu, wgpu or cuda (device 0): the same bits.
     #[arg(long, default_value = "cpu")]
     pub backend: BackendKind,
     /// CPU threads (0 = one per core). The bits do not depend on it.
@@ -213,9 +213,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let on_gpu = lockstep_kernels::wgpu::WgpuModel::new(&gpu, &model)?;
             decode(&on_gpu, &args, tok.as_ref(), &prompts)?
         }
-        BackendKind::Cuda => bail!(
-            "--backend cuda: the model's CUDA kernels are not written yet; use cpu or wgpu (same bits)"
-        ),
+        BackendKind::Cuda => {
+            let gpu = lockstep_kernels::cuda::CudaBackend::new(0)?;
+            let on_gpu = lockstep_kernels::cuda::CudaModel::new(&gpu, &model)?;
+            decode(&on_gpu, &args, tok.as_ref(), &prompts)?
+        }
     };
     let traced = args.trace.is_some();
     let stream = prompts.len() == 1 && !args.json && tok.is_some();

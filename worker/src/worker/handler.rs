@@ -364,7 +364,6 @@ async fn generate(
     timings: &mut Timings,
 ) -> Result<Outcome, JobError> {
     let t = Instant::now();
-    models_run_here(ctx)?;
     let prompt = fetch(ctx, &job.spec.inputs[0]).await?;
     let prompt = lockstep_kernels::contract::generate::prompt_ids(&prompt).map_err(kernel_err)?;
     let runner = ctx.models.get(ctx, &g.model).await?;
@@ -392,21 +391,6 @@ async fn generate(
     store_outputs(ctx, job, generation.outputs()).await
 }
 
-/// Models run on the CPU and WGSL backends (CUDA's model kernels are not
-/// written yet).
-fn models_run_here(ctx: &Ctx) -> Result<(), JobError> {
-    if matches!(ctx.info.kind, BackendKind::Cpu | BackendKind::Wgpu) {
-        return Ok(());
-    }
-    Err(job_err(
-        ErrorCode::Backend,
-        format!(
-            "models run on the CPU and WGSL backends for now; this worker computes on {}",
-            ctx.info.kind
-        ),
-    ))
-}
-
 /// A dispute query about a generation this worker may have computed: the
 /// trace of the tokens it fed, or one layer's inputs at every position,
 /// recomputed (the bits are the generation's own: batch invariance).
@@ -417,7 +401,6 @@ async fn replay_query(
 ) -> Result<Outcome, JobError> {
     use lockstep_kernels::contract::generate::trace_values;
     let t = Instant::now();
-    models_run_here(ctx)?;
     let (model, capture, check) = match &job.spec.op {
         Op::GenerateTrace(q) => (q.model, None, (q.layers, None)),
         Op::LayerInputs(q) => (q.model, Some(q.layer), (0, Some(q.dim))),

@@ -191,7 +191,8 @@ pub async fn run(
     take_back(&nats, &inflight, &mut consumer).await;
     let engine_kind = match info.kind {
         BackendKind::Wgpu => models::EngineKind::Wgpu,
-        _ => models::EngineKind::Cpu,
+        BackendKind::Cuda => models::EngineKind::Cuda,
+        BackendKind::Cpu => models::EngineKind::Cpu,
     };
     let ctx = Arc::new(Ctx {
         nats: nats.clone(),

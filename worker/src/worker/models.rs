@@ -27,14 +27,15 @@ struct Request {
     reply: oneshot::Sender<lockstep_kernels::Result<Generation>>,
 }
 
-/// Where a worker's models decode: the CPU engine, or the WGSL engine on
-/// the worker's WGSL device (the same bits). Dispute replays run on the
+/// Where a worker's models decode: the CPU engine, or the WGSL or CUDA
+/// engine on the worker's device (the same bits). Dispute replays run on the
 /// CPU engine either way: a replay's bits are the generation's, whichever
 /// engine produced it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineKind {
     Cpu,
     Wgpu,
+    Cuda,
 }
 
 /// A loaded model and the thread that decodes for it.
@@ -84,6 +85,20 @@ impl Runner {
                             Err(e) => return fail(e),
                         };
                         match WgpuModel::new(&gpu, &model) {
+                            Ok(engine) => {
+                                tracing::info!(engine = %engine.describe(), "model on the GPU");
+                                let _ = ready_tx.send(Ok(()));
+                                decode_loop(&engine, rx);
+                            }
+                            Err(e) => fail(e),
+                        }
+                    }
+                    EngineKind::Cuda => {
+                        let gpu = match lockstep_kernels::cuda::CudaBackend::new(0) {
+                            Ok(g) => g,
+                            Err(e) => return fail(e),
+                        };
+                        match lockstep_kernels::cuda::CudaModel::new(&gpu, &model) {
                             Ok(engine) => {
                                 tracing::info!(engine = %engine.describe(), "model on the GPU");
                                 let _ = ready_tx.send(Ok(()));
