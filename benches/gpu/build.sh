@@ -9,6 +9,8 @@
 # <dir>/deps/<exe> finds the CLI at <dir>/lockstep-e2e):
 #   target/gpu-pack/bin/lockstep                 the CLI
 #   target/gpu-pack/bin/lockstep-gen-operands    the operand generator
+#   target/gpu-pack/bin/lockstep-gen-model       random-weight models of a given shape
+#   target/gpu-pack/models/*.bin                 the tiny trained models from ../shared
 #   target/gpu-pack/bin/nats-server              if .tools/bin/nats-server exists
 #   target/gpu-pack/lockstep-e2e                 the CLI as the tests call it
 #   target/gpu-pack/deps/<name>                  one test executable per test target
@@ -61,9 +63,14 @@ TARGET_DIR=$("$CARGO" metadata --format-version 1 --no-deps |
 # 1. The CLI and the operand generator.
 say "cargo build --release -p lockstep --bin lockstep"
 "$CARGO" build --release -p lockstep --bin lockstep
-say "cargo build --release -p lockstep-benches --bin lockstep-gen-operands"
-"$CARGO" build --release -p lockstep-benches --bin lockstep-gen-operands
-cp "$TARGET_DIR/release/lockstep" "$TARGET_DIR/release/lockstep-gen-operands" "$STAGE/bin/"
+say "cargo build --release -p lockstep-benches --bin lockstep-gen-operands --bin lockstep-gen-model"
+"$CARGO" build --release -p lockstep-benches --bin lockstep-gen-operands --bin lockstep-gen-model
+cp "$TARGET_DIR/release/lockstep" "$TARGET_DIR/release/lockstep-gen-operands" "$TARGET_DIR/release/lockstep-gen-model" "$STAGE/bin/"
+# The tiny trained models (about 1 MiB each) for the model section.
+mkdir -p "$STAGE/models"
+for m in stories260K.bin aidreams260K.bin; do
+  if [ -f "$ROOT/../shared/models/$m" ]; then cp "$ROOT/../shared/models/$m" "$STAGE/models/"; else echo "  no ../shared/models/$m: the model section will lack it"; fi
+done
 
 # 2. Every test executable of the workspace. Cargo prints one JSON object per
 # artifact on stdout (progress and diagnostics go to stderr); fresh artifacts
@@ -174,7 +181,7 @@ if [ "$COMPRESS" = always ] || { [ "$COMPRESS" = auto ] && [ "$raw" -gt "$limit"
   if [ -d "$STAGE/cuda" ]; then HAS_CUDA=1; fi
   # The two builds of the CLI first, side by side, then the test executables:
   # near-identical files within xz's 64 MiB window cost little.
-  (cd "$STAGE" && { echo bin/lockstep; echo lockstep-e2e; find bin deps ${HAS_CUDA:+cuda} -type f | grep -vx bin/lockstep | sort; } |
+  (cd "$STAGE" && { echo bin/lockstep; echo lockstep-e2e; find bin deps models ${HAS_CUDA:+cuda} -type f | grep -vx bin/lockstep | sort; } |
     tar -cf - --owner=0 --group=0 -T - | xz -9 -T0 >"$PACK/pack.tar.xz")
   cp "$STAGE/manifest.tsv" "$STAGE/pack-info.txt" "$PACK/"
   rm -rf "$STAGE"

@@ -9,6 +9,9 @@
 #   setup      Vulkan loaders (.gl/*.deb), CUDA library path, nvidia-smi, lockstep backends
 #   tests      every test executable of the pack (a serial rerun if one times out)
 #   digests    the same operands through lockstep matmul on cpu, cuda and wgpu; digests compared
+#   model      lockstep generate on cpu, cuda and wgpu (tiny trained models, a SmolLM2-shaped
+#              random model): tokens, token digests and traces compared, greedy and sampled;
+#              lockstep bench generate --backend cuda|wgpu at batch 1 and 32
 #   bench      lockstep bench matmul --backend cuda (lockstep against cuBLAS SGEMM)
 #   sanitizer  compute-sanitizer memcheck and racecheck on lockstep matmul --backend cuda
 # Everything lands in $OUT (default /tmp/gpu-out), at most 8 files:
@@ -18,6 +21,7 @@
 #   digests.log generator and lockstep matmul output per shape and backend
 #   bench.jsonl one `lockstep bench matmul --json` object per line
 #   sanitizer.log compute-sanitizer output
+#   model.log   lockstep generate / bench generate output per model and backend
 # The last line printed is the overall verdict: "GPU CHECK: PASS" or "GPU CHECK: FAIL".
 #
 # Environment (defaults in brackets); see benches/gpu/README.md:
@@ -26,10 +30,10 @@
 #   GPU_CHECK_SKIP_TESTS, _DIGESTS, _BENCH, _SANITIZER [0]   1: skip that section
 #   GPU_CHECK_TESTS_BUDGET_S [180]  GPU_CHECK_TEST_TIMEOUT [150]  per test executable
 #   GPU_CHECK_TESTS ["" = all]   test executables to run (names from manifest.tsv)
-#   GPU_CHECK_TESTS_FIRST [cuda_sources matmul_matches_spec wgsl_softfloat wgsl_limits lockstep_kernels-lib]
+#   GPU_CHECK_TESTS_FIRST [cuda_sources matmul_matches_spec cuda_ops cuda_model wgsl_softfloat wgsl_limits wgsl_ops lockstep_kernels-lib]
 #                                run these first, in this order; the rest follow in manifest order
 #   GPU_CHECK_TEST_ARGS [--nocapture]  arguments for every test executable (a filter may follow)
-#   GPU_CHECK_DIGESTS_BUDGET_S [170]   GPU_CHECK_MATMUL_TIMEOUT [150]
+#   GPU_CHECK_DIGESTS_BUDGET_S [120]   GPU_CHECK_MATMUL_TIMEOUT [150]
 #   GPU_CHECK_SHAPES             "MxKxN:values[:exp_range] ..." (values: plain, magnitudes, specials)
 #   GPU_CHECK_BACKENDS [cpu cuda wgpu]
 #   GPU_CHECK_WGPU_MAX_GFLOP [2000]  no wgpu run for products above this (8192^3 is 1100 GFLOP)
@@ -38,6 +42,8 @@
 #   GPU_CHECK_BENCH_REPS [5]     GPU_CHECK_BENCH_TIMEOUT [60]
 #   GPU_CHECK_SANITIZER_BUDGET_S [90]  GPU_CHECK_SANITIZER_SHAPES  GPU_CHECK_SANITIZER_TOOLS [memcheck racecheck]
 #   GPU_CHECK_SANITIZER_TIMEOUT [60]
+#   GPU_CHECK_SKIP_MODEL [0]  GPU_CHECK_MODEL_BUDGET_S [120]  GPU_CHECK_MODEL_BACKENDS [cpu cuda wgpu]
+#   GPU_CHECK_MODEL_TOKENS [24]  GPU_CHECK_MODEL_BENCH_BATCH [1,32]  GPU_CHECK_MODEL_SHAPE [smollm2]
 #   GPU_PACK [target/gpu-pack]   GPU_CHECK_WORK [/tmp/gpu-check-work] (operands, scratch; removed at exit)
 set -uo pipefail
 
@@ -57,10 +63,10 @@ TESTS_BUDGET=${GPU_CHECK_TESTS_BUDGET_S:-200}
 # hangs with parallel test threads (seen with WGSL) is then rerun serially.
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-60}
 ONLY_TESTS=${GPU_CHECK_TESTS:-}
-TEST_FIRST=${GPU_CHECK_TESTS_FIRST:-cuda_sources matmul_matches_spec wgsl_softfloat wgsl_limits lockstep_kernels-lib}
+TEST_FIRST=${GPU_CHECK_TESTS_FIRST:-cuda_sources matmul_matches_spec cuda_ops cuda_model wgsl_softfloat wgsl_limits wgsl_ops lockstep_kernels-lib}
 TEST_ARGS=${GPU_CHECK_TEST_ARGS---nocapture}
 
-DIGESTS_BUDGET=${GPU_CHECK_DIGESTS_BUDGET_S:-170}
+DIGESTS_BUDGET=${GPU_CHECK_DIGESTS_BUDGET_S:-120}
 MATMUL_TIMEOUT=${GPU_CHECK_MATMUL_TIMEOUT:-150}
 WGPU_MAX_GFLOP=${GPU_CHECK_WGPU_MAX_GFLOP:-2000}
 WGPU_GFLOPS=${GPU_CHECK_WGPU_GFLOPS:-170}
@@ -68,6 +74,12 @@ WGPU_GFLOPS=${GPU_CHECK_WGPU_GFLOPS:-170}
 BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET_S:-75}
 BENCH_REPS=${GPU_CHECK_BENCH_REPS:-5}
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-60}
+
+MODEL_BUDGET=${GPU_CHECK_MODEL_BUDGET_S:-120}
+MODEL_BACKENDS=${GPU_CHECK_MODEL_BACKENDS:-cpu cuda wgpu}
+MODEL_TOKENS=${GPU_CHECK_MODEL_TOKENS:-24}
+MODEL_BENCH_BATCH=${GPU_CHECK_MODEL_BENCH_BATCH:-1,32}
+MODEL_SHAPE=${GPU_CHECK_MODEL_SHAPE:-smollm2}
 
 SANITIZER_BUDGET=${GPU_CHECK_SANITIZER_BUDGET_S:-90}
 SANITIZER_TOOLS=${GPU_CHECK_SANITIZER_TOOLS:-memcheck racecheck}
@@ -93,6 +105,7 @@ TESTS_LOG=$OUT/tests.log
 DIGESTS_LOG=$OUT/digests.log
 BENCH_JSONL=$OUT/bench.jsonl
 SANITIZER_LOG=$OUT/sanitizer.log
+MODEL_LOG=$OUT/model.log
 SUMDIR=$WORK/summary # one markdown fragment per section, joined into summary.md
 
 DEADLINE=$((SECONDS + BUDGET))
@@ -210,6 +223,7 @@ trap cleanup EXIT
 : >"$DIGESTS_LOG"
 : >"$BENCH_JSONL"
 : >"$SANITIZER_LOG"
+: >"$MODEL_LOG"
 
 section_begin setup 120
 log "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -673,6 +687,116 @@ PY
   } >"$frag"
 }
 
+# ---------------------------------------------------------------- model
+# One generation per model, sampling and backend; each backend's JSON result
+# (ids, token digest, trace root) and full trace compared with the CPU's.
+run_model() {
+  section_begin model "$MODEL_BUDGET"
+  local frag=$SUMDIR/35-model.md models=() m shape_model=$WORK/model-shape.bin
+  for m in "$PACK"/models/*.bin; do [ -f "$m" ] && models+=("$m"); done
+  if [ -x "$PACK/bin/lockstep-gen-model" ]; then
+    local shape=$MODEL_SHAPE
+    [ "$DRY_RUN" = 1 ] && shape=${GPU_CHECK_MODEL_SHAPE:-64,172,4,4,2,512,256}
+    if "$PACK/bin/lockstep-gen-model" --shape "$shape" --seed 1 --out "$shape_model" >>"$MODEL_LOG" 2>&1; then
+      models+=("$shape_model")
+    else
+      fail "model: lockstep-gen-model --shape $shape failed (see model.log)"
+    fi
+  else
+    gap "model: the pack has no lockstep-gen-model (rebuild it with build.sh)"
+  fi
+  local heads="" b
+  for b in $MODEL_BACKENDS; do heads+=" $b |"; done
+  {
+    echo "## Model"
+    echo
+    echo "\`lockstep generate --tokens … --max-tokens $MODEL_TOKENS --json --trace\` per model, sampling and backend; AGREE when the ids, token digest, trace root and every trace line equal the CPU's."
+    echo
+    echo "| model | sampling |$heads verdict |"
+    echo "|---|---|$(for _ in $MODEL_BACKENDS; do printf -- '---|'; done)---|"
+  } >"$frag"
+  local sampling name t rc row verdict ref_json ref_trace out
+  for m in "${models[@]}"; do
+    name=$(basename "$m" .bin)
+    for sampling in greedy sampled; do
+      local extra=()
+      [ "$sampling" = sampled ] && extra=(--temperature 0.9 --top-k 40 --seed 7)
+      row="| $name | $sampling |"
+      verdict=AGREE
+      ref_json="" ref_trace=""
+      for b in $MODEL_BACKENDS; do
+        if [ "$b" = cuda ] && ! ((HAVE_GPU)); then row+=" no GPU |"; continue; fi
+        if ! t=$(budget_timeout 120); then row+=" not run (time) |"; gap "model: $name $sampling on $b not run (time budget)"; continue; fi
+        out=$WORK/gen-$b.json
+        echo "===== $name $sampling $b =====" >>"$MODEL_LOG"
+        local start
+        start=$(now_ms)
+        timeout -k 5 "$t" "$LOCKSTEP" generate --backend "$b" --model "$m" --tokens "1 300 301 45 7 90" \
+          --max-tokens "$MODEL_TOKENS" --json --trace "$WORK/trace-$b.jsonl" "${extra[@]}" </dev/null >"$out" 2>>"$MODEL_LOG"
+        rc=$?
+        cat "$out" >>"$MODEL_LOG"
+        if [ "$rc" != 0 ]; then
+          row+=" **exit $rc** |"
+          fail "model: lockstep generate --backend $b on $name ($sampling) exited $rc"
+          verdict=FAIL
+          continue
+        fi
+        row+=" $(python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().splitlines()[0]); print(r["token_digest"][9:21], len(r["tokens"]), "tokens")' "$out" 2>/dev/null), $(secs_since "$start") s |"
+        if [ -z "$ref_json" ]; then
+          ref_json=$out.ref ref_trace=$WORK/trace-ref.jsonl
+          cp "$out" "$ref_json"; cp "$WORK/trace-$b.jsonl" "$ref_trace"
+        elif ! cmp -s "$out" "$ref_json" || ! cmp -s "$WORK/trace-$b.jsonl" "$ref_trace"; then
+          verdict=DIFFER
+          fail "model: $b differs from the first backend on $name ($sampling)"
+          diff <(cat "$ref_trace") "$WORK/trace-$b.jsonl" | head -n 6 >>"$MODEL_LOG"
+        fi
+      done
+      echo "$row $verdict |" >>"$frag"
+    done
+  done
+  # Speed: the device engines at batch 1 and 32 against the CPU engine in the
+  # same run (bench generate fails if any engine's tokens differ).
+  {
+    echo
+    echo "\`lockstep bench generate --backend B --batch $MODEL_BENCH_BATCH\` on $(basename "$shape_model" .bin) ($MODEL_SHAPE shape, F32 weights): decode tok/s over the batch; bandwidth is the batch-1 decode step's weight reads ÷ a device-to-device copy measured in the same run."
+    echo
+    echo "| backend | batch | prefill tok/s | decode tok/s | CPU decode tok/s | ratio | trace cost | weight GB/s | copy GB/s | fraction |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  } >>"$frag"
+  for b in $MODEL_BACKENDS; do
+    [ "$b" = cpu ] && continue
+    if [ "$b" = cuda ] && ! ((HAVE_GPU)); then continue; fi
+    [ -f "$shape_model" ] || break
+    if ! t=$(budget_timeout 150); then gap "model: bench generate on $b not run (time budget)"; continue; fi
+    local batch=$MODEL_BENCH_BATCH ptok=32 ntok=32
+    if [ "$DRY_RUN" = 1 ] || [ "$b" = wgpu ]; then ptok=8 ntok=8; fi
+    [ "$DRY_RUN" = 1 ] && batch=1,4
+    echo "===== bench generate $b =====" >>"$MODEL_LOG"
+    timeout -k 5 "$t" "$LOCKSTEP" bench generate --backend "$b" --model "$shape_model" --batch "$batch" \
+      --prompt-tokens "$ptok" --tokens "$ntok" --json </dev/null >"$WORK/bench-$b.json" 2>>"$MODEL_LOG"
+    rc=$?
+    cat "$WORK/bench-$b.json" >>"$MODEL_LOG"
+    if [ "$rc" != 0 ]; then
+      fail "model: bench generate --backend $b exited $rc (see model.log)"
+      continue
+    fi
+    python3 - "$WORK/bench-$b.json" >>"$frag" <<'PY' || warn "model: could not render bench generate --backend $b"
+import json, sys
+r = json.load(open(sys.argv[1]))
+for d, c in zip(r["device_points"], r["cpu_points"]):
+    tc = d.get("trace_cost")
+    first = d["batch"] == r["device_points"][0]["batch"]
+    print(f"| {r['backend']} | {d['batch']} | {d['prefill_tok_s']:.1f} | {d['decode_tok_s']:.1f} | {c['decode_tok_s']:.1f} "
+          f"| {d['decode_tok_s'] / c['decode_tok_s']:.2f} | {'' if tc is None else f'{tc:.2f}'} "
+          f"| {r['decode_weight_gb_s']:.1f} | {r['copy_gb_s']:.1f} | {r['bandwidth_fraction']:.2f} |" if first else
+          f"| {r['backend']} | {d['batch']} | {d['prefill_tok_s']:.1f} | {d['decode_tok_s']:.1f} | {c['decode_tok_s']:.1f} "
+          f"| {d['decode_tok_s'] / c['decode_tok_s']:.2f} | | | | |")
+PY
+  done
+  echo >>"$frag"
+  rm -f "$shape_model"
+}
+
 # ---------------------------------------------------------------- sanitizer
 run_sanitizer() {
   section_begin sanitizer "$SANITIZER_BUDGET"
@@ -778,6 +902,7 @@ run_section() { # name skip-var function
 
 run_section tests GPU_CHECK_SKIP_TESTS run_tests
 run_section digests GPU_CHECK_SKIP_DIGESTS run_digests
+run_section model GPU_CHECK_SKIP_MODEL run_model
 run_section bench GPU_CHECK_SKIP_BENCH run_bench
 run_section sanitizer GPU_CHECK_SKIP_SANITIZER run_sanitizer
 
