@@ -57,6 +57,18 @@ enum Command {
     ///
     /// Example: lockstep generate --model smollm2 --prompt "The capital of France is"
     Generate(crate::llm::generate::GenerateArgs),
+    /// Serve verified completions over an OpenAI-compatible HTTP API: each
+    /// request becomes generate jobs on the deployment's workers, and the
+    /// answer is sent only once --redundancy workers of distinct operators
+    /// agreed bit for bit (or a dispute settled it), with its receipts.
+    ///
+    /// Example: lockstep serve --deployment ./dep --listen 127.0.0.1:8080 --model smollm2
+    Serve(crate::serve::ServeArgs),
+    /// API keys of `lockstep serve` (stored hashed in the deployment).
+    Keys {
+        #[command(subcommand)]
+        action: crate::serve::keys::KeysCommand,
+    },
     /// Recompute one layer of a model alone, by the scalar spec, from that
     /// layer's inputs (written by `generate --dump-layer L --dump FILE`), and
     /// print its output digest: what a referee checks against a trace.
@@ -952,6 +964,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => crate::llm::generate::run(args),
+        Command::Serve(args) => crate::serve::run(args),
+        Command::Keys { action } => crate::serve::keys::run(action),
         Command::ReplayLayer(args) => crate::llm::generate::replay(args),
         Command::Worker(args) => run_worker(args),
         Command::Model { action, connect } => {
@@ -1150,7 +1164,7 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {

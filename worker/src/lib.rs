@@ -37,6 +37,7 @@ pub mod harness;
 pub mod llm;
 pub mod nats;
 pub mod protocol;
+pub mod serve;
 pub mod store;
 pub mod tensors;
 pub mod worker;
