@@ -3,7 +3,9 @@
 //! the official `openai` Python client (pinned wheels, `./dev` puts them in
 //! `.tools/py`) asking for completions, chats, a stream, n = 2 with a seed,
 //! and the errors a client can cause (401, 404, 400, 429). Every receipt
-//! the responses carry then verifies offline with `lockstep verify`.
+//! the responses carry then verifies offline with `lockstep verify`, and
+//! the server's and a worker's `/metrics`, parsed by prometheus_client,
+//! match the work the client did.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -105,7 +107,19 @@ fn the_openai_client_gets_verified_completions_with_receipts() {
     let dir = server.dir();
     let dir_s = dir.to_str().unwrap();
     let mut procs = Procs::default();
-    procs.worker(&server, "serve-a", "cpu", &[]);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    procs.worker_args(
+        &server,
+        "serve-a",
+        "cpu",
+        &["--metrics", &metrics_addr],
+        &[],
+    );
     procs.worker(&server, "serve-b", "cpu", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -141,6 +155,10 @@ fn the_openai_client_gets_verified_completions_with_receipts() {
         .env("LOCKSTEP_KEY", key.trim())
         .env("LOCKSTEP_SLOW_KEY", slow.trim())
         .env("LOCKSTEP_RECEIPTS", receipts.path())
+        .env(
+            "LOCKSTEP_WORKER_METRICS",
+            format!("http://{metrics_addr}/metrics"),
+        )
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).to_string();

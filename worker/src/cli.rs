@@ -373,6 +373,10 @@ struct WorkerArgs {
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (jobs and tokens by
+    /// op and outcome, job latency, loaded models, backend, memory).
+    #[arg(long, env = "LOCKSTEP_METRICS", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// TEST ONLY: corrupt one output bit of every job whose id hashes into 1
     /// of N buckets, to prove that coordinators catch it.
     #[arg(long, env = "LOCKSTEP_FAULT_INJECT_EVERY", hide = true)]
@@ -1190,6 +1194,7 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
     o.model_cache_bytes = args.model_cache_mib.saturating_mul(1 << 20);
     o.max_model_bytes = args.max_model_mib.saturating_mul(1 << 20);
     o.max_models = args.max_models;
+    o.metrics = args.metrics;
     o.heartbeat = std::time::Duration::from_millis(args.heartbeat_ms.max(50));
     o.test = crate::worker::TestSwitches {
         fault: args

@@ -35,6 +35,7 @@ pub mod deploy;
 pub mod fuzz;
 pub mod harness;
 pub mod llm;
+pub mod metrics;
 pub mod nats;
 pub mod protocol;
 pub mod serve;

@@ -413,21 +413,39 @@ pub async fn complete(
         progress: false,
         ..state.submit.clone()
     };
-    let _permit = state
-        .inflight
-        .acquire()
-        .await
-        .map_err(|_| internal("shutting down"))?;
-    let report = crate::coordinator::submit(&state.nats, jobs, &opts)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "not_verified",
-                format!("the request could not be verified: {e:#}"),
-            )
-        })?;
+    let m = &state.metrics;
+    m.queued.inc();
+    let permit = state.inflight.acquire().await;
+    m.queued.dec();
+    let _permit = permit.map_err(|_| internal("shutting down"))?;
+    m.inflight.inc();
+    let report = crate::coordinator::submit(&state.nats, jobs, &opts).await;
+    m.inflight.dec();
+    if let Ok(r) = &report {
+        if !r.faults.is_empty() {
+            let enrolled = crate::nats::enrollments(&state.nats)
+                .await
+                .unwrap_or_default();
+            for f in &r.faults {
+                let operator = enrolled.get(&f.worker).map_or("", |e| e.operator.as_str());
+                m.faults.with_label_values(&[&f.worker, operator]).inc();
+            }
+        }
+        for j in &r.jobs {
+            if let Some(d) = &j.dispute {
+                m.disputes.inc();
+                m.dispute_seconds.observe(d.total_ms / 1e3);
+            }
+        }
+    }
+    let report = report.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "not_verified",
+            format!("the request could not be verified: {e:#}"),
+        )
+    })?;
     let receipts_text =
         std::fs::read_to_string(out.path().join("receipts.jsonl")).unwrap_or_default();
     let receipts: Vec<Value> = receipts_text
@@ -479,6 +497,16 @@ pub async fn complete(
             workers: j.results.iter().map(|r| r.worker.clone()).collect(),
         });
     }
+    for ch in &choices {
+        let v = format!("{:?}", ch.verdict).to_lowercase();
+        m.completions.with_label_values(&[&v]).inc();
+        m.tokens
+            .with_label_values(&["completion"])
+            .inc_by(ch.completion_tokens as u64);
+    }
+    m.tokens
+        .with_label_values(&["prompt"])
+        .inc_by(choices.first().map_or(0, |c| c.prompt_tokens) as u64);
     let stored = json!({"id": id, "receipts": receipts});
     let bytes = serde_json::to_vec(&stored).map_err(|e| internal(e.to_string()))?;
     let digest = hex::encode(<sha3::Sha3_256 as sha3::Digest>::digest(&bytes));

@@ -150,6 +150,7 @@ struct Usage {
 
 pub struct State {
     pub nats: Nats,
+    pub metrics: crate::metrics::ServeMetrics,
     pub submit: SubmitOptions,
     pub models: Vec<Served>,
     pub limits: Limits,
@@ -232,8 +233,34 @@ fn model_of(m: &serde_json::Map<String, Value>) -> ApiResult<String> {
         .ok_or_else(|| ApiError::bad("`model` is required").param("model"))
 }
 
-async fn models(AxState(state): AxState<Arc<State>>, headers: HeaderMap) -> ApiResult<Response> {
-    let _admitted = admit(&state, &headers)?;
+/// Counts a finished request by endpoint and status (and its latency when
+/// it succeeded).
+fn observed(state: &State, endpoint: &str, start: Instant, r: ApiResult<Response>) -> Response {
+    let r = r.unwrap_or_else(IntoResponse::into_response);
+    let status = r.status();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[endpoint, status.as_str()])
+        .inc();
+    if status.is_success() {
+        state
+            .metrics
+            .latency
+            .with_label_values(&[endpoint])
+            .observe(start.elapsed().as_secs_f64());
+    }
+    r
+}
+
+async fn models(AxState(state): AxState<Arc<State>>, headers: HeaderMap) -> Response {
+    let t = Instant::now();
+    let r = models_inner(&state, headers).await;
+    observed(&state, "/v1/models", t, r)
+}
+
+async fn models_inner(state: &Arc<State>, headers: HeaderMap) -> ApiResult<Response> {
+    let _admitted = admit(state, &headers)?;
     let data: Vec<Value> = state
         .models
         .iter()
@@ -258,8 +285,14 @@ async fn receipt(
     AxState(state): AxState<Arc<State>>,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
-) -> ApiResult<Response> {
-    let _admitted = admit(&state, &headers)?;
+) -> Response {
+    let t = Instant::now();
+    let r = receipt_inner(&state, headers, id).await;
+    observed(&state, "/v1/receipts", t, r)
+}
+
+async fn receipt_inner(state: &Arc<State>, headers: HeaderMap, id: String) -> ApiResult<Response> {
+    let _admitted = admit(state, &headers)?;
     match state.receipts.get(&id) {
         Some(bytes) => Ok(([("content-type", "application/json")], bytes).into_response()),
         None => Err(ApiError::new(
@@ -275,16 +308,32 @@ async fn completions(
     AxState(state): AxState<Arc<State>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
+) -> Response {
+    let t = Instant::now();
+    let r = completions_inner(&state, headers, body, t).await;
+    observed(&state, "/v1/completions", t, r)
+}
+
+async fn completions_inner(
+    state: &Arc<State>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    start: Instant,
 ) -> ApiResult<Response> {
-    let _admitted = admit(&state, &headers)?;
+    let _admitted = admit(state, &headers)?;
     let m = api::parse_body(&body)?;
     let model = model_of(&m)?;
     let p = api::params(&m, &state.limits)?;
     let prompt = api::completion_prompt(&m)?;
-    let c = api::complete(&state, &model, prompt, &p, "cmpl").await?;
+    let c = api::complete(state, &model, prompt, &p, "cmpl").await?;
+    state
+        .metrics
+        .first_token
+        .with_label_values(&["/v1/completions"])
+        .observe(start.elapsed().as_secs_f64());
     let created = unix_now();
     if p.stream {
-        return Ok(stream(&state, &model, &c, created, false));
+        return Ok(stream(state, &model, &c, created, false));
     }
     let choices: Vec<Value> = c
         .choices
@@ -312,16 +361,32 @@ async fn chat_completions(
     AxState(state): AxState<Arc<State>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
+) -> Response {
+    let t = Instant::now();
+    let r = chat_inner(&state, headers, body, t).await;
+    observed(&state, "/v1/chat/completions", t, r)
+}
+
+async fn chat_inner(
+    state: &Arc<State>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    start: Instant,
 ) -> ApiResult<Response> {
-    let _admitted = admit(&state, &headers)?;
+    let _admitted = admit(state, &headers)?;
     let m = api::parse_body(&body)?;
     let model = model_of(&m)?;
     let p = api::params(&m, &state.limits)?;
     let prompt = api::chat_prompt(&m)?;
-    let c = api::complete(&state, &model, prompt, &p, "chatcmpl").await?;
+    let c = api::complete(state, &model, prompt, &p, "chatcmpl").await?;
+    state
+        .metrics
+        .first_token
+        .with_label_values(&["/v1/chat/completions"])
+        .observe(start.elapsed().as_secs_f64());
     let created = unix_now();
     if p.stream {
-        return Ok(stream(&state, &model, &c, created, true));
+        return Ok(stream(state, &model, &c, created, true));
     }
     let choices: Vec<Value> = c
         .choices
@@ -426,6 +491,29 @@ fn stream(state: &Arc<State>, model: &str, c: &Completion, created: u64, chat: b
     api::with_receipt_header(r, c)
 }
 
+/// The Prometheus text format; live workers are read from the bus here.
+async fn metrics(AxState(state): AxState<Arc<State>>) -> Response {
+    let m = &state.metrics;
+    m.resident.set(crate::metrics::resident_bytes());
+    if let Ok(live) = crate::nats::live_workers(&state.nats, Duration::from_secs(10)).await {
+        m.workers.reset();
+        for w in &live {
+            let backend = w
+                .record
+                .backends
+                .first()
+                .map_or("none".to_string(), |b| b.kind.to_string());
+            let st = format!("{:?}", w.record.state).to_lowercase();
+            m.workers.with_label_values(&[&backend, &st]).inc();
+        }
+    }
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        crate::metrics::render(&m.registry),
+    )
+        .into_response()
+}
+
 async fn health() -> &'static str {
     "ok\n"
 }
@@ -446,6 +534,7 @@ pub fn router(state: Arc<State>, max_body: usize) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/receipts/{id}", get(receipt))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -503,6 +592,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             receipts: Receipts { dir: receipts },
             inflight: tokio::sync::Semaphore::new(args.max_inflight.max(1)),
             usage: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -117,6 +117,13 @@ fn answer_subject(ctx: &Ctx, batch: &str) -> String {
 async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<&serde_json::Value>) -> ResultMessage {
     use serde::Deserialize as _;
     let t0 = Instant::now();
+    // The op, for the metrics (only known names, so labels stay few).
+    let op = value
+        .and_then(|v| v.get("op"))
+        .and_then(|o| o.as_str())
+        .filter(|o| Op::NAMES.contains(o))
+        .unwrap_or("unknown");
+    ctx.metrics.inflight.inc();
     let parsed = match value {
         Some(v) => JobMessage::deserialize(v).map_err(|e| e.to_string()),
         None => Err("not JSON".to_string()),
@@ -131,6 +138,16 @@ async fn answer_one(ctx: &Ctx, delivered: i64, value: Option<&serde_json::Value>
         Err(e) => unreadable(ctx, value, e),
     };
     finish(ctx, &mut result, outcome, t0);
+    ctx.metrics.inflight.dec();
+    let outcome = match &result.outcome {
+        Outcome::Ok { .. } => "ok".to_string(),
+        Outcome::Error { code, .. } => format!("{code:?}").to_lowercase(),
+    };
+    ctx.metrics.jobs.with_label_values(&[op, &outcome]).inc();
+    ctx.metrics
+        .job_seconds
+        .with_label_values(&[op])
+        .observe(t0.elapsed().as_secs_f64());
     result
 }
 
@@ -388,6 +405,7 @@ async fn generate(
         .await
         .map_err(kernel_err)?;
     timings.compute_ms = t.elapsed().as_secs_f64() * 1e3;
+    ctx.metrics.tokens.inc_by(generation.tokens.len() as u64);
     store_outputs(ctx, job, generation.outputs()).await
 }
 

@@ -73,6 +73,8 @@ pub struct WorkerOptions {
     pub max_model_bytes: u64,
     /// Models kept loaded in memory at once.
     pub max_models: usize,
+    /// Where to serve Prometheus metrics (None: nowhere).
+    pub metrics: Option<std::net::SocketAddr>,
     /// Test-only switches; all off unless a test sets them.
     pub test: TestSwitches,
 }
@@ -93,6 +95,7 @@ impl WorkerOptions {
             model_cache_bytes: 16 << 30,
             max_model_bytes: 8 << 30,
             max_models: 2,
+            metrics: None,
             test: TestSwitches::default(),
         }
     }
@@ -140,6 +143,7 @@ struct Ctx {
     models: models::Models,
     done: AtomicU64,
     failed: AtomicU64,
+    metrics: crate::metrics::WorkerMetrics,
 }
 
 /// Runs a worker until `shutdown` resolves, then drains: stops pulling,
@@ -194,6 +198,8 @@ pub async fn run(
         BackendKind::Cuda => models::EngineKind::Cuda,
         BackendKind::Cpu => models::EngineKind::Cpu,
     };
+    let metrics =
+        crate::metrics::WorkerMetrics::new(&info.kind.to_string(), &info.device, &info.path);
     let ctx = Arc::new(Ctx {
         nats: nats.clone(),
         identity,
@@ -212,7 +218,18 @@ pub async fn run(
         cache,
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        metrics,
     });
+    if let Some(addr) = ctx.opts.metrics {
+        let c = ctx.clone();
+        let bound = crate::metrics::serve_metrics(addr, move || {
+            c.metrics.models_loaded.set(c.models.loaded().len() as i64);
+            c.metrics.resident.set(crate::metrics::resident_bytes());
+            crate::metrics::render(&c.metrics.registry)
+        })
+        .await?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
 
     let started = now_ms();
     let put_record = {
