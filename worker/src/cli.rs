@@ -471,6 +471,29 @@ struct SubmitArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// lockstep serve under load: completions/s, tokens/s, p50/p99 latency
+    /// and time to first verified token at each number of concurrent
+    /// clients, r = 2 against the same two local workers with r = 1 in the
+    /// same run; and what the HTTP layer adds to a request's median latency.
+    ///
+    /// Example: lockstep bench serve --model smollm2 --clients 1,8,32 --requests 4 --max-tokens 16
+    Serve {
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// Concurrent clients (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// Requests each client sends, one after the other.
+        #[arg(long, default_value_t = 4)]
+        requests: usize,
+        #[arg(long, default_value_t = 16)]
+        max_tokens: usize,
+        /// CPU threads per worker.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Prefill and decode tokens/s of the exact engine (median of runs),
     /// peak resident memory against model file + KV cache + 64 MiB, and the
     /// weight bandwidth decode achieves against this machine's read
@@ -767,6 +790,42 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             anyhow::ensure!(r.failures() == 0, "{} inputs failed", r.failures());
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Serve {
+            model,
+            clients,
+            requests,
+            max_tokens,
+            threads,
+            json,
+        }) => {
+            let r = crate::bench::serve::bench_serve(
+                &model,
+                &clients,
+                requests,
+                max_tokens,
+                threads,
+                |line| eprintln!("  {line}"),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            println!("serve: {} ({} tokens a request)", r.model, r.max_tokens);
+            for p in &r.points {
+                println!(
+                    "  {:>3} client(s) r={}: {:>6.2} completions/s {:>7.1} tok/s  p50 {:>6.0} ms  p99 {:>6.0} ms  ttft p50 {:>6.0} ms",
+                    p.clients, p.redundancy, p.completions_per_s, p.completion_tok_s, p.p50_ms, p.p99_ms, p.ttft_p50_ms
+                );
+            }
+            for (c, ratio) in &r.ratios {
+                println!("  {c:>3} client(s): verified ÷ unverified completions/s = {ratio:.2} (goal at 32: ≥ 0.45)");
+            }
+            println!(
+                "  HTTP layer: p50 {:.2} ms over HTTP vs {:.2} ms direct: adds {:.2} ms (goal ≤ 1 ms)",
+                r.http_p50_ms, r.direct_p50_ms, r.http_overhead_p50_ms
+            );
             Ok(())
         }
         Command::Bench(BenchCommand::VerifiedGenerate {

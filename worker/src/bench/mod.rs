@@ -6,6 +6,7 @@
 pub mod generate;
 pub mod generate_device;
 pub mod llm;
+pub mod serve;
 pub mod soak;
 
 use std::time::Instant;

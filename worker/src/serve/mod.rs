@@ -160,6 +160,32 @@ pub struct State {
     usage: Mutex<HashMap<String, Usage>>,
 }
 
+impl State {
+    /// A server's state: keys from `deployment`, receipts kept in
+    /// `receipts`, at most `max_inflight` requests verified at once.
+    pub fn new(
+        nats: Nats,
+        submit: SubmitOptions,
+        models: Vec<Served>,
+        limits: Limits,
+        deployment: &std::path::Path,
+        receipts: PathBuf,
+        max_inflight: usize,
+    ) -> Result<Arc<Self>> {
+        Ok(Arc::new(State {
+            nats,
+            submit,
+            models,
+            limits,
+            keys: KeyCache::new(deployment.to_path_buf())?,
+            receipts: Receipts { dir: receipts },
+            inflight: tokio::sync::Semaphore::new(max_inflight.max(1)),
+            usage: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
+        }))
+    }
+}
+
 /// A request counted against its key until dropped.
 struct Admitted {
     state: Arc<State>,
@@ -571,9 +597,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let nats = crate::nats::connect(&cfg).await?;
-        let state = Arc::new(State {
+        let state = State::new(
             nats,
-            submit: SubmitOptions {
+            SubmitOptions {
                 redundancy: args.redundancy,
                 deadline: Some(Duration::from_secs_f64(args.request_timeout)),
                 job_timeout: Duration::from_secs(120),
@@ -583,17 +609,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 ..Default::default()
             },
             models,
-            limits: Limits {
+            Limits {
                 max_tokens: args.max_tokens,
                 max_n: args.max_n,
                 max_prompt_bytes: args.max_body_kib * 1024,
             },
-            keys: KeyCache::new(deployment.clone())?,
-            receipts: Receipts { dir: receipts },
-            inflight: tokio::sync::Semaphore::new(args.max_inflight.max(1)),
-            usage: Mutex::new(HashMap::new()),
-            metrics: Default::default(),
-        });
+            &deployment,
+            receipts,
+            args.max_inflight,
+        )?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
