@@ -237,3 +237,207 @@ fn ureq_status(base: &str, key: &str) -> u16 {
     s.read_to_string(&mut resp).unwrap();
     resp.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// A minimal WebDriver client: one JSON request per connection, the body
+/// read by its Content-Length (or chunks), with a timeout so a silent
+/// driver fails the test instead of hanging it.
+fn webdriver(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    use std::io::{BufRead, Read, Write};
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    write!(
+        &s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(&s);
+    let (mut length, mut chunked) = (None, false);
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)
+            .unwrap_or_else(|e| panic!("webdriver {path}: {e}"));
+        let l = line.trim().to_ascii_lowercase();
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+        if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+            chunked = true;
+        }
+    }
+    let mut json = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            json.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        let n = length.unwrap_or_else(|| panic!("webdriver {path}: no Content-Length"));
+        json.resize(n, 0);
+        r.read_exact(&mut json).unwrap();
+    }
+    serde_json::from_slice(&json)
+        .unwrap_or_else(|e| panic!("webdriver {path}: {e}: {}", String::from_utf8_lossy(&json)))
+}
+
+/// The status page in a real headless Chromium (Debian's, through
+/// chromedriver): it loads with no console errors and shows the
+/// deployment's workers and a verified request; a screenshot goes to
+/// target/test-artifacts/status-page.png.
+#[test]
+fn the_status_page_shows_workers_and_a_verified_request_in_a_browser() {
+    let (chromium, driver) = ("/usr/bin/chromium", "/usr/bin/chromedriver");
+    if !std::path::Path::new(driver).exists() || !std::path::Path::new(chromium).exists() {
+        assert!(
+            std::env::var_os("LOCKSTEP_REQUIRE_BROWSER").is_none(),
+            "LOCKSTEP_REQUIRE_BROWSER is set but {driver} or {chromium} is missing"
+        );
+        eprintln!("SKIPPED: no Chromium/chromedriver (./dev setup installs them)");
+        return;
+    }
+    let Some(server) = nats_server() else { return };
+    let dir = server.dir();
+    let dir_s = dir.to_str().unwrap();
+    let mut procs = Procs::default();
+    procs.worker(&server, "page-a", "cpu", &[]);
+    procs.worker(&server, "page-b", "cpu", &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let nats = server.connect().await.unwrap();
+        wait_workers(&nats, &["page-a", "page-b"]).await;
+    });
+    let key = lockstep(&["keys", "add", "--deployment", dir_s, "--name", "page"]);
+    let srv = serve(&dir, &[]);
+    let root = srv.base.trim_end_matches("/v1").to_string();
+    // One verified request, by plain HTTP.
+    let hostport = root.trim_start_matches("http://").to_string();
+    let body = r#"{"model":"stories260K","prompt":[1,403,407],"max_tokens":6,"temperature":0}"#;
+    let resp = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&hostport).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            key.trim(),
+            body.len()
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let id = resp
+        .split("\"id\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut chromedriver = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chromedriver did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let session = webdriver(
+        port,
+        "POST",
+        "/session",
+        Some(serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": chromium, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"]},
+            "goog:loggingPrefs": {"browser": "ALL"},
+        }}})),
+    );
+    let sid = session["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {session}"))
+        .to_string();
+    let result = std::panic::catch_unwind(|| {
+        webdriver(
+            port,
+            "POST",
+            &format!("/session/{sid}/url"),
+            Some(serde_json::json!({"url": format!("{root}/")})),
+        );
+        // The page polls status.json every 2 s: wait for what it must show.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            let v = webdriver(
+                port,
+                "POST",
+                &format!("/session/{sid}/execute/sync"),
+                Some(serde_json::json!({"script": "return document.body.innerText", "args": []})),
+            );
+            let text = v["value"].as_str().unwrap_or_default().to_string();
+            if (text.contains("page-a") && text.contains("page-b") && text.contains(&id))
+                || std::time::Instant::now() > deadline
+            {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert!(
+            text.contains("page-a") && text.contains("page-b"),
+            "workers missing:\n{text}"
+        );
+        assert!(text.contains(&id), "request {id} missing:\n{text}");
+        assert!(text.contains("verified"), "{text}");
+        let logs = webdriver(
+            port,
+            "POST",
+            &format!("/session/{sid}/se/log"),
+            Some(serde_json::json!({"type": "browser"})),
+        );
+        let errors: Vec<&serde_json::Value> = logs["value"]
+            .as_array()
+            .map(|a| a.iter().filter(|e| e["level"] == "SEVERE").collect())
+            .unwrap_or_default();
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+        let shot = webdriver(port, "GET", &format!("/session/{sid}/screenshot"), None);
+        let png = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            shot["value"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let out = lockstep_tests::models::repo_root().join("target/test-artifacts");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("status-page.png"), png).unwrap();
+    });
+    webdriver(port, "DELETE", &format!("/session/{sid}"), None);
+    let _ = chromedriver.kill();
+    let _ = chromedriver.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

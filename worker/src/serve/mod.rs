@@ -8,6 +8,8 @@
 //!   once the completion is verified (no unverified token is ever sent).
 //! - `GET /v1/models`: the models this server was started with.
 //! - `GET /v1/receipts/{id}`: a completion's receipts, for `lockstep verify`.
+//! - `GET /`: a live status page (workers, recent requests, throughput and
+//!   latency), fed by `GET /status.json`; `GET /metrics`: Prometheus.
 //! - `GET /health`.
 //!
 //! Clients authenticate with API keys (`lockstep keys`, [`keys`]), each
@@ -148,9 +150,32 @@ struct Usage {
     in_flight: u32,
 }
 
+/// A 10-second slice of the status page's plots.
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    start: u64,
+    completions: u64,
+    tokens: u64,
+    latency_ms: f64,
+}
+
+/// What the status page shows besides the workers: recent requests and
+/// the last 10 minutes in 10-second buckets.
+#[derive(Default)]
+struct Recent {
+    requests: std::collections::VecDeque<Value>,
+    series: std::collections::VecDeque<Bucket>,
+}
+
+const RECENT_REQUESTS: usize = 50;
+const BUCKET_S: u64 = 10;
+const SERIES_BUCKETS: usize = 60;
+
 pub struct State {
     pub nats: Nats,
     pub metrics: crate::metrics::ServeMetrics,
+    started: Instant,
+    recent: Mutex<Recent>,
     pub submit: SubmitOptions,
     pub models: Vec<Served>,
     pub limits: Limits,
@@ -182,7 +207,58 @@ impl State {
             inflight: tokio::sync::Semaphore::new(max_inflight.max(1)),
             usage: Mutex::new(HashMap::new()),
             metrics: Default::default(),
+            started: Instant::now(),
+            recent: Mutex::new(Recent::default()),
         }))
+    }
+
+    /// Notes a verified request for the status page.
+    fn record(&self, model: &str, c: &Completion, latency: Duration) {
+        let now = unix_now();
+        let tokens: usize = c.choices.iter().map(|ch| ch.completion_tokens).sum();
+        let verdict = if c
+            .choices
+            .iter()
+            .any(|ch| ch.verdict == crate::coordinator::Verdict::Resolved)
+        {
+            "resolved"
+        } else {
+            "verified"
+        };
+        let mut workers: Vec<&str> = c
+            .choices
+            .iter()
+            .flat_map(|ch| ch.workers.iter().map(String::as_str))
+            .collect();
+        workers.sort_unstable();
+        workers.dedup();
+        let mut r = self.recent.lock().expect("not poisoned");
+        r.requests.push_front(json!({
+            "unix": now,
+            "id": c.id,
+            "model": model,
+            "choices": c.choices.len(),
+            "completion_tokens": tokens,
+            "latency_ms": latency.as_secs_f64() * 1e3,
+            "verdict": verdict,
+            "workers": workers,
+            "receipt_digest": c.receipt_digest,
+        }));
+        r.requests.truncate(RECENT_REQUESTS);
+        let start = now - now % BUCKET_S;
+        if r.series.back().is_none_or(|b| b.start != start) {
+            r.series.push_back(Bucket {
+                start,
+                ..Default::default()
+            });
+            while r.series.len() > SERIES_BUCKETS {
+                r.series.pop_front();
+            }
+        }
+        let b = r.series.back_mut().expect("pushed above");
+        b.completions += c.choices.len() as u64;
+        b.tokens += tokens as u64;
+        b.latency_ms += latency.as_secs_f64() * 1e3;
     }
 }
 
@@ -357,6 +433,7 @@ async fn completions_inner(
         .first_token
         .with_label_values(&["/v1/completions"])
         .observe(start.elapsed().as_secs_f64());
+    state.record(&model, &c, start.elapsed());
     let created = unix_now();
     if p.stream {
         return Ok(stream(state, &model, &c, created, false));
@@ -410,6 +487,7 @@ async fn chat_inner(
         .first_token
         .with_label_values(&["/v1/chat/completions"])
         .observe(start.elapsed().as_secs_f64());
+    state.record(&model, &c, start.elapsed());
     let created = unix_now();
     if p.stream {
         return Ok(stream(state, &model, &c, created, true));
@@ -540,6 +618,69 @@ async fn metrics(AxState(state): AxState<Arc<State>>) -> Response {
         .into_response()
 }
 
+/// The status page (`GET /`): a static page that polls `status.json`.
+async fn status_page() -> Response {
+    (
+        [("content-type", "text/html; charset=utf-8")],
+        include_str!("status.html"),
+    )
+        .into_response()
+}
+
+/// What the status page shows: workers (read from the bus now), recent
+/// requests, and the last 10 minutes of throughput and latency.
+async fn status_json(AxState(state): AxState<Arc<State>>) -> Response {
+    let live = crate::nats::live_workers(&state.nats, Duration::from_secs(10))
+        .await
+        .unwrap_or_default();
+    let enrolled = crate::nats::enrollments(&state.nats)
+        .await
+        .unwrap_or_default();
+    let workers: Vec<Value> = live
+        .iter()
+        .map(|w| {
+            let b = w.record.backends.first();
+            json!({
+                "name": w.id,
+                "operator": w.operator,
+                "backend": b.map(|b| b.kind.to_string()),
+                "device": b.map(|b| b.device.clone()),
+                "path": b.map(|b| b.path.clone()),
+                "models_loaded": w.record.models.as_ref().map_or(0, |m| m.loaded.len()),
+                "state": format!("{:?}", w.record.state).to_lowercase(),
+                "enrollment": enrolled
+                    .get(&w.id)
+                    .map_or("unknown".to_string(), |e| format!("{:?}", e.state).to_lowercase()),
+                "jobs_done": w.record.jobs_done,
+                "jobs_failed": w.record.jobs_failed,
+            })
+        })
+        .collect();
+    let (requests, series) = {
+        let r = state.recent.lock().expect("not poisoned");
+        let series: Vec<Value> = r
+            .series
+            .iter()
+            .map(|b| {
+                json!({
+                    "t": b.start + BUCKET_S / 2,
+                    "tokens_per_s": b.tokens as f64 / BUCKET_S as f64,
+                    "latency_ms": if b.completions == 0 { 0.0 } else { b.latency_ms / b.completions as f64 },
+                })
+            })
+            .collect();
+        (r.requests.iter().cloned().collect::<Vec<_>>(), series)
+    };
+    axum::Json(json!({
+        "redundancy": state.submit.redundancy,
+        "uptime_s": state.started.elapsed().as_secs_f64(),
+        "workers": workers,
+        "recent": requests,
+        "series": series,
+    }))
+    .into_response()
+}
+
 async fn health() -> &'static str {
     "ok\n"
 }
@@ -561,6 +702,8 @@ pub fn router(state: Arc<State>, max_body: usize) -> Router {
         .route("/v1/receipts/{id}", get(receipt))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/", get(status_page))
+        .route("/status.json", get(status_json))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
