@@ -26,17 +26,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Prompts of the benchmarks (ids for models without a tokenizer). Each
 /// is generated greedily with no stop ids ([`Generate::greedy`]), so every
 /// sequence runs to max tokens and runs compare.
+/// The benchmarks' text prompts (also `bench serve`'s).
+pub(crate) const TEXTS: [&str; 8] = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "A simple recipe for bread:",
+    "The three laws of motion are",
+    "Write a short note to a friend:",
+    "The best way to learn a language is",
+    "In the year 2050, cities will",
+    "The ocean is home to",
+];
+
 fn prompts(local: &LocalModel, n: usize) -> Result<Vec<Vec<u32>>> {
-    const TEXTS: [&str; 8] = [
-        "The capital of France is",
-        "Once upon a time, in a small village,",
-        "A simple recipe for bread:",
-        "The three laws of motion are",
-        "Write a short note to a friend:",
-        "The best way to learn a language is",
-        "In the year 2050, cities will",
-        "The ocean is home to",
-    ];
     (0..n)
         .map(|i| match &local.tokenizer {
             Some(t) => t.encode(TEXTS[i % TEXTS.len()]),

@@ -15,16 +15,7 @@ use crate::coordinator::SubmitOptions;
 use crate::llm::distribute::LocalModel;
 use crate::serve::{api, keys, Limits, Served, State};
 
-const PROMPTS: [&str; 8] = [
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "A simple recipe for bread:",
-    "The three laws of motion are",
-    "Write a short note to a friend:",
-    "The best way to learn a language is",
-    "In the year 2050, cities will",
-    "The ocean is home to",
-];
+use super::llm::TEXTS as PROMPTS;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Point {
@@ -242,7 +233,7 @@ pub fn bench_serve(
         };
         for i in 0..15 {
             let t = Instant::now();
-            api::complete(&states[0], &name, api::Prompt::Text(PROMPTS[i % 8].into()), &p, "cmpl")
+            api::complete(&states[0], &name, api::Prompt::Text(PROMPTS[i % PROMPTS.len()].into()), &p, "cmpl")
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             direct.push(t.elapsed().as_secs_f64() * 1e3);

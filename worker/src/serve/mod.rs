@@ -412,52 +412,8 @@ async fn completions(
     body: axum::body::Bytes,
 ) -> Response {
     let t = Instant::now();
-    let r = completions_inner(&state, headers, body, t).await;
+    let r = complete_request(&state, headers, body, t, false).await;
     observed(&state, "/v1/completions", t, r)
-}
-
-async fn completions_inner(
-    state: &Arc<State>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-    start: Instant,
-) -> ApiResult<Response> {
-    let _admitted = admit(state, &headers)?;
-    let m = api::parse_body(&body)?;
-    let model = model_of(&m)?;
-    let p = api::params(&m, &state.limits)?;
-    let prompt = api::completion_prompt(&m)?;
-    let c = api::complete(state, &model, prompt, &p, "cmpl").await?;
-    state
-        .metrics
-        .first_token
-        .with_label_values(&["/v1/completions"])
-        .observe(start.elapsed().as_secs_f64());
-    state.record(&model, &c, start.elapsed());
-    let created = unix_now();
-    if p.stream {
-        return Ok(stream(state, &model, &c, created, false));
-    }
-    let choices: Vec<Value> = c
-        .choices
-        .iter()
-        .enumerate()
-        .map(|(i, ch)| json!({"text": ch.text, "index": i, "logprobs": null, "finish_reason": ch.finish_reason}))
-        .collect();
-    let body = json!({
-        "id": c.id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint(),
-        "choices": choices,
-        "usage": usage(&c),
-        "lockstep": api::lockstep_field(&c),
-    });
-    Ok(api::with_receipt_header(
-        axum::Json(body).into_response(),
-        &c,
-    ))
 }
 
 async fn chat_completions(
@@ -466,48 +422,65 @@ async fn chat_completions(
     body: axum::body::Bytes,
 ) -> Response {
     let t = Instant::now();
-    let r = chat_inner(&state, headers, body, t).await;
+    let r = complete_request(&state, headers, body, t, true).await;
     observed(&state, "/v1/chat/completions", t, r)
 }
 
-async fn chat_inner(
+/// One completions (`chat` false) or chat completions request: the same
+/// path, differing only in how the prompt is read and how a choice is
+/// written.
+async fn complete_request(
     state: &Arc<State>,
     headers: HeaderMap,
     body: axum::body::Bytes,
     start: Instant,
+    chat: bool,
 ) -> ApiResult<Response> {
+    let (endpoint, kind, object) = if chat {
+        ("/v1/chat/completions", "chatcmpl", "chat.completion")
+    } else {
+        ("/v1/completions", "cmpl", "text_completion")
+    };
     let _admitted = admit(state, &headers)?;
     let m = api::parse_body(&body)?;
     let model = model_of(&m)?;
     let p = api::params(&m, &state.limits)?;
-    let prompt = api::chat_prompt(&m)?;
-    let c = api::complete(state, &model, prompt, &p, "chatcmpl").await?;
+    let prompt = if chat {
+        api::chat_prompt(&m)?
+    } else {
+        api::completion_prompt(&m)?
+    };
+    let c = api::complete(state, &model, prompt, &p, kind).await?;
     state
         .metrics
         .first_token
-        .with_label_values(&["/v1/chat/completions"])
+        .with_label_values(&[endpoint])
         .observe(start.elapsed().as_secs_f64());
     state.record(&model, &c, start.elapsed());
     let created = unix_now();
     if p.stream {
-        return Ok(stream(state, &model, &c, created, true));
+        return Ok(stream(state, &model, &c, created, chat));
     }
     let choices: Vec<Value> = c
         .choices
         .iter()
         .enumerate()
         .map(|(i, ch)| {
-            json!({
-                "index": i,
-                "message": {"role": "assistant", "content": ch.text},
-                "logprobs": null,
-                "finish_reason": ch.finish_reason,
-            })
+            if chat {
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": ch.text},
+                    "logprobs": null,
+                    "finish_reason": ch.finish_reason,
+                })
+            } else {
+                json!({"text": ch.text, "index": i, "logprobs": null, "finish_reason": ch.finish_reason})
+            }
         })
         .collect();
     let body = json!({
         "id": c.id,
-        "object": "chat.completion",
+        "object": object,
         "created": created,
         "model": model,
         "system_fingerprint": fingerprint(),
