@@ -84,6 +84,7 @@ MODEL_SHAPE=${GPU_CHECK_MODEL_SHAPE:-smollm2}
 SANITIZER_BUDGET=${GPU_CHECK_SANITIZER_BUDGET_S:-90}
 SANITIZER_TOOLS=${GPU_CHECK_SANITIZER_TOOLS:-memcheck racecheck}
 SANITIZER_TIMEOUT=${GPU_CHECK_SANITIZER_TIMEOUT:-60}
+SANITIZER_MODEL=${GPU_CHECK_SANITIZER_MODEL:-1}
 
 if [ "$DRY_RUN" = 1 ]; then
   # Small enough for a 2-core machine with lavapipe as its only Vulkan device.
@@ -880,6 +881,49 @@ run_sanitizer() {
     echo "$row" >>"$frag"
     rm -f "$ab" "$WORK/san-c.safetensors"
   done
+  # The model's kernels (qmatmul, rmsnorm, rope, attention, swiglu, residual)
+  # under the same tools: a short generation on a tiny trained model.
+  local model=$PACK/models/stories260K.bin
+  if ((SANITIZER_MODEL)) && [ -f "$model" ]; then
+    row="| generate stories260K (6 tokens) | model |"
+    local gref
+    gref=$(timeout -k 5 60 "$LOCKSTEP" generate --backend cpu --model "$model" --tokens "1 300 301" --max-tokens 6 --json </dev/null 2>>"$SANITIZER_LOG")
+    echo "cpu generate: ${gref:-none}" >>"$SANITIZER_LOG"
+    for tool in $SANITIZER_TOOLS; do
+      if ! t=$(budget_timeout "$SANITIZER_TIMEOUT"); then
+        row+=" not run (time) |"
+        gap "sanitizer: generate under $tool not run (time budget)"
+        continue
+      fi
+      local slog=$WORK/san.log cell summary gout=$WORK/san-gen.json
+      timeout -k 5 "$t" "$san" --tool "$tool" --print-limit 20 \
+        "$LOCKSTEP" generate --backend cuda --model "$model" --tokens "1 300 301" --max-tokens 6 --json </dev/null >"$slog" 2>&1
+      rc=$?
+      { echo "--- generate $tool: exit $rc"; cat "$slog"; } >>"$SANITIZER_LOG"
+      summary=$(grep -E '(ERROR|RACECHECK) SUMMARY:' "$slog" | tail -n1 | sed 's/^=* *//')
+      grep -E '^\{' "$slog" | head -n1 >"$gout"
+      if timed_out "$rc"; then
+        cell="TIMEOUT (${t} s)"
+        warn "sanitizer: $tool timed out on generate"
+      elif [ -z "$summary" ]; then
+        cell="no summary (exit $rc)"
+        warn "sanitizer: $tool printed no summary on generate (exit $rc)"
+      else
+        cell=$summary
+        if ! grep -qE 'SUMMARY: 0 (errors|hazards)' <<<"$summary" || grep -qE '\([1-9][0-9]* errors' <<<"$summary"; then
+          fail "sanitizer: $tool on generate: $summary"
+        fi
+      fi
+      if [ -n "$gref" ] && [ -s "$gout" ]; then
+        if [ "$(cat "$gout")" = "$(head -n1 <<<"$gref")" ]; then cell+=", tokens = cpu"; else cell+=", **tokens ≠ cpu**"; fail "sanitizer: cuda generate differs from cpu under $tool"; fi
+      fi
+      [ "$rc" != 0 ] && ! timed_out "$rc" && [ -n "$summary" ] && cell+=" (exit $rc)" &&
+        fail "sanitizer: lockstep generate exited $rc under $tool"
+      row+=" $cell |"
+      log "  $tool generate: $cell"
+    done
+    echo "$row" >>"$frag"
+  fi
   echo >>"$frag"
 }
 
