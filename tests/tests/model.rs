@@ -5,6 +5,7 @@
 use lockstep_kernels::contract::argmax::argmax_spec;
 use lockstep_kernels::cpu::Isa;
 use lockstep_kernels::model::{spec, Engine, Model};
+use lockstep_tests::models::write_hf;
 use lockstep_tests::models::{shared_model, smollm2};
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -441,78 +442,6 @@ fn smollm2_file_faults_give_clear_errors() {
 
 /// A tensor's shape and little-endian bytes.
 type Shaped = (Vec<usize>, Vec<u8>);
-
-/// Writes a llama2.c model as a Hugging Face checkpoint (config.json and
-/// model.safetensors, F32), with q/k rows in Hugging Face's rotate-half
-/// order, as a converter from llama2.c to Hugging Face would.
-fn write_hf(model: &Model, dir: &std::path::Path) {
-    use lockstep_kernels::cpu::qmatvec::PackedMatrix;
-    let c = &model.config;
-    let hd = c.head_dim();
-    let rows = |m: &PackedMatrix, heads: Option<usize>| -> (Vec<usize>, Vec<u8>) {
-        let mut out = vec![Vec::new(); m.rows];
-        for r in 0..m.rows {
-            // Our row h·d + 2i + j is Hugging Face's row h·d + j·d/2 + i.
-            let to = match heads {
-                Some(_) => {
-                    let (h, k) = (r / hd, r % hd);
-                    h * hd + (k % 2) * hd / 2 + k / 2
-                }
-                None => r,
-            };
-            out[to] = m.dequantize_row(r);
-        }
-        (
-            vec![m.rows, m.cols],
-            out.concat().iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
-    };
-    let vector = |v: &[f32]| {
-        (
-            vec![v.len()],
-            v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
-        )
-    };
-    let mut tensors: Vec<(String, Shaped)> = vec![(
-        "model.embed_tokens.weight".into(),
-        rows(&model.embedding, None),
-    )];
-    for (l, layer) in model.layers.iter().enumerate() {
-        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
-        tensors.push((p("input_layernorm"), vector(&layer.attn_norm)));
-        tensors.push((p("self_attn.q_proj"), rows(&layer.wq, Some(c.n_heads))));
-        tensors.push((p("self_attn.k_proj"), rows(&layer.wk, Some(c.n_kv_heads))));
-        tensors.push((p("self_attn.v_proj"), rows(&layer.wv, None)));
-        tensors.push((p("self_attn.o_proj"), rows(&layer.wo, None)));
-        tensors.push((p("post_attention_layernorm"), vector(&layer.ffn_norm)));
-        tensors.push((p("mlp.gate_proj"), rows(&layer.w_gate, None)));
-        tensors.push((p("mlp.up_proj"), rows(&layer.w_up, None)));
-        tensors.push((p("mlp.down_proj"), rows(&layer.w_down, None)));
-    }
-    tensors.push(("model.norm.weight".into(), vector(&model.final_norm)));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (s, b))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
-    let config = serde_json::json!({
-        "model_type": "llama", "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
-        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-        "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq, "rope_theta": c.rope_theta,
-        "rms_norm_eps": c.norm_eps, "tie_word_embeddings": model.output.is_none(),
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-}
 
 #[test]
 fn a_hugging_face_checkpoint_of_the_same_weights_is_the_same_model() {

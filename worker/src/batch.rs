@@ -314,7 +314,7 @@ fn generate_line(l: Line) -> Result<BatchJob> {
             .into_iter()
             .map(|m| (m.role, m.content))
             .collect();
-        (t.encode(&t.chat_messages(&messages)?)?, Some(t))
+        (t.encode_chat(&t.chat_messages(&messages)?)?, Some(t))
     };
     // Unless the line says, a generation stops where the model's files say
     // (its tokenizer's end of text, its configuration's eos_token_id).

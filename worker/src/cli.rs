@@ -57,6 +57,12 @@ enum Command {
     ///
     /// Example: lockstep generate --model smollm2 --prompt "The capital of France is"
     Generate(crate::llm::generate::GenerateArgs),
+    /// A model's tokenizer alone: text → ids (with --chat or --messages
+    /// through the model's chat template), or --ids → text, and the
+    /// tokenizer digest a generate job made from text names.
+    ///
+    /// Example: lockstep tokenize --model smollm2 --chat --text "Hello"
+    Tokenize(crate::llm::tokenize::TokenizeArgs),
     /// Serve verified completions over an OpenAI-compatible HTTP API: each
     /// request becomes generate jobs on the deployment's workers, and the
     /// answer is sent only once --redundancy workers of distinct operators
@@ -1027,6 +1033,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => crate::llm::generate::run(args),
+        Command::Tokenize(args) => crate::llm::tokenize::run(args),
         Command::Serve(args) => crate::serve::run(args),
         Command::Keys { action } => crate::serve::keys::run(action),
         Command::ReplayLayer(args) => crate::llm::generate::replay(args),

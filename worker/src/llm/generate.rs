@@ -38,21 +38,28 @@ impl IsaChoice {
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// A .gguf file (llama architecture; f32, f16, bf16, q8_0, q4_1 weights),
-    /// a llama2.c checkpoint, or a name: smollm2 (SmolLM2-135M-Instruct Q4_1,
+    /// a Hugging Face folder (config.json, safetensors, tokenizer.json), a
+    /// llama2.c checkpoint, or a name: smollm2 (SmolLM2-135M-Instruct Q4_1,
     /// fetched by `./dev setup`), stories260K, aidreams260K.
     #[arg(long, env = "LOCKSTEP_MODEL", default_value = "smollm2")]
     pub model: String,
+    /// The tokenizer, when not the model's own: a tokenizer.json (with its
+    /// tokenizer_config.json beside it) or a llama2.c tokenizer file. A
+    /// llama2.c checkpoint finds `tokenizer.bin` or the one
+    /// `<model>-tok*.bin` beside it by itself.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// The prompt text.
     #[arg(long, conflicts_with_all = ["prompts", "tokens"])]
     pub prompt: Option<String>,
     /// A file with one prompt per line, decoded together as one batch.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// The prompt as token ids ("1 400 45"), for models without a tokenizer
-    /// (llama2.c checkpoints).
+    /// The prompt as token ids ("1 400 45"), for models without a tokenizer.
     #[arg(long)]
     pub tokens: Option<String>,
-    /// Wrap the prompt in the model's chat template (ChatML).
+    /// Wrap the prompt in the model's chat template (the Jinja template its
+    /// files ship, rendered as transformers renders it).
     #[arg(long)]
     pub chat: bool,
     /// Tokens to generate (at most; generation stops at end-of-text).
@@ -104,6 +111,9 @@ pub struct Generation {
     pub token_digest: String,
     pub trace_root: String,
     pub model_digest: String,
+    /// The tokenizer's digest (what turned text into the prompt's ids);
+    /// null for a model without one.
+    pub tokenizer_digest: Option<String>,
     pub contract_version: u32,
 }
 
@@ -123,12 +133,18 @@ pub fn token_digest(prompt: &[u32], generated: &[u32]) -> Digest {
 
 /// Loads a model by name or path, with its tokenizer when it has one.
 pub fn load(spec: &str) -> Result<(Model, Option<TextTokenizer>)> {
+    load_with(spec, None)
+}
+
+/// [`load`], with the tokenizer from `tokenizer` when given.
+pub fn load_with(
+    spec: &str,
+    tokenizer: Option<&std::path::Path>,
+) -> Result<(Model, Option<TextTokenizer>)> {
     let path = resolve(spec)?;
     let model = Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
-    let tok = match &model.gguf {
-        Some(g) => Some(TextTokenizer::from_gguf(g)?),
-        None => None,
-    };
+    let tok = TextTokenizer::for_model(&path, &model, tokenizer)
+        .with_context(|| format!("the tokenizer of {}", path.display()))?;
     Ok((model, tok))
 }
 
@@ -160,8 +176,11 @@ fn prompts(args: &GenerateArgs, tok: Option<&TextTokenizer>) -> Result<Vec<Vec<u
     texts
         .iter()
         .map(|t| {
-            let t = if args.chat { tok.chat(t)? } else { t.clone() };
-            tok.encode(&t)
+            if args.chat {
+                tok.encode_chat(&tok.chat(t)?)
+            } else {
+                tok.encode(t)
+            }
         })
         .collect()
 }
@@ -176,7 +195,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let (model, tok) = load(&args.model)?;
+    let (model, tok) = load_with(&args.model, args.tokenizer.as_deref())?;
     let prompts = prompts(&args, tok.as_ref())?;
     let c = &model.config;
     for p in &prompts {
@@ -235,6 +254,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 String::new()
             },
             model_digest: model.digest.to_string(),
+            tokenizer_digest: tok.as_ref().map(|t| t.digest.to_string()),
             contract_version: CONTRACT_VERSION,
         });
     }
@@ -292,6 +312,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if !args.json {
         println!("model {} (contract v{CONTRACT_VERSION})", model.digest);
+        if let Some(t) = &tok {
+            println!("tokenizer {} ({})", t.digest, t.kind);
+        }
     }
     Ok(())
 }
