@@ -69,6 +69,12 @@ pub struct DeploymentFile {
     /// `port`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster: Vec<ClusterNode>,
+    /// JetStream's `max_file_store` (e.g. `"1T"`). Every stream reserves its
+    /// `max_bytes` against it; unset, nats-server takes 75% of the free
+    /// disk at start, so a full disk refuses streams ("insufficient storage
+    /// resources"). The local servers of tests and the demo set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_store: Option<String>,
 }
 
 /// The server's TLS: its certificate and key, and the CA clients'
@@ -164,6 +170,7 @@ impl Deployment {
                 members: Vec::new(),
                 tls: None,
                 cluster: Vec::new(),
+                max_file_store: None,
             },
         };
         d.enroll(Role::Coordinator, "coordinator", "lockstep")?;
@@ -409,9 +416,13 @@ impl Deployment {
             );
         }
         s += &format!(
-            "jetstream {{\n  store_dir: {:?}\n}}\n",
+            "jetstream {{\n  store_dir: {:?}\n",
             self.dir.join("store").display().to_string()
         );
+        if let Some(m) = &f.max_file_store {
+            s += &format!("  max_file_store: {m}\n");
+        }
+        s += "}\n";
         // One account holds every stream (JetStream on) and the
         // coordinators; each worker has an account of its own that imports
         // only the services it needs. A reply subject names a subject in

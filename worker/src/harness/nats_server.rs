@@ -169,7 +169,16 @@ impl NatsServer {
         Self::launch(dir, deployment, ports)
     }
 
-    fn launch(tmp: tempfile::TempDir, deployment: Deployment, ports: Vec<u16>) -> Result<Self> {
+    fn launch(tmp: tempfile::TempDir, mut deployment: Deployment, ports: Vec<u16>) -> Result<Self> {
+        // Streams reserve their byte limits against JetStream's store
+        // limit, which nats-server otherwise sizes by the free disk: many
+        // local servers at once (parallel tests) on a fuller disk would
+        // refuse streams. These servers hold little; their streams'
+        // limits are reservations, not use.
+        if deployment.file.max_file_store.is_none() {
+            deployment.file.max_file_store = Some("4T".into());
+            deployment.save()?;
+        }
         let mut s = Self {
             children: ports.iter().map(|_| None).collect(),
             bin: find_nats_server()?,
