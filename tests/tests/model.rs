@@ -570,6 +570,30 @@ fn a_hugging_face_checkpoint_is_loaded_strictly() {
     shard(dir.path(), std::slice::from_ref(&bias));
     let e = err(dir.path());
     assert!(e.contains("does not list it"), "{e}");
+    // A norm weight shaped [1, dim] (a matrix where the model has a vector).
+    let dir = fresh();
+    let mut t = hf_tensors(dir.path());
+    let norm = t
+        .iter_mut()
+        .find(|(n, _)| n == "model.norm.weight")
+        .unwrap();
+    norm.1 .0 = vec![1, norm.1 .0[0]];
+    write_safetensors(&dir.path().join("model.safetensors"), &t);
+    let e = err(dir.path());
+    assert!(
+        e.contains("model.norm.weight has shape [1, 64], the model needs [64]"),
+        "{e}"
+    );
+    // A truncated shard: the tensor it cuts is named.
+    let dir = fresh();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = err(dir.path());
+    assert!(
+        e.contains("past the end of the file") && e.contains("the file is truncated"),
+        "{e}"
+    );
     // A tensor the architecture does not use (a bias), single file.
     let dir = fresh();
     let mut t = hf_tensors(dir.path());
@@ -655,4 +679,112 @@ fn a_hugging_face_checkpoint_is_loaded_strictly() {
         .unwrap_err()
         .to_string()
         .contains("eos_token_id"));
+}
+
+/// F16 and BF16 checkpoints are held as stored (half of F32) and widened
+/// in the kernels: the engine gives the spec's bits on every ISA, and the
+/// digest is that of the same values as F32.
+#[test]
+fn half_precision_checkpoints_are_held_packed_and_match_the_spec() {
+    let model = Model::load(&shared_model("stories260K.bin")).unwrap();
+    let prompt = [1u32, 400, 45, 300, 7, 90];
+    for dtype in [safetensors::Dtype::BF16, safetensors::Dtype::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        write_hf(&model, dir.path());
+        // The same tensors in 16 bits (BF16: the upper half of each f32;
+        // F16: the f32 rounded toward zero, the weights being normal f16s).
+        let halves: Vec<(String, Shaped)> = hf_tensors(dir.path())
+            .into_iter()
+            .map(|(n, (shape, bytes))| {
+                let h: Vec<u8> = bytes
+                    .chunks_exact(4)
+                    .flat_map(|c| {
+                        let b = u32::from_le_bytes(c.try_into().unwrap());
+                        let h = match dtype {
+                            safetensors::Dtype::BF16 => (b >> 16) as u16,
+                            _ => {
+                                let (s, e, m) = (b >> 31, (b >> 23) & 0xFF, b & 0x7F_FFFF);
+                                if e < 113 {
+                                    (s << 15) as u16
+                                } else {
+                                    ((s << 15) | ((e - 112).min(30) << 10) | (m >> 13)) as u16
+                                }
+                            }
+                        };
+                        h.to_le_bytes()
+                    })
+                    .collect();
+                (n, (shape, h))
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = halves
+            .iter()
+            .map(|(n, (s, b))| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(
+            dir.path().join("model.safetensors"),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+        let half = Model::load(dir.path()).unwrap();
+        let f32_bytes: usize = half.layers.iter().map(|l| l.wq.rows * l.wq.cols * 4).sum();
+        let held: usize = half.layers.iter().map(|l| l.wq.bytes()).sum();
+        assert!(
+            held * 2 <= f32_bytes + 64 * 4 * half.layers.len(),
+            "{dtype:?}: {held} bytes held"
+        );
+        assert_ne!(
+            half.digest, model.digest,
+            "{dtype:?}: other values, other digest"
+        );
+        // The same values written as F32: the same model digest.
+        let format = match dtype {
+            safetensors::Dtype::BF16 => lockstep_kernels::contract::quant::Format::BF16,
+            _ => lockstep_kernels::contract::quant::Format::F16,
+        };
+        let widened: Vec<(String, Shaped)> = halves
+            .iter()
+            .map(|(n, (s, b))| {
+                let v = lockstep_kernels::contract::quant::dequantize(format, b, b.len() / 2);
+                (
+                    n.clone(),
+                    (s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                )
+            })
+            .collect();
+        let f32_dir = tempfile::tempdir().unwrap();
+        write_hf(&model, f32_dir.path());
+        write_safetensors(&f32_dir.path().join("model.safetensors"), &widened);
+        assert_eq!(
+            Model::load(f32_dir.path()).unwrap().digest,
+            half.digest,
+            "{dtype:?}"
+        );
+        let (spec_logits, spec_trace) = spec::forward_spec(&half, &prompt);
+        for isa in isas() {
+            let engine = Engine::new(&half, 2, isa).unwrap();
+            let mut seq = engine.sequence(prompt.len(), true).unwrap();
+            let logits = engine
+                .forward(&mut [&mut seq], &[&prompt])
+                .unwrap()
+                .pop()
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                bits(&logits),
+                bits(spec_logits.last().unwrap()),
+                "{dtype:?} {isa:?}"
+            );
+            assert_eq!(
+                seq.trace.as_ref().unwrap(),
+                &spec_trace,
+                "{dtype:?} {isa:?}"
+            );
+        }
+    }
 }

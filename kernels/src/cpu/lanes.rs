@@ -12,6 +12,8 @@ pub(crate) trait Lanes: Copy {
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn f16(p: *const u8) -> Self;
+    /// 16 bfloat16 (the upper halves of f32), widened exactly.
+    unsafe fn bf16(p: *const u8) -> Self;
     unsafe fn f32(p: *const u8) -> Self;
     unsafe fn i8(p: *const u8) -> Self;
     /// 16 bytes → (low nibbles, high nibbles) as f32.
@@ -43,6 +45,12 @@ impl Lanes for Portable {
     unsafe fn f16(p: *const u8) -> Self {
         Portable(std::array::from_fn(|i| {
             f16_to_f32(u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]))
+        }))
+    }
+    #[inline(always)]
+    unsafe fn bf16(p: *const u8) -> Self {
+        Portable(std::array::from_fn(|i| {
+            f32::from_bits((u16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]) as u32) << 16)
         }))
     }
     #[inline(always)]
@@ -100,6 +108,11 @@ pub(crate) mod x86 {
             Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
         }
         #[inline(always)]
+        unsafe fn bf16(p: *const u8) -> Self {
+            let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            Avx512(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)))
+        }
+        #[inline(always)]
         unsafe fn f32(p: *const u8) -> Self {
             Avx512(_mm512_loadu_ps(p as *const f32))
         }
@@ -155,6 +168,15 @@ pub(crate) mod x86 {
             Avx2(
                 _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
                 _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn bf16(p: *const u8) -> Self {
+            let a = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            let b = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+            Avx2(
+                _mm256_castsi256_ps(_mm256_slli_epi32(a, 16)),
+                _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),
             )
         }
         #[inline(always)]

@@ -16,8 +16,9 @@
 //! - Q4_1: 16 × f16 `d`, 16 × f16 `m`, then for j in 0..16 the 16 rows'
 //!   byte j (low nibble: element j, high: element j+16): 320 bytes;
 //! - Q8_0: 16 × f16 `d`, then for j in 0..32 the 16 rows' i8: 544 bytes;
-//! - F32, F16, BF16: widened to f32 (exact), for each column the 16 rows'
-//!   values.
+//! - F32: for each column the 16 rows' values (64 bytes);
+//! - F16, BF16: kept as stored, for each column the 16 rows' halves (32
+//!   bytes), widened exactly in the kernel.
 
 use crate::contract::canonicalize;
 use crate::contract::prim::add;
@@ -58,8 +59,9 @@ fn group_block_bytes(format: Format) -> usize {
     match format {
         Format::Q4_1 => 2 * GROUP * 2 + 16 * GROUP,
         Format::Q8_0 => GROUP * 2 + QK * GROUP,
-        // One column of 16 f32.
-        Format::F32 | Format::F16 | Format::BF16 => GROUP * 4,
+        // One column of 16 values.
+        Format::F32 => GROUP * 4,
+        Format::F16 | Format::BF16 => GROUP * 2,
     }
 }
 
@@ -113,19 +115,16 @@ impl PackedMatrix {
                         }
                     }
                 }
-                Format::F32 | Format::F16 | Format::BF16 => {
+                Format::F32 => {
                     for k in 0..cols {
-                        let v = match format {
-                            Format::F32 => {
-                                f32::from_le_bytes(row[4 * k..4 * k + 4].try_into().unwrap())
-                            }
-                            Format::F16 => {
-                                f16_to_f32(u16::from_le_bytes([row[2 * k], row[2 * k + 1]]))
-                            }
-                            _ => bf16_to_f32(u16::from_le_bytes([row[2 * k], row[2 * k + 1]])),
-                        };
                         let o = k * gb + 4 * lane;
-                        dst[o..o + 4].copy_from_slice(&v.to_le_bytes());
+                        dst[o..o + 4].copy_from_slice(&row[4 * k..4 * k + 4]);
+                    }
+                }
+                Format::F16 | Format::BF16 => {
+                    for k in 0..cols {
+                        let o = k * gb + 2 * lane;
+                        dst[o..o + 2].copy_from_slice(&row[2 * k..2 * k + 2]);
                     }
                 }
             }
@@ -149,7 +148,8 @@ impl PackedMatrix {
     }
 
     /// Row `r` in its stored format (GGML's layout; F16 and BF16 rows come
-    /// back as F32, which is how they are held): what the scalar spec reads.
+    /// back widened to F32, exactly, as the model digest and the GPUs take
+    /// them): what the scalar spec reads.
     pub fn raw_row(&self, r: usize) -> Vec<u8> {
         let (g, lane) = (r / GROUP, r % GROUP);
         let src = &self.data[g * self.per_group()..(g + 1) * self.per_group()];
@@ -172,10 +172,22 @@ impl PackedMatrix {
                 }
                 out
             }
-            _ => (0..self.cols)
+            Format::F32 => (0..self.cols)
                 .flat_map(|k| {
                     let o = k * gb + 4 * lane;
                     [src[o], src[o + 1], src[o + 2], src[o + 3]]
+                })
+                .collect(),
+            // Widened exactly: F16 and BF16 rows read as the F32 they are.
+            Format::F16 | Format::BF16 => (0..self.cols)
+                .flat_map(|k| {
+                    let o = k * gb + 2 * lane;
+                    let h = u16::from_le_bytes([src[o], src[o + 1]]);
+                    let v = match self.format {
+                        Format::F16 => f16_to_f32(h),
+                        _ => bf16_to_f32(h),
+                    };
+                    v.to_le_bytes()
                 })
                 .collect(),
         }
@@ -411,7 +423,11 @@ unsafe fn tile<L: Lanes, const NG: usize, const TT: usize>(
                 let mut s = [[L::zero(); TT]; NG];
                 for c in c0..c1 {
                     for i in 0..NG {
-                        let w = L::f32(base.add((g + i) * pg + c * GROUP * 4));
+                        let w = match m.format {
+                            Format::F32 => L::f32(base.add((g + i) * pg + c * GROUP * 4)),
+                            Format::F16 => L::f16(base.add((g + i) * pg + c * GROUP * 2)),
+                            _ => L::bf16(base.add((g + i) * pg + c * GROUP * 2)),
+                        };
                         for k in 0..TT {
                             s[i][k] = L::fma(w, L::splat(*xp.add(k * cols + c)), s[i][k]);
                         }
@@ -455,23 +471,38 @@ mod tests {
     #[test]
     fn packed_rows_round_trip() {
         let mut seed = 7;
-        for format in [Format::Q4_1, Format::Q8_0, Format::F32] {
+        for format in [
+            Format::Q4_1,
+            Format::Q8_0,
+            Format::F32,
+            Format::F16,
+            Format::BF16,
+        ] {
             let (rows, cols) = (37, 64);
             let rb = format.row_bytes(cols).unwrap();
             let mut raw: Vec<u8> = (0..rows * rb).map(|_| lcg(&mut seed) as u8).collect();
-            if format == Format::F32 {
-                // Keep the f32 bit patterns finite.
-                for c in raw.chunks_exact_mut(4) {
-                    c[3] &= 0x3F;
-                }
+            match format {
+                // Keep the bit patterns finite.
+                Format::F32 => raw.chunks_exact_mut(4).for_each(|c| c[3] &= 0x3F),
+                Format::F16 | Format::BF16 => raw.chunks_exact_mut(2).for_each(|c| c[1] &= 0x3B),
+                _ => {}
             }
             let m = PackedMatrix::pack(format, rows, cols, &raw).unwrap();
+            // F16 and BF16 are held as stored: half of F32.
+            if format == Format::F16 {
+                assert_eq!(m.bytes(), rows.div_ceil(GROUP) * GROUP * cols * 2);
+            }
             for r in 0..rows {
-                assert_eq!(
-                    m.raw_row(r),
-                    raw[r * rb..(r + 1) * rb],
-                    "{format:?} row {r}"
-                );
+                let want = match format {
+                    Format::F16 | Format::BF16 => {
+                        crate::contract::quant::dequantize(format, &raw[r * rb..(r + 1) * rb], cols)
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                    }
+                    _ => raw[r * rb..(r + 1) * rb].to_vec(),
+                };
+                assert_eq!(m.raw_row(r), want, "{format:?} row {r}");
             }
             let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
             let mut y = vec![0f32; rows];

@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use super::{Config, Model, Raw};
@@ -214,18 +213,12 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
     } else {
         vec![dir.join("model.safetensors")]
     };
-    let mut bytes: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
-    for s in &shards {
-        bytes.insert(s.clone(), read(s)?);
-    }
-    let mut parsed: BTreeMap<PathBuf, SafeTensors<'_>> = BTreeMap::new();
+    // Headers only: each tensor is read when the builder asks for it.
+    let mut parsed: BTreeMap<PathBuf, super::st::StFile> = BTreeMap::new();
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for (p, b) in &bytes {
-        let st = SafeTensors::deserialize(b)
-            .map_err(|e| Error::model(format!("{}: {e}", p.display())))?;
-        let mut names = st.names();
-        names.sort();
-        for name in names {
+    for p in &shards {
+        let st = super::st::StFile::open(p)?;
+        for name in st.tensors.keys() {
             if let Some(other) = found.insert(name.to_string(), p.clone()) {
                 return Err(Error::model(format!(
                     "{source}: tensor {name} is in both {} and {}",
@@ -311,31 +304,28 @@ pub(super) fn load(dir: &Path) -> Result<Model> {
             let file = files
                 .get(&hf)
                 .ok_or_else(|| Error::model(format!("{source}: no tensor {hf}")))?;
-            let t = parsed[file]
-                .tensor(&hf)
-                .map_err(|e| Error::model(format!("{source}: {hf}: {e}")))?;
-            let format = match t.dtype() {
-                Dtype::F32 => Format::F32,
-                Dtype::F16 => Format::F16,
-                Dtype::BF16 => Format::BF16,
+            let st = &parsed[file];
+            let t = &st.tensors[&hf];
+            let format = match t.dtype.as_str() {
+                "F32" => Format::F32,
+                "F16" => Format::F16,
+                "BF16" => Format::BF16,
                 d => {
                     return Err(Error::model(format!(
-                        "{source}: {hf} is {d:?}; f32, f16 and bf16 are supported"
+                        "{source}: {hf} is {d}; F32, F16 and BF16 are supported"
                     )))
                 }
             };
-            let shape = t.shape();
-            let (tr, tc) = match shape {
-                [c] => (1, *c),
-                [r, c] => (*r, *c),
-                s => return Err(Error::model(format!("{source}: {hf} has shape {s:?}"))),
-            };
-            if (tr, tc) != (rows, cols) {
+            // Norm weights are vectors, everything else a matrix.
+            let vector = name.ends_with("norm");
+            let want: Vec<usize> = if vector { vec![cols] } else { vec![rows, cols] };
+            if t.shape != want {
                 return Err(Error::model(format!(
-                    "{source}: {hf} is [{tr}, {tc}], the model needs [{rows}, {cols}]"
+                    "{source}: {hf} has shape {:?}, the model needs {want:?}",
+                    t.shape
                 )));
             }
-            let mut data = t.data().to_vec();
+            let mut data = st.read(&hf)?;
             let heads = if name.ends_with("attn_q") {
                 Some(n_heads)
             } else if name.ends_with("attn_k") {

@@ -8,15 +8,21 @@ use crate::contract::quant::Format;
 use crate::error::{Error, Result};
 
 pub(super) fn load(path: &Path) -> Result<Model> {
+    use std::io::{Read, Seek, SeekFrom};
     let source = path.display().to_string();
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::model(format!("cannot read {source}: {e}")))?;
-    if bytes.len() < 28 {
+    let cannot = |e: std::io::Error| Error::model(format!("cannot read {source}: {e}"));
+    // The header now; each array slice when the builder asks for it (the
+    // model is packed from one tensor at a time, never the whole file).
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len() as usize;
+    let mut bytes = [0u8; 28];
+    if len < 28 {
         return Err(Error::model(format!(
             "{source}: neither a GGUF file nor a llama2.c checkpoint (too short)"
         )));
     }
-    let h: Vec<i32> = bytes[..28]
+    file.read_exact(&mut bytes).map_err(cannot)?;
+    let h: Vec<i32> = bytes
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
         .collect();
@@ -72,28 +78,36 @@ pub(super) fn load(path: &Path) -> Result<Model> {
         .checked_mul(4)
         .and_then(|n| n.checked_add(28))
         .ok_or_else(|| Error::model(format!("{source}: sizes overflow")))?;
-    if bytes.len() < need {
+    if len < need {
         return Err(Error::model(format!(
-            "{source}: truncated llama2.c checkpoint ({} bytes, the header implies {need})",
-            bytes.len()
+            "{source}: truncated llama2.c checkpoint ({len} bytes, the header implies {need})"
         )));
     }
-    let data = &bytes[28..];
-    Model::build(config.clone(), tied, source, None, |name, rows, cols| {
-        // "blk.<l>.<what>" → the l-th slice of that array.
-        let (what, layer) = match name.strip_prefix("blk.") {
-            Some(rest) => {
-                let (l, w) = rest.split_once('.').expect("blk.<l>.<what>");
-                (w, l.parse::<usize>().expect("layer number"))
-            }
-            None => (name, 0),
-        };
-        let off = offsets[what] + layer * rows * cols;
-        Ok(Raw {
-            format: Format::F32,
-            rows,
-            cols,
-            bytes: data[off * 4..(off + rows * cols) * 4].to_vec(),
-        })
-    })
+    Model::build(
+        config.clone(),
+        tied,
+        source.clone(),
+        None,
+        |name, rows, cols| {
+            // "blk.<l>.<what>" → the l-th slice of that array.
+            let (what, layer) = match name.strip_prefix("blk.") {
+                Some(rest) => {
+                    let (l, w) = rest.split_once('.').expect("blk.<l>.<what>");
+                    (w, l.parse::<usize>().expect("layer number"))
+                }
+                None => (name, 0),
+            };
+            let off = offsets[what] + layer * rows * cols;
+            let mut data = vec![0u8; rows * cols * 4];
+            file.seek(SeekFrom::Start(28 + off as u64 * 4))
+                .and_then(|_| file.read_exact(&mut data))
+                .map_err(cannot)?;
+            Ok(Raw {
+                format: Format::F32,
+                rows,
+                cols,
+                bytes: data,
+            })
+        },
+    )
 }

@@ -187,7 +187,16 @@ pub fn bench_generate(
     };
     let mut others: Vec<(Vec<f64>, Vec<f64>, u64)> =
         vec![(Vec::new(), Vec::new(), 0); engines.len()];
-    let file_bytes = std::fs::metadata(&path)?.len();
+    // A Hugging Face folder: its weight files (safetensors shards).
+    let file_bytes = if path.is_dir() {
+        std::fs::read_dir(&path)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    } else {
+        std::fs::metadata(&path)?.len()
+    };
     let (model, _) = crate::llm::generate::load(model)?;
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
