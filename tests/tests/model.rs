@@ -426,6 +426,30 @@ fn smollm2_file_faults_give_clear_errors() {
     std::fs::write(&p, &bad).unwrap();
     let e = Model::load(&p).unwrap_err().to_string();
     assert!(e.contains("GGML type 2, which is not supported"), "{e}");
+    // A tensor named twice (blk.0.attn_k renamed blk.0.attn_q): refused,
+    // never the first or the last by chance.
+    let (k, q) = (b"blk.0.attn_k.weight", b"blk.0.attn_q.weight");
+    let at = bytes.windows(k.len()).position(|w| w == k).unwrap();
+    let mut twice = bytes.clone();
+    twice[at..at + k.len()].copy_from_slice(q);
+    std::fs::write(&p, &twice).unwrap();
+    let e = Model::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor blk.0.attn_q.weight is named twice"),
+        "{e}"
+    );
+    // A metadata key given twice, likewise.
+    let tiny = Model::load(&shared_model("stories260K.bin")).unwrap();
+    lockstep_tests::models::write_gguf(
+        &tiny,
+        &p,
+        vec![("llama.block_count", lockstep_tests::models::Meta::U32(1))],
+    );
+    let e = Model::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("metadata key llama.block_count appears twice"),
+        "{e}"
+    );
     // Mutated headers never panic (a small fuzz of the parser).
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);

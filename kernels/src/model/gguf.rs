@@ -214,9 +214,13 @@ impl Gguf {
             let key = r.string()?;
             let ty = r.u32()?;
             let v = r.value(ty, 0)?;
+            if metadata.contains_key(&key) {
+                return Err(bad(format!("metadata key {key} appears twice")));
+            }
             metadata.insert(key, v);
         }
         let mut infos = Vec::with_capacity(n_tensors);
+        let mut names = std::collections::BTreeSet::new();
         for _ in 0..n_tensors {
             let name = r.string()?;
             let nd = r.u32()?;
@@ -226,6 +230,9 @@ impl Gguf {
             let dims = (0..nd).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
             let ggml_type = r.u32()?;
             let offset = r.u64()?;
+            if !names.insert(name.clone()) {
+                return Err(bad(format!("tensor {name} is named twice")));
+            }
             infos.push(TensorInfo {
                 name,
                 dims,
