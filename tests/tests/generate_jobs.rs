@@ -590,6 +590,73 @@ async fn lying_workers_are_caught_on_generate_jobs() {
         .all(|f| !honest.contains(&f.worker.as_str())));
 }
 
+/// A lazy worker that answers generate jobs with the right tokens and trace
+/// root (as if learned from another worker) but names outputs it never
+/// stored gets no credit: every job is verified by the honest workers, no
+/// result or receipt of the copier counts, and no honest worker is blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lazy_copier_gets_no_credit_for_generations() {
+    use lockstep_tests::adversary::AdversaryProc;
+    let Some(server) = nats_server() else { return };
+    let mut procs = Procs::default();
+    let honest = ["gc1", "gc2"];
+    for w in honest {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "20")]);
+    }
+    let _copier = AdversaryProc::start(&server, "gcopier", "op-gcopier", "copy");
+    let nats = server.connect().await.unwrap();
+    wait_workers(&nats, &["gc1", "gc2", "gcopier"]).await;
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!(
+            r#"{{"id": "copy{i}", "op": "generate", "model": "stories260K", "prompt_ids": [1, {}, 407], "max_tokens": 8}}"#,
+            320 + i
+        ))
+        .collect();
+    let jobs = parse_batch_str(&lines.join("\n"), std::path::Path::new(".")).unwrap();
+    let want = expected(&jobs);
+    let out = tempfile::tempdir().unwrap();
+    let report = submit(&nats, jobs, &opts(&server, "gen-copier", Some(out.path())))
+        .await
+        .unwrap();
+    assert!(report.all_accepted(), "{report:#?}");
+    let mut copier_answers = 0;
+    for (j, w) in report.jobs.iter().zip(&want) {
+        assert_eq!(j.digest, Some(*w), "{}", j.job);
+        for r in j.results.iter().filter(|r| r.worker == "gcopier") {
+            copier_answers += 1;
+            assert!(r.digest.is_none(), "the copier's digest counted: {j:#?}");
+        }
+        for h in honest {
+            assert!(
+                !j.faulty_workers.iter().any(|f| f == h),
+                "{h} blamed: {j:#?}"
+            );
+        }
+    }
+    assert!(
+        copier_answers > 0,
+        "the copier was given no job: nothing was tested"
+    );
+    // Its digests were right (a wrong one would be a fault): it is refused
+    // credit for outputs it never stored, not blamed for a wrong answer.
+    assert!(
+        !report.faults.iter().any(|f| f.worker == "gcopier"),
+        "{:#?}",
+        report.faults
+    );
+    let receipts =
+        parse_receipts(&std::fs::read_to_string(out.path().join("receipts.jsonl")).unwrap())
+            .unwrap();
+    assert_eq!(receipts.len(), 8);
+    for r in &receipts {
+        verify_receipt(r, None).unwrap();
+        assert!(
+            r.workers.iter().all(|w| w.worker != "gcopier"),
+            "a receipt names the copier: {r:#?}"
+        );
+    }
+}
+
 /// The batch of the crash tests: `n` stories260K generations.
 fn story_lines(n: usize) -> String {
     (0..n)
