@@ -441,3 +441,96 @@ fn the_status_page_shows_workers_and_a_verified_request_in_a_browser() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// POST a JSON body with a key over plain HTTP/1.1: (status, body), or
+/// `None` when the server takes no connection or answers nothing.
+fn post(base: &str, path: &str, key: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let hostport = base
+        .trim_start_matches("http://")
+        .split('/')
+        .next()?
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&hostport).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// SIGTERM drains: a request in flight when `lockstep serve` is told to
+/// stop is still answered, verified, with its receipt; no new request is
+/// taken; the process exits cleanly.
+#[test]
+fn sigterm_lets_requests_in_flight_finish_verified() {
+    if lockstep_tests::models::smollm2().is_none() {
+        return;
+    }
+    let Some(server) = nats_server() else { return };
+    let dir = server.dir();
+    let dir_s = dir.to_str().unwrap();
+    let mut procs = Procs::default();
+    // Slow workers: each job takes 3 s, so the request is in flight when
+    // the signal comes.
+    for w in ["drain-a", "drain-b"] {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "3000")]);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let nats = server.connect().await.unwrap();
+        wait_workers(&nats, &["drain-a", "drain-b"]).await;
+    });
+    let key = lockstep(&["keys", "add", "--deployment", dir_s, "--name", "drain"]);
+    let key = key.trim().to_string();
+    let mut srv = serve(&dir, &[]);
+    let base = srv.base.clone();
+    let body = r#"{"model": "stories260K", "prompt": [1, 300, 400], "max_tokens": 6}"#;
+    let in_flight = {
+        let (base, key) = (base.clone(), key.clone());
+        std::thread::spawn(move || post(&base, "/v1/completions", &key, body))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = srv.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // No new request is taken once draining.
+    let late = post(&base, "/v1/completions", &key, body);
+    assert!(
+        late.as_ref().is_none_or(|(s, _)| *s != 200),
+        "a request after SIGTERM was served: {late:?}"
+    );
+    let (status, answer) = in_flight
+        .join()
+        .unwrap()
+        .expect("the in-flight request got no answer");
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+    assert!(v["lockstep"].to_string().contains("receipt"), "{v}");
+    // And the process ends by itself, cleanly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = srv.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lockstep serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+}
