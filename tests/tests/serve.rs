@@ -534,3 +534,106 @@ fn sigterm_lets_requests_in_flight_finish_verified() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A worker killed while it holds a streamed request's replica: its work
+/// moves to another worker and the stream completes, verified.
+#[test]
+fn a_worker_killed_mid_stream_leaves_the_stream_complete() {
+    if lockstep_tests::models::smollm2().is_none() {
+        return;
+    }
+    let Some(server) = nats_server() else { return };
+    let dir = server.dir();
+    let dir_s = dir.to_str().unwrap();
+    let mut procs = Procs::default();
+    let names = ["kill-a", "kill-b", "kill-c"];
+    for w in names {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "2500")]);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nats = rt.block_on(async {
+        let nats = server.connect().await.unwrap();
+        wait_workers(&nats, &names).await;
+        nats
+    });
+    let key = lockstep(&["keys", "add", "--deployment", dir_s, "--name", "kill"]);
+    let key = key.trim().to_string();
+    let srv = serve(&dir, &[]);
+    let body = r#"{"model": "stories260K", "prompt": [1, 300, 400], "max_tokens": 6, "temperature": 0, "stream": true}"#;
+    let stream = {
+        let (base, key) = (srv.base.clone(), key.clone());
+        std::thread::spawn(move || post(&base, "/v1/completions", &key, body))
+    };
+    // The worker holding the request's first replica (serve's batches are
+    // named cmpl-…), killed while it waits.
+    let victim = rt.block_on(async {
+        use futures::StreamExt;
+        for _ in 0..100 {
+            let mut keys = nats.assign.keys().await.unwrap();
+            while let Some(k) = keys.next().await {
+                let k = k.unwrap();
+                if !k.starts_with("cmpl-") {
+                    continue;
+                }
+                if let Ok(Some(v)) = nats.assign.get(&k).await {
+                    let entries: Vec<lockstep::protocol::PlanEntry> =
+                        serde_json::from_slice(&v).unwrap();
+                    if let Some(e) = entries.first() {
+                        return e.assignment.worker.clone();
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("serve's request was never planned");
+    });
+    procs.kill(&victim);
+    let (status, events) = stream.join().unwrap().expect("the stream got no answer");
+    assert_eq!(status, 200, "{events}");
+    let data: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{events}");
+    // The last chunk carries the verdict and receipt: verified by the two
+    // workers left, the victim not among them.
+    let last: serde_json::Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    let choice = &last["lockstep"]["choices"][0];
+    assert_eq!(choice["verdict"], "verified", "{last}");
+    let workers: Vec<&str> = choice["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "{last}");
+    // The victim's replica moved: its new holder signed as attempt 1.
+    let signed = &last["lockstep"]["receipts"][0]["workers"];
+    assert!(
+        signed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["attempt"].as_u64() >= Some(1)),
+        "{victim} held a replica when killed; it must have moved: {signed}"
+    );
+    assert!(
+        !workers.contains(&victim.as_str()),
+        "{victim} killed, yet counted: {last}"
+    );
+    // The same ids as an unstreamed request of the same (greedy) prompt.
+    let (status, answer) = post(
+        &srv.base,
+        "/v1/completions",
+        &key,
+        &body.replace(r#", "stream": true"#, ""),
+    )
+    .expect("no answer");
+    assert_eq!(status, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        v["lockstep"]["choices"][0]["output_ids"], choice["output_ids"],
+        "{v}"
+    );
+    assert!(names.contains(&victim.as_str()));
+}
