@@ -11,7 +11,7 @@ fn mutated_inputs_never_panic_and_always_get_a_clear_error() {
     for seed in [1, clock] {
         eprintln!("fuzz seed {seed}");
         let report = lockstep::fuzz::run(5_000, seed, |_| {});
-        assert_eq!(report.targets.len(), 7);
+        assert_eq!(report.targets.len(), 8);
         for t in &report.targets {
             assert_eq!(t.panics, 0, "seed {seed}: {t:?}");
             assert_eq!(t.unclear_errors, 0, "seed {seed}: {t:?}");

@@ -12,8 +12,8 @@
 //!
 //! Targets: job messages (as a worker reads and computes them, on the CPU
 //! backend with small limits), result messages (as a coordinator checks
-//! them), batch lines, safetensors files, key files, GGUF model headers,
-//! receipts.
+//! them), batch lines, safetensors files, Hugging Face model safetensors
+//! headers, key files, GGUF model headers, receipts.
 
 use std::panic::AssertUnwindSafe;
 
@@ -29,6 +29,16 @@ pub const MAX_ERROR_CHARS: usize = 2000;
 
 /// Reads one input; the errors it produced (none: accepted).
 type Reader = Box<dyn Fn(&[u8]) -> Vec<String>>;
+
+/// A small Hugging Face weights file: F32, BF16 and F16 tensors, the
+/// metadata map, data covered exactly.
+fn model_st_seed() -> Vec<u8> {
+    let header = r#"{"__metadata__":{"format":"pt"},"model.norm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"model.embed_tokens.weight":{"dtype":"BF16","shape":[2,2],"data_offsets":[8,16]},"lm_head.weight":{"dtype":"F16","shape":[2,2],"data_offsets":[16,24]}}"#;
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend(header.as_bytes());
+    b.extend([0x3Fu8; 24]);
+    b
+}
 
 /// A small valid GGUF header: every metadata kind, an array of strings,
 /// two tensor infos.
@@ -344,6 +354,21 @@ pub fn targets() -> Vec<Target> {
                     "input.safetensors",
                     &["a", "b"],
                 ))
+            }),
+        },
+        Target {
+            name: "model safetensors",
+            seeds: vec![model_st_seed()],
+            run: Box::new(|bytes| {
+                let path = std::path::Path::new("model.safetensors");
+                match lockstep_kernels::model::st::StFile::from_prefix(
+                    path,
+                    bytes.len() as u64,
+                    bytes,
+                ) {
+                    Ok(_) => vec![],
+                    Err(e) => vec![e.to_string()],
+                }
             }),
         },
         Target {

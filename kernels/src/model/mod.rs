@@ -14,7 +14,7 @@ pub mod gguf;
 mod hf;
 mod llama2c;
 pub mod spec;
-mod st;
+pub mod st;
 
 use std::path::Path;
 

@@ -75,32 +75,45 @@ impl StFile {
     /// Reads and checks the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let p = path.display();
+        let cannot = |e: std::io::Error| Error::model(format!("cannot read {p}: {e}"));
+        let mut f = std::fs::File::open(path).map_err(cannot)?;
+        let len = f.metadata().map_err(cannot)?.len();
+        // The length field and the header it announces (or what there is).
+        let mut prefix = Vec::new();
+        (&mut f).take(8).read_to_end(&mut prefix).map_err(cannot)?;
+        if prefix.len() == 8 {
+            let n = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+            let want = n.min(MAX_HEADER).min(len.saturating_sub(8));
+            (&mut f)
+                .take(want)
+                .read_to_end(&mut prefix)
+                .map_err(cannot)?;
+        }
+        Self::from_prefix(path, len, &prefix)
+    }
+
+    /// Checks a header: `prefix` is the file's first bytes (at least the
+    /// length field and the header, when the file has them), `len` the
+    /// whole file's size. Nothing else is read.
+    pub fn from_prefix(path: &Path, len: u64, prefix: &[u8]) -> Result<Self> {
+        let p = path.display();
         let bad = |msg: String| Error::model(format!("{p}: {msg}"));
-        let mut f =
-            std::fs::File::open(path).map_err(|e| Error::model(format!("cannot read {p}: {e}")))?;
-        let len = f
-            .metadata()
-            .map_err(|e| Error::model(format!("cannot read {p}: {e}")))?
-            .len();
-        if len < 8 {
+        if len < 8 || prefix.len() < 8 {
             return Err(bad(format!(
                 "{len} bytes: too short for a safetensors header (truncated?)"
             )));
         }
-        let mut n = [0u8; 8];
-        f.read_exact(&mut n).map_err(|e| bad(e.to_string()))?;
-        let n = u64::from_le_bytes(n);
+        let n = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER {
             return Err(bad(format!("a header of {n} bytes is over the {MAX_HEADER}-byte limit: not a safetensors file?")));
         }
-        if 8 + n > len {
+        if 8 + n > len || 8 + n > prefix.len() as u64 {
             return Err(bad(format!(
                 "the header ({n} bytes) runs past the end of the file ({len} bytes): the file is truncated"
             )));
         }
-        let mut header = vec![0u8; n as usize];
-        f.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
-        let entries: Entries = serde_json::from_slice(&header)
+        let header = &prefix[8..8 + n as usize];
+        let entries: Entries = serde_json::from_slice(header)
             .map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
         let data_start = 8 + n;
         let mut tensors = BTreeMap::new();
