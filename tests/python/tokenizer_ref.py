@@ -110,6 +110,8 @@ def cmd_jinja(cases_path):
                     add_generation_prompt=True,
                     bos_token=case.get("bos_token", ""),
                     eos_token=case.get("eos_token", ""),
+                    tools=None,
+                    documents=None,
                 )
             )
         except TemplateError as e:

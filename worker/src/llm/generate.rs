@@ -50,7 +50,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// The prompt text.
-    #[arg(long, conflicts_with_all = ["prompts", "tokens"])]
+    #[arg(long, conflicts_with_all = ["prompts", "tokens"], allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// A file with one prompt per line, decoded together as one batch.
     #[arg(long)]

@@ -16,14 +16,14 @@ pub struct TokenizeArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// The text to tokenize.
-    #[arg(long, conflicts_with_all = ["messages", "ids"])]
+    #[arg(long, conflicts_with_all = ["messages", "ids"], allow_hyphen_values = true)]
     pub text: Option<String>,
     /// Put --text as the user's message in the model's chat template.
     #[arg(long, requires = "text")]
     pub chat: bool,
     /// A conversation as JSON, `[{"role": "user", "content": "…"}, …]`, put
     /// in the chat template with the assistant's turn opened.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub messages: Option<String>,
     /// Token ids to turn back into text ("1 400 45").
     #[arg(long)]
