@@ -49,6 +49,8 @@ fn batch_text() -> String {
         r#"{"id": "stories-greedy", "op": "generate", "model": "stories260K", "prompt_ids": [1, 403, 407, 261, 378], "max_tokens": 24}"#.to_string(),
         r#"{"id": "stories-sampled", "op": "generate", "model": "stories260K", "prompt_ids": [1, 403], "max_tokens": 24, "temperature": 0.9, "top_p": 0.9, "seed": 11}"#.to_string(),
         r#"{"id": "aidreams-topk", "op": "generate", "model": "aidreams260K", "prompt_ids": [1, 300, 301], "max_tokens": 16, "temperature": 1.0, "top_k": 8, "seed": 5, "stop": [2]}"#.to_string(),
+        // Text, through the llama2.c tokenizer file beside the checkpoint.
+        r#"{"id": "aidreams-text", "op": "generate", "model": "aidreams260K", "prompt": "I dreamed of a blue house", "max_tokens": 12}"#.to_string(),
     ];
     if smollm2_present() {
         lines.push(r#"{"id": "smol-text", "op": "generate", "model": "smollm2", "prompt": "The capital of France is", "max_tokens": 6}"#.to_string());
@@ -125,7 +127,7 @@ async fn generate_jobs_verify_across_thread_counts_and_receipts_bind_the_ids() {
         let Op::Generate(g) = op else {
             panic!("not generate")
         };
-        if r.job.starts_with("smol") {
+        if r.job.starts_with("smol") || r.job == "aidreams-text" {
             assert!(g.tokenizer.is_some(), "a text prompt binds its tokenizer");
         }
         // Any change to the ids or the sampling is caught.

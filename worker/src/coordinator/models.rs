@@ -63,9 +63,11 @@ pub(super) async fn ensure_models(nats: &Nats, jobs: &[BatchJob]) -> Result<()> 
             lockstep_kernels::model::generate::check(model, &prompt, g)
                 .map_err(|e| anyhow::anyhow!("job `{}`: {e}", j.id))?;
         }
-        if let Some(t) = g.tokenizer {
+        // Checked where the model's files say: a GGUF carries its
+        // tokenizer; a local model's tokenizer files were read above.
+        if let (Some(t), Some(have)) = (g.tokenizer, tokenizer) {
             anyhow::ensure!(
-                Some(t) == *tokenizer,
+                t == *have,
                 "job `{}`: tokenizer {t} is not the tokenizer of model {}",
                 j.id,
                 g.model

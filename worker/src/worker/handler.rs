@@ -384,8 +384,11 @@ async fn generate(
     let prompt = fetch(ctx, &job.spec.inputs[0]).await?;
     let prompt = lockstep_kernels::contract::generate::prompt_ids(&prompt).map_err(kernel_err)?;
     let runner = ctx.models.get(ctx, &g.model).await?;
-    if let Some(want) = g.tokenizer {
-        if runner.tokenizer != Some(want) {
+    // A model file that carries its tokenizer (GGUF) must be the job's;
+    // one kept beside the weights (tokenizer.json, a llama2.c tokenizer
+    // file) is the coordinator's to attest, as it tokenised the prompt.
+    if let (Some(want), Some(have)) = (g.tokenizer, runner.tokenizer) {
+        if have != want {
             return Err(job_err(
                 ErrorCode::BadShape,
                 format!(
