@@ -254,3 +254,30 @@ pub fn write_gguf(
     }
     std::fs::write(path, out).unwrap();
 }
+
+/// A llama2.c tokenizer file's pieces as a GGUF SentencePiece vocabulary
+/// (`tokenizer.ggml.model = llama`, as Llama 2, TinyLlama and Mistral
+/// files have it): pieces with `▁` for spaces, scores, token types.
+pub fn llama_vocabulary(tok: &std::path::Path) -> (Vec<String>, Vec<f32>, Vec<i32>) {
+    let bytes = std::fs::read(tok).unwrap();
+    let (mut pieces, mut scores, mut types) = (Vec::new(), Vec::new(), Vec::new());
+    let mut at = 4;
+    while at < bytes.len() {
+        let score = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let n = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        let p = String::from_utf8(bytes[at + 8..at + 8 + n].to_vec()).unwrap();
+        let id = pieces.len();
+        let (p, t) = match id {
+            0 => ("<unk>".to_string(), 2),
+            1 => ("<s>".to_string(), 3),
+            2 => ("</s>".to_string(), 3),
+            _ if p.starts_with("<0x") && p.len() == 6 => (p, 6),
+            _ => (p.replace(' ', "\u{2581}"), 1),
+        };
+        pieces.push(p);
+        scores.push(score);
+        types.push(t);
+        at += 8 + n;
+    }
+    (pieces, scores, types)
+}

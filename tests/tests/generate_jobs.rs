@@ -263,14 +263,43 @@ async fn answer(
 async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
     let Some(server) = nats_server() else { return };
     let mut procs = Procs::default();
-    procs.worker(&server, "gen-w", "cpu", &[]);
+    // A cache of its own: the model it fetches is the one stored below.
+    let cache = tempfile::tempdir().unwrap();
+    procs.worker(
+        &server,
+        "gen-w",
+        "cpu",
+        &[("LOCKSTEP_CACHE_DIR", cache.path().to_str().unwrap())],
+    );
     let nats = server.connect().await.unwrap();
     wait_workers(&nats, &["gen-w"]).await;
     let local = lockstep::llm::distribute::LocalModel::load("stories260K").unwrap();
-    lockstep::llm::distribute::push(&nats, &local)
+    let digest = local.model.digest;
+    // Stored as a GGUF of stories260K's weights (the same model digest)
+    // that carries a SentencePiece vocabulary, so a job naming another
+    // tokenizer can be refused by the worker itself.
+    use lockstep_tests::models::{llama_vocabulary, shared_model, write_gguf, Meta};
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("stories-spm.gguf");
+    let (pieces, scores, types) = llama_vocabulary(&shared_model("aidreams260K-tok512.bin"));
+    write_gguf(
+        &local.model,
+        &gguf,
+        vec![
+            ("tokenizer.ggml.model", Meta::Str("llama".into())),
+            ("tokenizer.ggml.tokens", Meta::Strs(pieces)),
+            ("tokenizer.ggml.scores", Meta::F32s(scores)),
+            ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ],
+    );
+    let with_tok = lockstep::llm::distribute::LocalModel::load(gguf.to_str().unwrap()).unwrap();
+    assert_eq!(
+        with_tok.model.digest, digest,
+        "the same weights, the same model"
+    );
+    lockstep::llm::distribute::push(&nats, &with_tok)
         .await
         .unwrap();
-    let digest = local.model.digest;
     // A model blob whose content does not match its name: stories260K's
     // bytes stored under another digest.
     let forged = lockstep_kernels::Digest([0x5a; 32]);

@@ -579,37 +579,9 @@ fn smollm2s_tokenizer_json_gives_the_same_ids_as_its_gguf() {
     }
 }
 
-/// The llama2.c tokenizer's pieces as a GGUF SentencePiece vocabulary
-/// (`tokenizer.ggml.model = llama`, as Llama 2, TinyLlama and Mistral
-/// files have it: `▁` for spaces, scores, token types), in a GGUF of
-/// aidreams260K's weights with Llama 2's chat template.
-fn llama_vocabulary(tok: &Path) -> (Vec<String>, Vec<f32>, Vec<i32>) {
-    let bytes = std::fs::read(tok).unwrap();
-    let (mut pieces, mut scores, mut types) = (Vec::new(), Vec::new(), Vec::new());
-    let mut at = 4;
-    while at < bytes.len() {
-        let score = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        let n = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-        let p = String::from_utf8(bytes[at + 8..at + 8 + n].to_vec()).unwrap();
-        let id = pieces.len();
-        let (p, t) = match id {
-            0 => ("<unk>".to_string(), 2),
-            1 => ("<s>".to_string(), 3),
-            2 => ("</s>".to_string(), 3),
-            _ if p.starts_with("<0x") && p.len() == 6 => (p, 6),
-            _ => (p.replace(' ', "\u{2581}"), 1),
-        };
-        pieces.push(p);
-        scores.push(score);
-        types.push(t);
-        at += 8 + n;
-    }
-    (pieces, scores, types)
-}
-
 #[test]
 fn gguf_sentencepiece_vocabularies_encode_as_sentencepiece_does() {
-    use lockstep_tests::models::{write_gguf, Meta};
+    use lockstep_tests::models::{llama_vocabulary, write_gguf, Meta};
     let Some(py) = python_path() else { return };
     let tok = shared_model("aidreams260K-tok512.bin");
     let model = lockstep_kernels::model::Model::load(&shared_model("aidreams260K.bin")).unwrap();
