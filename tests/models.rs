@@ -43,7 +43,25 @@ pub fn smollm2() -> Option<PathBuf> {
 }
 
 /// A tensor's shape and little-endian bytes.
-type Shaped = (Vec<usize>, Vec<u8>);
+pub type Shaped = (Vec<usize>, Vec<u8>);
+
+/// Writes `tensors` (each's bytes already in `dtype`) as one safetensors file.
+pub fn write_safetensors(
+    path: &std::path::Path,
+    dtype: safetensors::Dtype,
+    tensors: &[(String, Shaped)],
+) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
 
 /// Writes a llama2.c model as a Hugging Face checkpoint (config.json and
 /// model.safetensors, F32), with q/k rows in Hugging Face's rotate-half
@@ -93,21 +111,11 @@ pub fn write_hf(model: &lockstep_kernels::model::Model, dir: &std::path::Path) {
         tensors.push((p("mlp.down_proj"), rows(&layer.w_down, None)));
     }
     tensors.push(("model.norm.weight".into(), vector(&model.final_norm)));
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (s, b))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        safetensors::Dtype::F32,
+        &tensors,
+    );
     let config = serde_json::json!({
         "model_type": "llama", "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,

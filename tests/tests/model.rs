@@ -5,8 +5,8 @@
 use lockstep_kernels::contract::argmax::argmax_spec;
 use lockstep_kernels::cpu::Isa;
 use lockstep_kernels::model::{spec, Engine, Model};
-use lockstep_tests::models::write_hf;
 use lockstep_tests::models::{shared_model, smollm2};
+use lockstep_tests::models::{write_hf, Shaped};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -55,29 +55,34 @@ fn isas() -> Vec<Isa> {
 fn llama2c_engine_matches_the_spec_on_every_isa_and_thread_count() {
     for name in ["stories260K.bin", "aidreams260K.bin"] {
         let model = Model::load(&shared_model(name)).unwrap();
-        let prompt = [1u32, 400, 45, 300, 7, 90];
-        let (spec_logits, spec_trace) = spec::forward_spec(&model, &prompt);
-        for isa in isas() {
-            for threads in [1, 2, 3] {
-                let engine = Engine::new(&model, threads, isa).unwrap();
-                let mut seq = engine.sequence(prompt.len(), true).unwrap();
-                let logits = engine
-                    .forward(&mut [&mut seq], &[&prompt])
-                    .unwrap()
-                    .pop()
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(
-                    bits(&logits),
-                    bits(spec_logits.last().unwrap()),
-                    "{name} {isa:?} {threads}"
-                );
-                assert_eq!(
-                    seq.trace.as_ref().unwrap(),
-                    &spec_trace,
-                    "{name} {isa:?} {threads}"
-                );
-            }
+        assert_engine_matches_spec(&model, &[1, 400, 45, 300, 7, 90], &[1, 2, 3], name);
+    }
+}
+
+/// The engine's logits and trace for `prompt` in one pass equal the spec's,
+/// bit for bit, on every ISA here and each thread count.
+fn assert_engine_matches_spec(model: &Model, prompt: &[u32], threads: &[usize], what: &str) {
+    let (spec_logits, spec_trace) = spec::forward_spec(model, prompt);
+    for isa in isas() {
+        for &t in threads {
+            let engine = Engine::new(model, t, isa).unwrap();
+            let mut seq = engine.sequence(prompt.len(), true).unwrap();
+            let logits = engine
+                .forward(&mut [&mut seq], &[prompt])
+                .unwrap()
+                .pop()
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                bits(&logits),
+                bits(spec_logits.last().unwrap()),
+                "{what} {isa:?} {t}"
+            );
+            assert_eq!(
+                seq.trace.as_ref().unwrap(),
+                &spec_trace,
+                "{what} {isa:?} {t}"
+            );
         }
     }
 }
@@ -464,9 +469,6 @@ fn smollm2_file_faults_give_clear_errors() {
     }
 }
 
-/// A tensor's shape and little-endian bytes.
-type Shaped = (Vec<usize>, Vec<u8>);
-
 #[test]
 fn a_hugging_face_checkpoint_of_the_same_weights_is_the_same_model() {
     let model = Model::load(&shared_model("stories260K.bin")).unwrap();
@@ -519,17 +521,7 @@ fn hf_tensors(dir: &std::path::Path) -> Vec<(String, Shaped)> {
 }
 
 fn write_safetensors(path: &std::path::Path, tensors: &[(String, Shaped)]) {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, (s, b))| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    lockstep_tests::models::write_safetensors(path, safetensors::Dtype::F32, tensors);
 }
 
 /// Rewrites a single-file checkpoint as two shards and an index; `extra`
@@ -741,20 +733,11 @@ fn half_precision_checkpoints_are_held_packed_and_match_the_spec() {
                 (n, (shape, h))
             })
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = halves
-            .iter()
-            .map(|(n, (s, b))| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        std::fs::write(
-            dir.path().join("model.safetensors"),
-            safetensors::serialize(views, None).unwrap(),
-        )
-        .unwrap();
+        lockstep_tests::models::write_safetensors(
+            &dir.path().join("model.safetensors"),
+            dtype,
+            &halves,
+        );
         let half = Model::load(dir.path()).unwrap();
         let f32_bytes: usize = half.layers.iter().map(|l| l.wq.rows * l.wq.cols * 4).sum();
         let held: usize = half.layers.iter().map(|l| l.wq.bytes()).sum();
@@ -789,26 +772,6 @@ fn half_precision_checkpoints_are_held_packed_and_match_the_spec() {
             half.digest,
             "{dtype:?}"
         );
-        let (spec_logits, spec_trace) = spec::forward_spec(&half, &prompt);
-        for isa in isas() {
-            let engine = Engine::new(&half, 2, isa).unwrap();
-            let mut seq = engine.sequence(prompt.len(), true).unwrap();
-            let logits = engine
-                .forward(&mut [&mut seq], &[&prompt])
-                .unwrap()
-                .pop()
-                .unwrap()
-                .unwrap();
-            assert_eq!(
-                bits(&logits),
-                bits(spec_logits.last().unwrap()),
-                "{dtype:?} {isa:?}"
-            );
-            assert_eq!(
-                seq.trace.as_ref().unwrap(),
-                &spec_trace,
-                "{dtype:?} {isa:?}"
-            );
-        }
+        assert_engine_matches_spec(&half, &prompt, &[2], &format!("{dtype:?}"));
     }
 }

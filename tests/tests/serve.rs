@@ -467,31 +467,68 @@ fn post(base: &str, path: &str, key: &str, body: &str) -> Option<(u16, String)> 
     Some((status, body))
 }
 
+/// A deployment whose workers `names` take `delay_ms` per job (so a request
+/// is in flight long enough to interrupt), an API key, and `lockstep serve`
+/// on it; `None` where the model or nats-server is missing.
+struct Slow {
+    server: lockstep::harness::NatsServer,
+    procs: Procs,
+    rt: tokio::runtime::Runtime,
+    nats: lockstep::nats::Nats,
+    key: String,
+    srv: Server,
+}
+
+fn slow_deployment(names: &[&str], delay_ms: &str) -> Option<Slow> {
+    lockstep_tests::models::smollm2()?;
+    let server = nats_server()?;
+    let dir = server.dir();
+    let mut procs = Procs::default();
+    for w in names {
+        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", delay_ms)]);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let nats = rt.block_on(async {
+        let nats = server.connect().await.unwrap();
+        wait_workers(&nats, names).await;
+        nats
+    });
+    let key = lockstep(&[
+        "keys",
+        "add",
+        "--deployment",
+        dir.to_str().unwrap(),
+        "--name",
+        "slow",
+    ]);
+    let srv = serve(&dir, &[]);
+    Some(Slow {
+        server,
+        procs,
+        rt,
+        nats,
+        key: key.trim().to_string(),
+        srv,
+    })
+}
+
 /// SIGTERM drains: a request in flight when `lockstep serve` is told to
 /// stop is still answered, verified, with its receipt; no new request is
 /// taken; the process exits cleanly.
 #[test]
 fn sigterm_lets_requests_in_flight_finish_verified() {
-    if lockstep_tests::models::smollm2().is_none() {
-        return;
-    }
-    let Some(server) = nats_server() else { return };
-    let dir = server.dir();
-    let dir_s = dir.to_str().unwrap();
-    let mut procs = Procs::default();
     // Slow workers: each job takes 3 s, so the request is in flight when
     // the signal comes.
-    for w in ["drain-a", "drain-b"] {
-        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "3000")]);
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let nats = server.connect().await.unwrap();
-        wait_workers(&nats, &["drain-a", "drain-b"]).await;
-    });
-    let key = lockstep(&["keys", "add", "--deployment", dir_s, "--name", "drain"]);
-    let key = key.trim().to_string();
-    let mut srv = serve(&dir, &[]);
+    let Some(Slow {
+        mut srv,
+        key,
+        server: _server,
+        procs: _procs,
+        ..
+    }) = slow_deployment(&["drain-a", "drain-b"], "3000")
+    else {
+        return;
+    };
     let base = srv.base.clone();
     let body = r#"{"model": "stories260K", "prompt": [1, 300, 400], "max_tokens": 6}"#;
     let in_flight = {
@@ -539,26 +576,18 @@ fn sigterm_lets_requests_in_flight_finish_verified() {
 /// moves to another worker and the stream completes, verified.
 #[test]
 fn a_worker_killed_mid_stream_leaves_the_stream_complete() {
-    if lockstep_tests::models::smollm2().is_none() {
-        return;
-    }
-    let Some(server) = nats_server() else { return };
-    let dir = server.dir();
-    let dir_s = dir.to_str().unwrap();
-    let mut procs = Procs::default();
     let names = ["kill-a", "kill-b", "kill-c"];
-    for w in names {
-        procs.worker(&server, w, "cpu", &[("LOCKSTEP_TEST_DELAY_MS", "2500")]);
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let nats = rt.block_on(async {
-        let nats = server.connect().await.unwrap();
-        wait_workers(&nats, &names).await;
-        nats
-    });
-    let key = lockstep(&["keys", "add", "--deployment", dir_s, "--name", "kill"]);
-    let key = key.trim().to_string();
-    let srv = serve(&dir, &[]);
+    let Some(Slow {
+        mut procs,
+        rt,
+        nats,
+        key,
+        srv,
+        server: _server,
+    }) = slow_deployment(&names, "2500")
+    else {
+        return;
+    };
     let body = r#"{"model": "stories260K", "prompt": [1, 300, 400], "max_tokens": 6, "temperature": 0, "stream": true}"#;
     let stream = {
         let (base, key) = (srv.base.clone(), key.clone());
