@@ -275,15 +275,22 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
     wait_workers(&nats, &["gen-w"]).await;
     let local = lockstep::llm::distribute::LocalModel::load("stories260K").unwrap();
     let digest = local.model.digest;
-    // Stored as a GGUF of stories260K's weights (the same model digest)
-    // that carries a SentencePiece vocabulary, so a job naming another
-    // tokenizer can be refused by the worker itself.
+    lockstep::llm::distribute::push(&nats, &local)
+        .await
+        .unwrap();
+    // A model of its own (stories260K with one norm weight changed: no other
+    // test shares its digest, so no process-wide cache holds another file
+    // of it) stored as a GGUF that carries a SentencePiece vocabulary: a
+    // job naming another tokenizer is refused by the worker, and by a
+    // coordinator.
     use lockstep_tests::models::{llama_vocabulary, shared_model, write_gguf, Meta};
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("stories-spm.gguf");
+    let gguf = dir.path().join("own-spm.gguf");
+    let mut own = lockstep_kernels::model::Model::load(&local.path).unwrap();
+    own.final_norm[0] += 0.5;
     let (pieces, scores, types) = llama_vocabulary(&shared_model("aidreams260K-tok512.bin"));
     write_gguf(
-        &local.model,
+        &own,
         &gguf,
         vec![
             ("tokenizer.ggml.model", Meta::Str("llama".into())),
@@ -293,10 +300,8 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
         ],
     );
     let with_tok = lockstep::llm::distribute::LocalModel::load(gguf.to_str().unwrap()).unwrap();
-    assert_eq!(
-        with_tok.model.digest, digest,
-        "the same weights, the same model"
-    );
+    let own = with_tok.model.digest;
+    assert_ne!(own, digest);
     lockstep::llm::distribute::push(&nats, &with_tok)
         .await
         .unwrap();
@@ -350,7 +355,7 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
             "wrong-tokenizer",
             Generate {
                 tokenizer: Some(lockstep_kernels::Digest([9; 32])),
-                ..g(digest, 4)
+                ..g(own, 4)
             },
             vec![1, 2],
             ErrorCode::BadShape,
@@ -414,7 +419,7 @@ async fn bad_generate_jobs_get_clear_errors_and_the_worker_keeps_serving() {
     for (params, prompt, says) in [
         (
             format!(
-                r#"{{"model":"{digest}","tokenizer":"{}","max_tokens":4}}"#,
+                r#"{{"model":"{own}","tokenizer":"{}","max_tokens":4}}"#,
                 lockstep_kernels::Digest([9; 32])
             ),
             "[1, 2]",
